@@ -1,0 +1,19 @@
+"""Shared fixtures: where the licensed real datasets live (read from ../shared, never copied into the repo)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATASETS = Path(os.environ.get("DIMSEARCH_DATASETS", REPO.parent / "shared" / "datasets"))
+
+
+def shared_dataset(name: str) -> Path:
+    """The folder `../shared/datasets/<name>`, or skip the test with the reason when it is absent."""
+    path = SHARED_DATASETS / name
+    if not path.is_dir():
+        pytest.skip(f"real dataset '{name}' not found at {path} (its licence forbids shipping it in the repo)")
+    return path
