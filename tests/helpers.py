@@ -1,0 +1,57 @@
+"""Small datasets built in a test's tmp_path (no files from ../shared)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from pipeline.dataset import write_dataset
+from pipeline.spec import DatasetSpec, SparseField
+
+SPEC = DatasetSpec(
+    name="tiny",
+    task="binary",
+    label="label",
+    sparse=(
+        SparseField("rid", "rid"),
+        SparseField("user", "user"),
+        SparseField("item", "item"),
+        SparseField("tags", "tags", multi_hot=True),
+    ),
+    dense=("x0", "x1"),
+    timestamp="ts",
+    user_field="user",
+    item_field="item",
+)
+
+
+def tiny_frame(rows_per_day: tuple[int, ...] = (101, 77, 50), seed: int = 0) -> pl.DataFrame:
+    """A frame with a unique row id `rid` (large, non-contiguous raw ids), users, items and multi-hot tags."""
+    rng = np.random.default_rng(seed)
+    n = sum(rows_per_day)
+    days = np.repeat(np.arange(len(rows_per_day)), rows_per_day)
+    lengths = rng.integers(0, 4, n)
+    tag_values = rng.integers(0, 20, lengths.sum()) * 7 + 3
+    tags = np.split(tag_values, np.cumsum(lengths)[:-1])
+    start = dt.date(2024, 3, 1)
+    return pl.DataFrame(
+        {
+            "label": rng.integers(0, 2, n).astype(np.float32),
+            "rid": np.arange(n, dtype=np.int64) * 1_000_003 + 10**15,
+            "user": rng.integers(0, 30, n) * 11,
+            "item": rng.zipf(1.5, n) % 1000 + 5 * days,  # later days bring new items
+            "tags": [t.tolist() for t in tags],
+            "x0": rng.normal(size=n).astype(np.float32),
+            "x1": rng.normal(size=n).astype(np.float32),
+            "ts": (1_709_251_200 + days * 86400 + rng.integers(0, 86400, n)).astype(np.int64),
+            "day": [start + dt.timedelta(days=int(d)) for d in days],
+        },
+        schema_overrides={"tags": pl.List(pl.Int64)},
+    )
+
+
+def write_tiny(out: Path, rows_per_day: tuple[int, ...] = (101, 77, 50), seed: int = 0) -> Path:
+    return write_dataset(tiny_frame(rows_per_day, seed), SPEC, out)
