@@ -114,59 +114,73 @@ def write_dataset(
 
 
 def validate_frame(df: pl.DataFrame, spec: DatasetSpec, source: str | Path) -> None:
-    """Check values: finite labels and non-negative ids. Vectorised; raises `DatasetError` on the first problem.
+    """Check values: finite labels (0/1 for a binary task), present and non-negative ids, finite dense values.
 
+    One vectorised pass computes every check; only when one fails is the offending value located for the message.
     Only the spec's columns present in `df` are checked, so a projection of a day can be validated too.
     """
+    checks: dict[str, pl.Expr] = {}
     if spec.label in df.columns:
-        _validate_label(df.get_column(spec.label), spec, source)
+        y = pl.col(spec.label)
+        bad = y.is_null() | ~y.is_finite() if df.schema[spec.label].is_float() else y.is_null()
+        checks["label"] = bad.any()
+        if spec.task == "binary":
+            checks["binary"] = ((y != 0) & (y != 1)).any()
     for f in spec.sparse:
         if f.column in df.columns:
-            _validate_ids(df.get_column(f.column), f.multi_hot, source)
+            ids = pl.col(f.column).explode(empty_as_null=False) if f.multi_hot else pl.col(f.column)
+            checks[f"null:{f.column}"] = ids.is_null().any()
+            checks[f"neg:{f.column}"] = (ids < 0).any()
     for c in spec.dense:
-        col = df.get_column(c) if c in df.columns else None
-        if col is not None and col.dtype.is_float() and (~col.is_finite()).any():
-            raise DatasetError(
-                source, "has non-finite dense values", "impute missing values (e.g. 0) before writing", column=c
-            )
-
-
-def _validate_label(label: pl.Series, spec: DatasetSpec, source: str | Path) -> None:
-    if label.dtype.is_float():
-        bad = ~label.is_finite() | label.is_null()
-    else:
-        bad = label.is_null()
-    if bad.any():
-        idx = int(bad.arg_max() or 0)
+        if c in df.columns and df.schema[c].is_float():
+            checks[f"dense:{c}"] = (~pl.col(c).is_finite()).any()
+    if not checks:
+        return
+    failed = [k for k, v in df.select(**checks).row(0, named=True).items() if v]
+    if not failed:
+        return
+    kind, _, column = failed[0].partition(":")
+    if kind == "label":
+        label = df.get_column(spec.label)
+        bad_rows = label.is_null() | (~label.is_finite() if label.dtype.is_float() else False)
+        idx = int(bad_rows.arg_max() or 0)
         raise DatasetError(
             source,
-            f"label is {label[idx]} in row {idx}; labels must be finite numbers ({bad.sum()} rows are not)",
+            f"label is {label[idx]} in row {idx}; labels must be finite numbers ({bad_rows.sum()} rows are not)",
             "drop or repair those rows before ingesting",
             column=spec.label,
         )
-    if spec.task == "binary":
-        if (out_of_range := (label != 0) & (label != 1)).any():
-            idx = int(out_of_range.arg_max() or 0)
-            raise DatasetError(
-                source, f"label is {label[idx]} in row {idx}, expected 0 or 1 for task binary",
-                "binarise the label (e.g. rating >= 4) or set task: regression", column=spec.label,
-            )
-
-
-def _validate_ids(col: pl.Series, multi_hot: bool, source: str | Path) -> None:
-    values = col.explode() if multi_hot else col
-    if values.null_count():
-        idx = int((col.list.eval(pl.element().is_null()).list.any() if multi_hot else col.is_null()).arg_max() or 0)
+    if kind == "binary":
+        label = df.get_column(spec.label)
+        idx = int(((label != 0) & (label != 1)).arg_max() or 0)
         raise DatasetError(
-            source, f"id is missing in row {idx}", "fill missing ids with a dedicated id (e.g. 0)", column=col.name
+            source,
+            f"label is {label[idx]} in row {idx}, expected 0 or 1 for task binary",
+            "binarise the label (e.g. rating >= 4) or set task: regression",
+            column=spec.label,
         )
-    if values.len() and (neg := values < 0).any():
+    if kind == "null":
+        col = df.get_column(column)
+        rows = col.list.eval(pl.element().is_null()).list.any() if col.dtype == pl.List else col.is_null()
+        raise DatasetError(
+            source,
+            f"id is missing in row {int(rows.arg_max() or 0)}",
+            "fill missing ids with a dedicated id (e.g. 0)",
+            column=column,
+        )
+    if kind == "neg":
+        col = df.get_column(column)
+        values = col.explode(empty_as_null=False) if col.dtype == pl.List else col
+        neg = values < 0
         raise DatasetError(
             source,
             f"has negative id {values.filter(neg)[0]} ({neg.sum()} in all); ids must be >= 0",
             "map raw ids to non-negative integers (hash strings with the ingest's --id-mode hash)",
-            column=col.name,
+            column=column,
         )
+    raise DatasetError(
+        source, "has non-finite dense values", "impute missing values (e.g. 0) before writing", column=column
+    )
 
 
 @dataclass(frozen=True)
@@ -198,12 +212,11 @@ class Dataset:
             raise DatasetError(self.root, "no such dataset directory", "ingest or generate the data first")
         self.spec: DatasetSpec = load_spec(self.root)
         self.days: list[Day] = self._scan_days()
-        schema = self.days[0].files[0]
         for day in self.days:
             # Reading a footer is cheap: check every file, so a bad one is named before training starts.
             for f in day.files:
                 self.spec.check_schema(pl.read_parquet_schema(f), f)
-        logger.debug("opened %s: %d days, first schema from %s", self.root, len(self.days), schema)
+        logger.debug("opened %s: %d days, %d rows", self.root, len(self.days), self.num_rows)
 
     def _scan_days(self) -> list[Day]:
         days: list[Day] = []

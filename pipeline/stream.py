@@ -74,6 +74,13 @@ class _Column:
     values: np.ndarray
     offsets: np.ndarray | None
 
+    def slice(self, start: int, stop: int) -> _Column:
+        """Examples `[start, stop)`."""
+        if self.offsets is None:
+            return _Column(self.values[start:stop], None)
+        offsets = self.offsets[start : stop + 1]
+        return _Column(self.values[offsets[0] : offsets[-1]], offsets - offsets[0])
+
 
 class DayStream:
     """Batches of a dataset, day by day, for one rank.
@@ -129,28 +136,26 @@ class DayStream:
         it = self._batches(day, grow)
         return _prefetched(it, self.config.prefetch) if self.config.prefetch else it
 
-    def _read(self, day: Day, grow: bool) -> pl.DataFrame:
-        spec = self.spec
-        columns = [spec.label, *(f.column for f in self.fields), *spec.dense]
+    def _read(self, day: Day, grow: bool) -> tuple[pl.DataFrame, list[_Column]]:
+        """This rank's rows of `day` and each feature's rows mapped through the vocabulary."""
+        columns = [self.spec.label, *(f.column for f in self.fields), *self.spec.dense]
         if self.row_filter is None and not grow:
             # Only this rank's rows are needed: push the slice down to the Parquet reader.
             start, stop = rank_slice(day.num_rows, self.rank, self.world_size)
-            return self.dataset.read_day(day, columns, start, stop - start)
+            df = self.dataset.read_day(day, columns, start, stop - start)
+            return df, [self._map(df, f, grow=False) for f in self.fields]
         df = self.dataset.read_day(day, columns)
         if self.row_filter is not None:
             df = df.filter(pl.Series(self.row_filter(day)))
-        if grow:
-            # Every rank admits the whole day's ids in row order, so all ranks hold the same vocabulary.
-            for f in self.fields:
-                col = df.get_column(f.column)
-                self.vocab[f.name].update((col.explode() if f.multi_hot else col).drop_nulls().to_numpy())
         start, stop = rank_slice(df.height, self.rank, self.world_size)
-        return df.slice(start, stop - start)
+        # Training: every rank admits the whole day's ids in row order, so all ranks hold the same vocabulary;
+        # the rows that update() returns are then sliced to this rank (no second lookup).
+        mapped = [self._map(df, f, grow=grow).slice(start, stop) for f in self.fields]
+        return df.slice(start, stop - start), mapped
 
     def _batches(self, day: Day, grow: bool) -> Iterator[Batch]:
         num_batches = self.num_batches(day)
-        df = self._read(day, grow)
-        columns = [self._map(df, f) for f in self.fields]
+        df, columns = self._read(day, grow)
         # torch wants writable arrays; polars' zero-copy views are read-only.
         dense = np.require(
             df.select(self.spec.dense).cast(pl.Float32).to_numpy(order="c")
@@ -163,15 +168,16 @@ class DayStream:
         for start, stop in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
             yield self._batch(columns, dense, labels, start, stop)
 
-    def _map(self, df: pl.DataFrame, f: SparseField) -> _Column:
+    def _map(self, df: pl.DataFrame, f: SparseField, *, grow: bool) -> _Column:
         col = df.get_column(f.column)
         vocab = self.vocab[f.name]
+        to_rows = vocab.update if grow else vocab.lookup
         if not f.multi_hot:
-            return _Column(vocab.lookup(col.to_numpy()), None)
+            return _Column(to_rows(col.to_numpy()), None)
         lengths = col.list.len().fill_null(0).to_numpy()
         offsets = np.zeros(lengths.size + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        return _Column(vocab.lookup(col.explode().drop_nulls().to_numpy()), offsets)
+        return _Column(to_rows(col.explode(empty_as_null=False).drop_nulls().to_numpy()), offsets)
 
     def _batch(self, columns: list[_Column], dense: np.ndarray, labels: np.ndarray, start: int, stop: int) -> Batch:
         size = stop - start

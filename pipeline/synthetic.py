@@ -1,8 +1,8 @@
 """The built-in synthetic stream: a day-partitioned binary CTR-like dataset with a planted, known signal.
 
 It is the default data of the main job and the ground truth of the search tests: every sparse feature's
-importance is known (`meta.synthetic.field_importance` in `dataset.yaml`), so a dimension search can be checked
-to give the informative fields the bigger dims.
+importance is known (`meta.synthetic.field_importance` in `dataset.yaml`), so a dimension search can be
+checked to give the informative fields the bigger dims.
 
 Generate a dataset::
 
@@ -11,16 +11,16 @@ Generate a dataset::
 Data model (one row = one impression; rows are i.i.d. within a day, sorted by timestamp):
 
 * Sparse features, raw ids non-negative int64 scrambled as `((pool_index + salt) * C) mod 2**62`, so a
-  vocabulary is needed downstream: `user`, `item`, single-hot `f0..f{F-1}`, and multi-hot `tags` (0..`max_tags`
-  ids per row, list<int64>).
-* Popularity: within each feature, ids are ranked and drawn with p(rank r) ∝ 1 / (r + 1)**zipf (inverse CDF via
-  `np.searchsorted`). Each day after the first, the pools of `user`, `item` and `f_i` grow by
-  `new_ids_per_day` × pool size, new ids entering at uniformly random ranks, and a `drift` fraction of the ranks
-  of every pool (tags too) is shuffled among themselves. A day's pools are a function of (seed, day) alone.
+  vocabulary is needed downstream: `user`, `item`, single-hot `f0..f{F-1}`, and multi-hot `tags`
+  (0..`max_tags` ids per row, list<int64>).
+* Popularity: within each feature, ids are ranked and drawn with p(rank r) ∝ 1 / (r + 1)**zipf (inverse CDF
+  via `np.searchsorted`). Each day after the first, the pools of `user`, `item` and `f_i` grow by
+  `new_ids_per_day` × pool size, new ids entering at uniformly random ranks, and a `drift` fraction of the
+  ranks of every pool (tags too) is shuffled among themselves. A day's pools are a function of (seed, day).
 * Latents: each id has a standard-normal latent drawn from a hash of (seed, feature, raw id) (splitmix64 +
-  Box–Muller, vectorised): a `latent_dim` vector for users and items, a scalar for `f_i` and tags. Each latent
-  is standardised under the first day's popularity, so every term below has mean 0 and standard deviation equal
-  to its weight on day 0, which makes the weights the features' importance.
+  Box–Muller, vectorised): a `latent_dim` vector for users and items, a scalar for `f_i` and tags. Each
+  latent is standardised under the first day's popularity, so every term below has mean 0 and standard
+  deviation equal to its weight on day 0, which makes the weights the features' importance.
 * Logit = bias + w_ui · (u · v) / scale + Σ_i w_i z_{f_i} + w_tag Σ_tags z_t / sqrt(#tags) + Σ_j w_dj d_j
   + N(0, noise²); label ~ Bernoulli(sigmoid(logit)). The first `informative_fraction` of the `f_i` carry the
   weights 2.0 · 0.75**i (2.0, 1.5, 1.125, ...), the rest weight 0 (pure noise). `bias` is solved so that the
@@ -97,7 +97,7 @@ class SyntheticConfig:
         dense: number of dense float columns `d0..d{dense-1}`.
         latent_dim: dimension of the user and item latent vectors.
         interaction_weight: standard deviation of the user–item dot-product term of the logit.
-        informative_fraction: the first `ceil(fraction * fields)` fields carry signal; the rest are pure noise.
+        informative_fraction: the first `ceil(fraction * fields)` fields carry signal; the rest are noise.
         tag_weight: standard deviation of the tags' term of the logit.
         noise: standard deviation of the Gaussian noise added to the logit before drawing the label.
         target_ctr: the expected mean label; the logit's bias is solved to reach it.
@@ -128,7 +128,16 @@ class SyntheticConfig:
 
     def __post_init__(self) -> None:
         problems: list[str] = []
-        positive = ("days", "rows_per_day", "users", "items", "field_cardinality", "tags", "max_tags", "latent_dim")
+        positive = (
+            "days",
+            "rows_per_day",
+            "users",
+            "items",
+            "field_cardinality",
+            "tags",
+            "max_tags",
+            "latent_dim",
+        )
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -144,7 +153,9 @@ class SyntheticConfig:
         for name in ("zipf", "interaction_weight", "tag_weight", "noise"):
             value = getattr(self, name)
             if not _is_real(value) or not 0.0 <= value < math.inf:
-                problems.append(f"{name} is {value!r}, expected a finite number >= 0: pass e.g. 1.1 (0 turns it off)")
+                problems.append(
+                    f"{name} is {value!r}, expected a finite number >= 0: pass e.g. 1.1 (0 turns it off)"
+                )
         if not _is_real(self.target_ctr) or not 0.0 < self.target_ctr < 1.0:
             problems.append(f"target_ctr is {self.target_ctr!r}, expected a probability in (0, 1): e.g. 0.3")
         if not isinstance(self.start_date, dt.date) or isinstance(self.start_date, dt.datetime):
@@ -159,7 +170,8 @@ class SyntheticConfig:
         """The logit weight of each single-hot field `f_i`: 2.0 · 0.75**i for the informative ones, else 0."""
         informative = math.ceil(self.informative_fraction * self.fields - 1e-9)
         return tuple(
-            _FIRST_FIELD_WEIGHT * _FIELD_WEIGHT_DECAY**i if i < informative else 0.0 for i in range(self.fields)
+            _FIRST_FIELD_WEIGHT * _FIELD_WEIGHT_DECAY**i if i < informative else 0.0
+            for i in range(self.fields)
         )
 
     @property
@@ -218,7 +230,7 @@ def _is_real(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Ids and latents: pure functions of (seed, feature, raw id).
 
 
@@ -238,7 +250,8 @@ def _mix(x: np.ndarray) -> np.ndarray:
 def raw_ids(feature: str, pool_index: np.ndarray) -> np.ndarray:
     """The raw int64 ids (non-negative, scattered over [0, 2**62)) of a feature's pool entries 0, 1, 2, ...
 
-    Distinct pool indices of one feature give distinct ids: multiplying by an odd constant is a bijection mod 2**62.
+    Distinct pool indices of one feature give distinct ids: multiplying by an odd constant is a bijection
+    mod 2**62.
     """
     x = (pool_index.astype(np.uint64) + np.uint64(_feature_code(feature))) * _ID_MULTIPLIER
     return (x & _ID_MASK).astype(np.int64)
@@ -272,7 +285,7 @@ def _zipf_probabilities(n: int, zipf: float) -> np.ndarray:
     return p / p.sum()
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Pools: which ids are active on a day and their popularity ranking.
 
 
@@ -286,13 +299,17 @@ class _Pool:
     grows: bool
 
     def advance(self, cfg: SyntheticConfig, day_index: int) -> None:
-        """Move from day `day_index - 1` to `day_index`: add new ids at random ranks, then drift the ranking."""
+        """Move from day `day_index - 1` to `day_index`: add new ids at random ranks, then drift the ranks."""
         rng = np.random.Generator(
-            np.random.PCG64(np.random.SeedSequence([cfg.seed, _STREAM_POOL, day_index, _feature_code(self.feature)]))
+            np.random.PCG64(
+                np.random.SeedSequence([cfg.seed, _STREAM_POOL, day_index, _feature_code(self.feature)])
+            )
         )
         if self.grows and (new := round(cfg.new_ids_per_day * len(self.order))) > 0:
             at = rng.integers(0, len(self.order) + 1, size=new)
-            self.order = np.insert(self.order, at, np.arange(self.created, self.created + new, dtype=np.int64))
+            self.order = np.insert(
+                self.order, at, np.arange(self.created, self.created + new, dtype=np.int64)
+            )
             self.created += new
         if (moved := round(cfg.drift * len(self.order))) > 1:
             ranks = rng.choice(len(self.order), size=moved, replace=False)
@@ -300,7 +317,11 @@ class _Pool:
 
 
 def _initial_pools(cfg: SyntheticConfig) -> dict[str, _Pool]:
-    sizes = {USER: cfg.users, ITEM: cfg.items, **{field_name(i): cfg.field_cardinality for i in range(cfg.fields)}}
+    sizes = {
+        USER: cfg.users,
+        ITEM: cfg.items,
+        **{field_name(i): cfg.field_cardinality for i in range(cfg.fields)},
+    }
     pools = {name: _Pool(name, np.arange(n, dtype=np.int64), n, grows=True) for name, n in sizes.items()}
     pools[TAGS] = _Pool(TAGS, np.arange(cfg.tags, dtype=np.int64), cfg.tags, grows=False)
     return pools
@@ -314,7 +335,7 @@ def _pools_on(cfg: SyntheticConfig, day_index: int) -> dict[str, _Pool]:
     return pools
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The planted model.
 
 
@@ -337,7 +358,11 @@ class _PlantedModel:
 
 def _logit_sd(cfg: SyntheticConfig) -> float:
     """The standard deviation of the logit without its bias on day 0 (the terms are independent)."""
-    var = cfg.interaction_weight**2 + sum(w * w for w in cfg.field_weights) + sum(w * w for w in cfg.dense_weights)
+    var = (
+        cfg.interaction_weight**2
+        + sum(w * w for w in cfg.field_weights)
+        + sum(w * w for w in cfg.dense_weights)
+    )
     var += cfg.tag_weight**2 * cfg.max_tags / (cfg.max_tags + 1)  # rows without tags have no tag term
     return math.sqrt(var + cfg.noise**2)
 
@@ -374,7 +399,7 @@ def _planted_model(cfg: SyntheticConfig) -> _PlantedModel:
         second = (centred * p[:, None]).T @ centred  # the popularity-weighted second moment
         moments[name] = second
         standardisers[name] = _Standardiser(mean, math.sqrt(max(float(second[0, 0]), 1e-12)))
-    # The dot product of the centred user and item vectors has variance trace(Σ_u Σ_v): scale only one of them.
+    # The dot product of the centred user and item vectors has variance trace(Σ_u Σ_v): scale one of them.
     inner = math.sqrt(max(float(np.trace(moments[USER] @ moments[ITEM])), 1e-12))
     standardisers[USER] = _Standardiser(standardisers[USER].mean, inner)
     standardisers[ITEM] = _Standardiser(standardisers[ITEM].mean, 1.0)
@@ -391,7 +416,7 @@ def _combine(
     tag_count: np.ndarray,
     dense: np.ndarray,
 ) -> np.ndarray:
-    """The noiseless logit from standardised per-row latents (one code path for generation and recomputation)."""
+    """The noiseless logit from standardised per-row latents (one code path: generation and recomputation)."""
     logit = np.full(len(user), model.bias)
     logit += cfg.interaction_weight * np.einsum("ij,ij->i", user, item)
     for w, z in zip(cfg.field_weights, fields, strict=True):
@@ -404,11 +429,11 @@ def _combine(
 
 
 def planted_logit(cfg: SyntheticConfig, df: pl.DataFrame) -> np.ndarray:
-    """Recompute the planted (noiseless) logit of rows generated with `cfg`, from their raw ids and dense values.
+    """Recompute the planted (noiseless) logit of rows generated with `cfg`, from their ids and dense values.
 
     Args:
         cfg: the config the rows were generated with.
-        df: rows with the columns of `synthetic_spec(cfg)` (e.g. a generated day, or a day read back from disk).
+        df: rows with the columns of `synthetic_spec(cfg)` (a generated day, or a day read back from disk).
 
     Returns:
         float64 logits, one per row; sigmoid of them plus N(0, noise²) is each row's click probability.
@@ -427,16 +452,20 @@ def planted_logit(cfg: SyntheticConfig, df: pl.DataFrame) -> np.ndarray:
     values = tags.explode().drop_nulls().to_numpy()
     tag_z = latents(TAGS, values, 1)[:, 0] if len(values) else np.zeros(0)
     tag_sum = np.bincount(np.repeat(np.arange(df.height), count), weights=tag_z, minlength=df.height)
-    dense = df.select([dense_name(j) for j in range(cfg.dense)]).to_numpy() if cfg.dense else np.zeros((df.height, 0))
+    dense = (
+        df.select([dense_name(j) for j in range(cfg.dense)]).to_numpy()
+        if cfg.dense
+        else np.zeros((df.height, 0))
+    )
     return _combine(cfg, model, user, item, fields, tag_sum, count, dense)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Generation.
 
 
 def synthetic_spec(cfg: SyntheticConfig) -> DatasetSpec:
-    """The dataset spec of the synthetic stream, with the config and the ground-truth field importance in `meta`."""
+    """The spec of the synthetic stream, with the config and the ground-truth field importance in `meta`."""
     model = _planted_model(cfg)
     return DatasetSpec(
         name="synthetic",
@@ -451,7 +480,7 @@ def synthetic_spec(cfg: SyntheticConfig) -> DatasetSpec:
             "synthetic": {
                 "config": cfg.to_dict(),
                 "field_importance": cfg.field_importance,
-                "dense_weights": list(cfg.dense_weights),
+                "dense_weights": [round(w, 12) for w in cfg.dense_weights],
                 "bias": model.bias,
             }
         },
@@ -459,7 +488,7 @@ def synthetic_spec(cfg: SyntheticConfig) -> DatasetSpec:
 
 
 def _row_rng(cfg: SyntheticConfig, day_index: int, stream: str) -> np.random.Generator:
-    """One independent stream per (seed, day, column), so adding a field leaves the other columns unchanged."""
+    """One independent stream per (seed, day, column): adding a field leaves the other columns unchanged."""
     entropy = [cfg.seed, _STREAM_ROWS, day_index, _feature_code(stream)]
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy)))
 
@@ -470,7 +499,9 @@ def _sample_ranks(rng: np.random.Generator, cdf: np.ndarray, size: int) -> np.nd
     return np.minimum(ranks, len(cdf) - 1, out=ranks)
 
 
-def _sample_day(cfg: SyntheticConfig, pools: dict[str, _Pool], day_index: int) -> tuple[pl.DataFrame, np.ndarray]:
+def _sample_day(
+    cfg: SyntheticConfig, pools: dict[str, _Pool], day_index: int
+) -> tuple[pl.DataFrame, np.ndarray]:
     """One day's rows from that day's pools, and their noiseless logits."""
     model = _planted_model(cfg)
     n = cfg.rows_per_day
@@ -527,7 +558,7 @@ def generate_day(cfg: SyntheticConfig, day_index: int) -> pl.DataFrame:
         day_index: 0-based day, in `[0, cfg.days)`.
 
     Returns:
-        The day's rows: `day` (Date), `timestamp`, the sparse, dense and label columns of `synthetic_spec(cfg)`.
+        The day's rows: `day` (Date), then the columns of `synthetic_spec(cfg)`.
 
     Raises:
         ValueError: `day_index` is out of range.
@@ -598,8 +629,12 @@ def main(argv: list[str] | None = None) -> None:
     ]
     for name, kind in flags:
         flag = "--" + name.replace("_", "-")
-        parser.add_argument(flag, type=kind, default=getattr(defaults, name), help=f"(default {getattr(defaults, name)})")
-    parser.add_argument("--start-date", type=dt.date.fromisoformat, default=defaults.start_date, help="YYYY-MM-DD")
+        parser.add_argument(
+            flag, type=kind, default=getattr(defaults, name), help=f"(default {getattr(defaults, name)})"
+        )
+    parser.add_argument(
+        "--start-date", type=dt.date.fromisoformat, default=defaults.start_date, help="YYYY-MM-DD"
+    )
     args = parser.parse_args(argv)
     try:
         cfg = SyntheticConfig(**{name: getattr(args, name) for name, _ in flags}, start_date=args.start_date)
