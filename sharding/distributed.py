@@ -1,0 +1,268 @@
+"""Sharding a model's embedding tables under a memory budget (DESIGN.md decisions 7, 10, 11).
+
+The recipe is TorchRec's own (as in `torchrec_dlrm`): build the model on `meta`, attach the fused embedding
+optimizer with `apply_optimizer_in_backward` *before* planning (so the planner counts optimizer state), plan with
+`EmbeddingShardingPlanner.collective_plan` for the topology (rank 0 plans and broadcasts), and wrap the model in
+`DistributedModelParallel`, which materialises the shards on each rank.
+
+The budget is the total embedding memory as the planner estimates it (weights, optimizer state, IO buffers),
+spread evenly as each rank's capacity, with no extra reservation: a plan that does not fit fails with the
+planner's own breakdown and the smallest budget that would fit (found by bisection on the planner). The same
+function plans for a topology that is not present (e.g. 16 GPUs × 80 GB) when given no process group.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal, cast
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
+from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
+from torchrec.distributed.planner.types import KernelConfig, PlannerError, TopologyFactory, TrainerConfig
+from torchrec.distributed.collective_utils import invoke_on_rank_and_broadcast_result
+from torchrec.distributed.types import ModuleSharder, ShardingEnv, ShardingPlan
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+logger = logging.getLogger(__name__)
+
+FusedOptimizer = Literal["sgd", "adagrad", "rowwise_adagrad"]
+SHARDING_TYPES = ("table_wise", "column_wise", "table_column_wise", "data_parallel", "row_wise", "table_row_wise")
+GPU_ONLY_SHARDING_TYPES = ("row_wise", "table_row_wise")
+_UNLIMITED = 1 << 50
+
+
+class BudgetError(ValueError):
+    """The embedding tables do not fit the memory budget; carries the planner's breakdown and the smallest budget."""
+
+    def __init__(self, message: str, smallest_budget: int | None) -> None:
+        super().__init__(message)
+        self.smallest_budget = smallest_budget
+
+
+@dataclass(frozen=True)
+class ShardingConfig:
+    """How embedding tables are optimised and placed.
+
+    Args:
+        optimizer: the fused embedding optimizer (on CPU FBGEMM supports only these three).
+        learning_rate: its learning rate.
+        sharding_types: sharding types the planner may use; empty lets it choose among all the device allows.
+        budget_bytes: total embedding memory budget across ranks (planner estimate, optimizer state
+            included), or None for the device's capacity.
+        planner_batch_size: the per-rank batch size the planner assumes for its IO estimates.
+    """
+
+    optimizer: FusedOptimizer = "rowwise_adagrad"
+    learning_rate: float = 0.05
+    sharding_types: tuple[str, ...] = ()
+    budget_bytes: int | None = None
+    planner_batch_size: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("sgd", "adagrad", "rowwise_adagrad"):
+            raise ValueError(
+                f"optimizer is '{self.optimizer}'; the fused CPU kernels support sgd, adagrad and rowwise_adagrad"
+            )
+        if bad := [s for s in self.sharding_types if s not in SHARDING_TYPES]:
+            raise ValueError(f"unknown sharding types {bad}; expected some of {list(SHARDING_TYPES)}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.budget_bytes is not None and self.budget_bytes <= 0:
+            raise ValueError(f"budget_bytes must be > 0, got {self.budget_bytes}")
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """Embedding memory of a sharding plan as the planner estimates it.
+
+    Args:
+        per_rank_bytes: bytes on each rank (weights, optimizer state, IO), rank order.
+        per_table: per table, its sharding type and the bytes it places on each rank.
+    """
+
+    per_rank_bytes: list[int]
+    per_table: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.per_rank_bytes)
+
+    def summary(self) -> str:
+        ranks = ", ".join(f"rank {r}: {b / 2**20:.2f} MiB" for r, b in enumerate(self.per_rank_bytes))
+        return f"embedding memory {self.total_bytes / 2**20:.2f} MiB ({ranks})"
+
+
+def embedding_collections(module: nn.Module) -> Iterator[tuple[str, EmbeddingBagCollection]]:
+    for name, m in module.named_modules():
+        if isinstance(m, EmbeddingBagCollection):
+            yield name, m
+
+
+def attach_fused_optimizer(module: nn.Module, cfg: ShardingConfig) -> None:
+    """Fuse the embedding optimizer into the backward pass (FBGEMM TBE); do it before planning."""
+    optim: type[torch.optim.Optimizer] = {
+        "sgd": torch.optim.SGD,
+        "adagrad": torch.optim.Adagrad,
+        "rowwise_adagrad": RowWiseAdagrad,
+    }[cfg.optimizer]
+    for _, ebc in embedding_collections(module):
+        apply_optimizer_in_backward(optim, ebc.parameters(), {"lr": cfg.learning_rate})
+
+
+def sharders() -> list[ModuleSharder[nn.Module]]:
+    return [cast(ModuleSharder[nn.Module], EmbeddingBagCollectionSharder())]
+
+
+def _planner(
+    module: nn.Module, world_size: int, compute_device: str, per_rank_cap: int, cfg: ShardingConfig, local_world_size: int | None
+) -> EmbeddingShardingPlanner:
+    topology = TopologyFactory.create_topology(
+        TrainerConfig(
+            world_size=world_size,
+            local_world_size=local_world_size or world_size,
+            hbm_cap_bytes=per_rank_cap if compute_device == "cuda" else None,
+            ddr_cap_bytes=per_rank_cap,
+        ),
+        kernel_config=KernelConfig(compute_device=compute_device),
+    )
+    constraints = None
+    if cfg.sharding_types:
+        allowed = [s for s in cfg.sharding_types if compute_device == "cuda" or s not in GPU_ONLY_SHARDING_TYPES]
+        if not allowed:
+            raise ValueError(
+                f"sharding types {list(cfg.sharding_types)} are GPU-only; on {compute_device} use table_wise, "
+                "column_wise, table_column_wise or data_parallel"
+            )
+        constraints = {
+            t: ParameterConstraints(sharding_types=allowed)
+            for _, ebc in embedding_collections(module)
+            for t in ebc.embedding_bag_configs()
+            for t in [t.name]
+        }
+    return EmbeddingShardingPlanner(
+        topology=topology,
+        batch_size=cfg.planner_batch_size,
+        constraints=constraints,
+        storage_reservation=FixedPercentageStorageReservation(0.0),
+        debug=False,
+    )
+
+
+def _report(planner: EmbeddingShardingPlanner, world_size: int) -> MemoryReport:
+    best = planner._best_plan  # noqa: SLF001 - TorchRec's stats printer reads the same attribute
+    per_rank = [0] * world_size
+    per_table: dict[str, dict[str, Any]] = {}
+    for option in best or []:
+        placed: dict[int, int] = defaultdict(int)
+        for shard in option.shards:
+            assert shard.storage is not None and shard.rank is not None  # noqa: S101 - set by the partitioner
+            placed[shard.rank] += shard.storage.hbm + shard.storage.ddr
+            per_rank[shard.rank] += shard.storage.hbm + shard.storage.ddr
+        per_table[option.name] = {"sharding_type": option.sharding_type, "bytes_per_rank": dict(placed)}
+    return MemoryReport(per_rank, per_table)
+
+
+def _smallest_budget(
+    module: nn.Module, world_size: int, compute_device: str, cfg: ShardingConfig, local_world_size: int | None
+) -> int | None:
+    """The smallest total budget the planner can fit, by bisection on the per-rank capacity."""
+    def fits(cap: int) -> bool:
+        try:
+            _planner(module, world_size, compute_device, cap, cfg, local_world_size).plan(module, sharders())
+            return True
+        except PlannerError:
+            return False
+
+    hi = _UNLIMITED
+    if not fits(hi):
+        return None
+    planner = _planner(module, world_size, compute_device, hi, cfg, local_world_size)
+    planner.plan(module, sharders())
+    report = _report(planner, world_size)
+    lo, hi = max(report.total_bytes // world_size - 1, 0), max(report.per_rank_bytes)
+    while hi - lo > max(hi // 200, 1024):  # 0.5% precision
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    return hi * world_size
+
+
+def plan_sharding(
+    module: nn.Module,
+    cfg: ShardingConfig,
+    *,
+    world_size: int,
+    compute_device: str = "cpu",
+    pg: dist.ProcessGroup | None = None,
+    local_world_size: int | None = None,
+) -> tuple[ShardingPlan, MemoryReport]:
+    """Plan the embedding tables of `module` (on `meta`, fused optimizer attached) under `cfg.budget_bytes`.
+
+    With `pg`, rank 0 plans and broadcasts (`collective_plan`), and the memory report is broadcast too. Without
+    it the plan is for a topology that need not be present (export).
+
+    Raises:
+        BudgetError: no placement fits; the message carries the planner's breakdown and the smallest budget.
+    """
+    per_rank_cap = _UNLIMITED if cfg.budget_bytes is None else cfg.budget_bytes // world_size
+
+    def plan_here() -> tuple[ShardingPlan | None, MemoryReport | None, str | None]:
+        planner = _planner(module, world_size, compute_device, per_rank_cap, cfg, local_world_size)
+        try:
+            plan = planner.plan(module, sharders())
+        except PlannerError as e:
+            return None, None, str(e)
+        return plan, _report(planner, world_size), None
+
+    # What collective_plan does — rank 0 plans, the result is broadcast — but carrying a planner error to every
+    # rank (collective_plan raises on rank 0 only and leaves the others waiting).
+    plan, report, error = (
+        invoke_on_rank_and_broadcast_result(pg, 0, plan_here) if pg is not None else plan_here()
+    )
+    if error is not None or plan is None or report is None:
+        smallest = _smallest_budget(module, world_size, compute_device, cfg, local_world_size)
+        hint = (
+            f"the smallest budget that fits is {smallest:,} bytes ({smallest / 2**20:.2f} MiB) on {world_size} ranks"
+            if smallest
+            else "no budget fits: a single table is larger than any rank can hold"
+        )
+        budget = "no budget" if cfg.budget_bytes is None else f"the budget of {cfg.budget_bytes:,} bytes"
+        raise BudgetError(
+            f"the embedding tables do not fit {budget} over {world_size} ranks; {hint}.\n"
+            "Possible solutions: raise sharding.budget_bytes, use smaller dims, or add ranks.\n"
+            f"TorchRec planner: {error}",
+            smallest,
+        )
+    logger.info("sharding plan: %s", report.summary())
+    return plan, report
+
+
+def shard_model(
+    module: nn.Module, plan: ShardingPlan, pg: dist.ProcessGroup, device: torch.device
+) -> DistributedModelParallel:
+    """Wrap `module` in `DistributedModelParallel` with `plan` (the dense part goes to DDP)."""
+    return DistributedModelParallel(
+        module=module, env=ShardingEnv.from_process_group(pg), device=device, plan=plan, sharders=sharders()
+    )
+
+
+def combined_optimizer(dmp: DistributedModelParallel, dense_lr: float) -> CombinedOptimizer:
+    """The fused embedding optimizer plus Adagrad over the dense parameters (the in-backward ones filtered out)."""
+    dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
+    optimizers: list[Any] = [dmp.fused_optimizer]
+    if dense:
+        optimizers.append(
+            KeyedOptimizerWrapper(dense, lambda params: torch.optim.Adagrad(params, lr=dense_lr))
+        )
+    return CombinedOptimizer(optimizers)

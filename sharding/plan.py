@@ -1,0 +1,468 @@
+"""`DimensionPlan`: the one artefact every part speaks (DESIGN.md decisions 4–7).
+
+A plan says, per sparse feature, how big its embedding is:
+
+- **field-level**: one logical dim `d` for every row, stored in a table `t_<feature>` of `ceil4(d)` columns (FBGEMM's
+  fused kernels need widths divisible by 4; the tail columns beyond `d` are never read);
+- **row-level**: a logical dim per row. Rows are grouped into buckets of equal logical dim, each its own table
+  `t_<feature>__d<dim>` (`ceil4(dim)` columns), with a row → (bucket, local row) remap. Each bucket's pooled vector
+  is projected to the feature's `output_dim` — by zero padding (`pad`, no parameters) or a learned linear map
+  (`linear`, counted in the budget) — and the buckets are summed (sum pooling is linear, so this equals pooling
+  the per-row embeddings, each projected).
+
+On disk a plan is a directory: `plan.json` (format, version, budget, features, tables, provenance, checksums) and,
+for each row-level feature, `rows/<feature>.parquet` mapping each row (and its raw id, when the vocabulary is
+known) to its dim, bucket and local row. `load` verifies the checksums, the version, dims > 0, and the budget; a
+plan checked against a vocabulary must have one row per vocabulary row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import polars as pl
+
+logger = logging.getLogger(__name__)
+
+PLAN_FORMAT = "dimsearch-plan"
+PLAN_VERSION = 1
+PLAN_FILE = "plan.json"
+BYTES_PER_PARAM = {"fp32": 4, "fp16": 2}
+Projection = Literal["pad", "linear"]
+
+
+class PlanError(ValueError):
+    """A dimension plan that is malformed, tampered with, over its budget or inconsistent with the data."""
+
+
+def physical_dim(dim: int) -> int:
+    """The stored width of a logical dim: the next multiple of 4 (FBGEMM's fused kernels need it)."""
+    return 4 * math.ceil(dim / 4)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """An embedding memory budget.
+
+    Args:
+        value: the budget, in `unit`s.
+        unit: `parameters` (physical embedding parameters plus learned projections) or `bytes` (the same in
+            bytes of the plan's dtype; the sharding planner also checks its own estimate, optimizer state included,
+            against a bytes budget).
+    """
+
+    value: int
+    unit: Literal["parameters", "bytes"] = "parameters"
+
+    def __post_init__(self) -> None:
+        if self.unit not in ("parameters", "bytes"):
+            raise PlanError(f"budget unit is '{self.unit}', expected 'parameters' or 'bytes'")
+        if self.value <= 0:
+            raise PlanError(f"budget is {self.value} {self.unit}; it must be positive")
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """One embedding table of a plan: what `sharding/` builds an `EmbeddingBagConfig` from.
+
+    Args:
+        name: `t_<feature>` (field-level) or `t_<feature>__d<dim>` (a row-level bucket).
+        feature: the sparse feature the table serves.
+        key: the KJT key the table reads: the feature itself, or `<feature>__d<dim>` for a bucket.
+        num_embeddings: rows.
+        logical_dim: the searched dim.
+        embedding_dim: the stored width, `ceil4(logical_dim)`.
+    """
+
+    name: str
+    feature: str
+    key: str
+    num_embeddings: int
+    logical_dim: int
+    embedding_dim: int
+
+
+@dataclass(frozen=True, eq=False)
+class FeaturePlan:
+    """The size of one feature's embedding.
+
+    Args:
+        feature: the sparse feature.
+        num_embeddings: rows (the vocabulary capacity, fallback row included).
+        output_dim: the width the model sees for this feature.
+        dim: the logical dim of every row (field-level), or None for a row-level plan.
+        row_dims: the logical dim of each row (row-level), or None for a field-level plan.
+        projection: how a row-level bucket reaches `output_dim`: `pad` (zeros) or `linear` (a learned map).
+        raw_ids: optional raw id of each row (row 0, the fallback row, has raw id -1), saved with row-level plans.
+    """
+
+    feature: str
+    num_embeddings: int
+    output_dim: int
+    dim: int | None = None
+    row_dims: np.ndarray | None = None
+    projection: Projection = "pad"
+    raw_ids: np.ndarray | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        where = f"feature '{self.feature}'"
+        if self.num_embeddings < 1:
+            raise PlanError(f"{where}: num_embeddings is {self.num_embeddings}, expected >= 1")
+        if (self.dim is None) == (self.row_dims is None):
+            raise PlanError(f"{where}: give exactly one of dim (field-level) or row_dims (row-level)")
+        if self.dim is not None and self.dim <= 0:
+            raise PlanError(f"{where}: dim is {self.dim}; dims must be > 0")
+        if self.row_dims is not None:
+            rd = np.asarray(self.row_dims)
+            if rd.shape != (self.num_embeddings,):
+                raise PlanError(f"{where}: row_dims has shape {rd.shape}, expected ({self.num_embeddings},)")
+            if rd.size and rd.min() <= 0:
+                raise PlanError(f"{where}: row {int(rd.argmin())} has dim {int(rd.min())}; dims must be > 0")
+            if self.projection == "pad" and rd.max() > self.output_dim:
+                raise PlanError(
+                    f"{where}: a row has dim {int(rd.max())} > output_dim {self.output_dim}; zero padding cannot "
+                    "shrink. Raise output_dim or use projection 'linear'"
+                )
+        if self.projection not in ("pad", "linear"):
+            raise PlanError(f"{where}: projection is '{self.projection}', expected 'pad' or 'linear'")
+        if self.output_dim <= 0:
+            raise PlanError(f"{where}: output_dim is {self.output_dim}; it must be > 0")
+        if self.dim is not None and self.dim != self.output_dim:
+            raise PlanError(f"{where}: a field-level plan's output_dim ({self.output_dim}) must equal its dim ({self.dim})")
+        if self.raw_ids is not None and np.asarray(self.raw_ids).shape != (self.num_embeddings,):
+            raise PlanError(f"{where}: raw_ids must have one entry per row ({self.num_embeddings})")
+
+    @property
+    def row_level(self) -> bool:
+        return self.row_dims is not None
+
+    @cached_property
+    def bucket_dims(self) -> list[int]:
+        """The distinct logical dims (row-level), ascending; `[dim]` for a field-level plan."""
+        if self.row_dims is None:
+            assert self.dim is not None  # noqa: S101 - guaranteed by __post_init__
+            return [self.dim]
+        return sorted(int(d) for d in np.unique(self.row_dims))
+
+    @cached_property
+    def remap(self) -> tuple[np.ndarray, np.ndarray]:
+        """Row → (bucket index into `bucket_dims`, local row within the bucket's table), rows kept in order."""
+        if self.row_dims is None:
+            return np.zeros(self.num_embeddings, dtype=np.int64), np.arange(self.num_embeddings, dtype=np.int64)
+        bucket = np.searchsorted(np.asarray(self.bucket_dims), self.row_dims).astype(np.int64)
+        order = np.argsort(bucket, kind="stable")
+        starts = np.searchsorted(bucket[order], np.arange(len(self.bucket_dims)))
+        local = np.empty(self.num_embeddings, dtype=np.int64)
+        local[order] = np.arange(self.num_embeddings) - np.repeat(starts, np.bincount(bucket, minlength=len(starts)))
+        return bucket, local
+
+    def tables(self) -> list[TableSpec]:
+        if self.row_dims is None:
+            assert self.dim is not None  # noqa: S101
+            return [TableSpec(f"t_{self.feature}", self.feature, self.feature, self.num_embeddings, self.dim, physical_dim(self.dim))]
+        counts = np.bincount(self.remap[0], minlength=len(self.bucket_dims))
+        return [
+            TableSpec(
+                f"t_{self.feature}__d{d}", self.feature, f"{self.feature}__d{d}", int(n), d, physical_dim(d)
+            )
+            for d, n in zip(self.bucket_dims, counts, strict=True)
+        ]
+
+    @property
+    def projection_parameters(self) -> int:
+        if not self.row_level or self.projection == "pad":
+            return 0
+        return sum(d * self.output_dim for d in self.bucket_dims)
+
+    @property
+    def parameters(self) -> int:
+        """Physical embedding parameters plus learned projection parameters."""
+        return sum(t.num_embeddings * t.embedding_dim for t in self.tables()) + self.projection_parameters
+
+    @property
+    def logical_parameters(self) -> int:
+        if self.row_dims is None:
+            assert self.dim is not None  # noqa: S101
+            return self.num_embeddings * self.dim
+        return int(np.asarray(self.row_dims).sum())
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "feature": self.feature,
+            "num_embeddings": self.num_embeddings,
+            "output_dim": self.output_dim,
+            "level": "row" if self.row_level else "field",
+            "projection": self.projection,
+            "parameters": self.parameters,
+            "tables": [t.__dict__ for t in self.tables()],
+        }
+        if self.dim is not None:
+            d["dim"] = self.dim
+        return d
+
+    def rows_frame(self) -> pl.DataFrame:
+        bucket, local = self.remap
+        return pl.DataFrame(
+            {
+                "row": np.arange(self.num_embeddings, dtype=np.int64),
+                "raw_id": np.asarray(self.raw_ids, dtype=np.int64) if self.raw_ids is not None else None,
+                "dim": np.asarray(self.row_dims, dtype=np.int64),
+                "bucket": bucket,
+                "local_row": local,
+            }
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class DimensionPlan:
+    """Per-feature embedding sizes under a budget, with provenance.
+
+    Args:
+        features: one `FeaturePlan` per sparse feature, in the model's feature order.
+        budget: the budget the plan must meet, or None.
+        dtype: the storage dtype the bytes are counted in.
+        provenance: method, data days, config, metrics — whatever explains where the plan came from.
+    """
+
+    features: tuple[FeaturePlan, ...]
+    budget: Budget | None = None
+    dtype: str = "fp32"
+    provenance: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        names = [f.feature for f in self.features]
+        if not names:
+            raise PlanError("a plan needs at least one feature")
+        if dup := sorted({n for n in names if names.count(n) > 1}):
+            raise PlanError(f"features repeat in the plan: {dup}")
+        if self.dtype not in BYTES_PER_PARAM:
+            raise PlanError(f"dtype is '{self.dtype}', expected one of {sorted(BYTES_PER_PARAM)}")
+
+    @classmethod
+    def field_level(
+        cls,
+        dims: Mapping[str, int],
+        num_embeddings: Mapping[str, int],
+        *,
+        budget: Budget | None = None,
+        provenance: Mapping[str, Any] | None = None,
+    ) -> DimensionPlan:
+        """A plan with one dim per feature, in the order of `dims`."""
+        if missing := sorted(set(dims) - set(num_embeddings)):
+            raise PlanError(f"no num_embeddings for features {missing}")
+        return cls(
+            tuple(FeaturePlan(f, int(num_embeddings[f]), int(d), dim=int(d)) for f, d in dims.items()),
+            budget,
+            provenance=provenance or {},
+        )
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [f.feature for f in self.features]
+
+    def __getitem__(self, feature: str) -> FeaturePlan:
+        for f in self.features:
+            if f.feature == feature:
+                return f
+        raise KeyError(f"no feature '{feature}' in the plan (have {self.feature_names})")
+
+    def tables(self) -> list[TableSpec]:
+        return [t for f in self.features for t in f.tables()]
+
+    @property
+    def parameters(self) -> int:
+        return sum(f.parameters for f in self.features)
+
+    @property
+    def bytes(self) -> int:
+        return self.parameters * BYTES_PER_PARAM[self.dtype]
+
+    def budget_used(self) -> int:
+        """The plan's size in its budget's unit."""
+        if self.budget is not None and self.budget.unit == "bytes":
+            return self.bytes
+        return self.parameters
+
+    def check_budget(self) -> None:
+        """Raise `PlanError` with the per-feature breakdown if the plan is over its budget."""
+        if self.budget is None or self.budget_used() <= self.budget.value:
+            return
+        per = ", ".join(f"{f.feature}={f.parameters:,}" for f in self.features)
+        raise PlanError(
+            f"the plan needs {self.budget_used():,} {self.budget.unit} but the budget is {self.budget.value:,} "
+            f"(parameters per feature: {per}). Possible solutions: raise the budget, or search again under it"
+        )
+
+    def check_vocabulary(self, num_rows: Mapping[str, int], raw_ids: Mapping[str, np.ndarray] | None = None) -> None:
+        """Raise `PlanError` naming the feature if the plan's rows do not fit the data's vocabularies.
+
+        Args:
+            num_rows: per feature, the rows the vocabulary uses (fallback row included).
+            raw_ids: per feature, the vocabulary's raw id of each row from row 1 (checked against a row-level plan's).
+        """
+        if missing := sorted(set(self.feature_names) - set(num_rows)):
+            raise PlanError(f"the plan sizes features {missing} that the dataset does not have ({sorted(num_rows)})")
+        for f in self.features:
+            if num_rows[f.feature] > f.num_embeddings:
+                raise PlanError(
+                    f"feature '{f.feature}': the vocabulary has {num_rows[f.feature]:,} rows but the plan only "
+                    f"{f.num_embeddings:,}. Re-plan with the current vocabulary"
+                )
+            if f.row_level and raw_ids is not None and f.raw_ids is not None and f.feature in raw_ids:
+                vocab_ids = np.asarray(raw_ids[f.feature])
+                plan_ids = np.asarray(f.raw_ids)[1 : vocab_ids.size + 1]
+                if not np.array_equal(plan_ids, vocab_ids):
+                    bad = int(np.flatnonzero(plan_ids != vocab_ids)[0]) + 1
+                    raise PlanError(
+                        f"feature '{f.feature}': row {bad} is raw id {int(plan_ids[bad - 1])} in the plan but "
+                        f"{int(vocab_ids[bad - 1])} in the vocabulary. The plan was made for other data"
+                    )
+
+    def summary(self) -> str:
+        """A per-feature table like TorchRec's planner report."""
+        lines = [f"{'feature':<12}{'level':<7}{'dims':<22}{'rows':>11}{'params':>13}{'MiB':>9}"]
+        for f in self.features:
+            if f.row_level:
+                rd = np.asarray(f.row_dims)
+                dims = f"{rd.min()}..{rd.max()} (mean {rd.mean():.1f})"
+            else:
+                dims = f"{f.dim} (stored {physical_dim(f.dim or 0)})"
+            mib = f.parameters * BYTES_PER_PARAM[self.dtype] / 2**20
+            lines.append(
+                f"{f.feature:<12}{'row' if f.row_level else 'field':<7}{dims:<22}{f.num_embeddings:>11,}"
+                f"{f.parameters:>13,}{mib:>9.2f}"
+            )
+        total = f"total {self.parameters:,} parameters, {self.bytes / 2**20:.2f} MiB"
+        if self.budget is not None:
+            total += f"; budget {self.budget.value:,} {self.budget.unit} ({100 * self.budget_used() / self.budget.value:.1f}% used)"
+        return "\n".join([*lines, total])
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": PLAN_FORMAT,
+            "version": PLAN_VERSION,
+            "dtype": self.dtype,
+            "budget": None if self.budget is None else {"value": self.budget.value, "unit": self.budget.unit},
+            "parameters": self.parameters,
+            "bytes": self.bytes,
+            "features": [f.to_json() for f in self.features],
+            "provenance": dict(self.provenance),
+        }
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the plan atomically (temp dir + rename); checksums cover the JSON body and every row file."""
+        from pipeline.dataset import atomic_directory
+
+        directory = Path(directory)
+        with atomic_directory(directory, overwrite=True) as tmp:
+            body = self.to_json()
+            files: dict[str, str] = {}
+            for f in self.features:
+                if f.row_level:
+                    rel = f"rows/{f.feature}.parquet"
+                    (tmp / "rows").mkdir(exist_ok=True)
+                    f.rows_frame().write_parquet(tmp / rel)
+                    files[rel] = _sha256_file(tmp / rel)
+            body["checksums"] = {"files": files, "body": _sha256_json(body)}
+            (tmp / PLAN_FILE).write_text(json.dumps(body, indent=1, default=_json_default))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> DimensionPlan:
+        """Read and verify a saved plan.
+
+        Raises:
+            PlanError: missing file, unknown format or version, checksum mismatch, bad dims, or over budget.
+        """
+        directory = Path(directory)
+        path = directory / PLAN_FILE
+        if not path.is_file():
+            raise PlanError(f"{path}: no plan here. Point at a directory written by DimensionPlan.save")
+        try:
+            body = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise PlanError(f"{path}: not valid JSON ({e}). The file is damaged: export the plan again") from e
+        if body.get("format") != PLAN_FORMAT:
+            raise PlanError(f"{path}: format is {body.get('format')!r}, expected {PLAN_FORMAT!r}")
+        if body.get("version") != PLAN_VERSION:
+            raise PlanError(
+                f"{path}: plan version {body.get('version')} is not supported (this dimsearch reads version "
+                f"{PLAN_VERSION}). Export the plan again with this version"
+            )
+        checksums = body.pop("checksums", None)
+        if not isinstance(checksums, dict) or checksums.get("body") != _sha256_json(body):
+            raise PlanError(f"{path}: checksum mismatch: the plan was edited or damaged after it was saved. Export it again")
+        for rel, digest in checksums.get("files", {}).items():
+            if not (directory / rel).is_file():
+                raise PlanError(f"{directory / rel}: row file listed in the plan is missing")
+            if _sha256_file(directory / rel) != digest:
+                raise PlanError(f"{directory / rel}: checksum mismatch: the row file was changed after the plan was saved")
+        features: list[FeaturePlan] = []
+        for fj in body["features"]:
+            row_dims = raw_ids = None
+            if fj["level"] == "row":
+                rows = pl.read_parquet(directory / f"rows/{fj['feature']}.parquet")
+                if rows.height != fj["num_embeddings"]:
+                    raise PlanError(
+                        f"{directory}/rows/{fj['feature']}.parquet: {rows.height} rows, plan says {fj['num_embeddings']}"
+                    )
+                row_dims = rows.get_column("dim").to_numpy()
+                raw = rows.get_column("raw_id")
+                raw_ids = None if raw.null_count() == raw.len() else raw.to_numpy()
+            try:
+                features.append(
+                    FeaturePlan(
+                        fj["feature"],
+                        int(fj["num_embeddings"]),
+                        int(fj["output_dim"]),
+                        dim=fj.get("dim"),
+                        row_dims=row_dims,
+                        projection=fj["projection"],
+                        raw_ids=raw_ids,
+                    )
+                )
+            except PlanError as e:
+                raise PlanError(f"{path}: {e}") from e
+        budget = Budget(**body["budget"]) if body.get("budget") else None
+        plan = cls(tuple(features), budget, body.get("dtype", "fp32"), body.get("provenance", {}))
+        try:
+            plan.check_budget()
+        except PlanError as e:
+            raise PlanError(f"{path}: {e}") from e
+        return plan
+
+
+def _json_default(o: object) -> object:
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _sha256_json(body: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=_json_default).encode()).hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def uniform_plan(features: Sequence[str], num_embeddings: Mapping[str, int], dim: int, **kw: Any) -> DimensionPlan:
+    """Every feature at the same field-level dim (the FIXED / FDE baseline)."""
+    return DimensionPlan.field_level({f: dim for f in features}, num_embeddings, **kw)
