@@ -1,52 +1,61 @@
-"""Ingest real recommender datasets into the day-partitioned Parquet layout (DESIGN.md decisions 2, 3 and 15).
+"""Ingest real recommender datasets into the day-partitioned Parquet layout (DESIGN.md decisions 2, 3, 15).
 
 Usage::
 
     python -m pipeline.ingest --format ml-1m --src ../shared/datasets/ml-1m --out data/ml-1m
-    python -m pipeline.ingest --format criteo --src ../shared/datasets/criteo-sample --out data/criteo --days 3
+    python -m pipeline.ingest --format criteo --src ../shared/datasets/criteo-sample --out data/criteo \\
+        --days 3
     python -m pipeline.ingest --format avazu --src ../shared/datasets/avazu-sample/wideresdnn_train.csv \\
         --out data/avazu --id-mode hash --overwrite
 
-Formats and what becomes of them (every format keeps the source's raw ids; the id→row vocabulary is built
-later, by `pipeline/`'s vocabulary module):
+Formats (`--src`; sparse fields; label; days). Every format keeps the source's raw ids: the id→row
+vocabulary is built later, by another module.
 
-| format | `--src` | sparse fields | label | days |
-|---|---|---|---|---|
-| `ml-100k` | folder with `u.data`, `u.user`, `u.item`, `u.occupation` | user, item, age, gender, occupation, zip, genres (multi-hot), year | rating ≥ threshold, or the rating | UTC date of the timestamp |
-| `ml-1m` | folder, or a ratings file (`.dat` or `.dat.gz`, 3 or 4 `::` fields) with `users.dat`/`movies.dat` beside it | as ml-100k | as ml-100k | UTC date of the timestamp, or the hash rule below |
-| `ml-latest` | `ratings.csv`, or its folder | user, item | as ml-100k | UTC date of the timestamp |
-| `lightgcn` | folder with `train.txt` and `test.txt` (`uid iid iid ...`) | user, item | 1 (implicit feedback) | all rows on 1970-01-01; `split` train/test |
-| `criteo` | a `.tsv` (no header), a header CSV (DeepCTR), or a folder with `wideresdnn_{train,dev,test}.tsv` | C1..C26 | the click | `--days` contiguous chunks of the rows from 2014-01-01 |
-| `avazu` | a CSV with or without header, or a folder with `wideresdnn_{train,dev,test}.csv` | the 21 columns other than id, click, hour | the click | UTC date of `hour` (YYMMDDHH) |
+* `ml-100k`: the folder with `u.data`, `u.user`, `u.item`, `u.occupation`; user, item, age, gender,
+  occupation, zip, genres (multi-hot), year; rating ≥ `--threshold` (binary) or the rating (regression);
+  the timestamp's UTC date.
+* `ml-1m`: the folder, or a ratings file (`.dat` or `.dat.gz`, 3 or 4 `::` fields) with `users.dat` and
+  `movies.dat` beside it; fields and label as ml-100k; the timestamp's UTC date, or the hash rule below.
+* `ml-latest`: `ratings.csv` or its folder; user, item; label as ml-100k; the timestamp's UTC date.
+* `lightgcn`: the folder with `train.txt` and `test.txt` (`uid iid iid ...`); user, item; label 1
+  (implicit feedback); a `split` column train/test; every row on 1970-01-01.
+* `criteo`: a `.tsv` without header, a comma-separated file with header (DeepCTR), or a folder with
+  `wideresdnn_{train,dev,test}.tsv` (adds a `split` column train/valid/test); C1..C26 and dense I1..I13;
+  the click; `--days` contiguous chunks.
+* `avazu`: a comma-separated file with or without header, or a folder with
+  `wideresdnn_{train,dev,test}.csv` (adds `split`); the 21 columns other than id, click, hour; the click;
+  the UTC date of `hour` (YYMMDDHH).
 
 Day rules (each is also written to `dataset.yaml` under `meta.day_rule`):
 
-* **Timestamps.** The day is the UTC date of the timestamp; rows are ordered by timestamp (ties keep file order).
+* **Timestamps.** The day is the UTC date of the timestamp; rows are ordered by timestamp (ties keep file
+  order), so each day reads as a chronological stream.
 * **ML-1M without timestamps** (`ratings_no_timestamp.dat`): the day index is
-  `splitmix64((user << 32) | movie) mod days` (`--days`, default 30) and the day is 2000-04-25 (the date of
-  ML-1M's first rating) plus that many days. The rule depends only on the pair, so it is deterministic, does not
-  depend on the row order, and spreads each user's ratings over the days. The timestamp role is then absent.
+  `splitmix64((user << 32) | movie) mod days` (`--days`, default 30) and the day is 2000-04-25 (the date
+  of ML-1M's first rating) plus that many days. The rule depends only on the pair, so it is deterministic,
+  independent of the row order, and spreads each user's ratings over the days. There is then no timestamp
+  role, and rows keep file order within a day.
 * **LightGCN text** has no time at all: every row is on 1970-01-01 and the source's split is kept.
-* **Criteo** has no time either: the rows, in file order (train, then dev, then test in folder mode), are cut
-  into `--days` (default 1) contiguous chunks of equal size (row `i` of `n` goes to chunk `i * days // n`);
-  chunk `k` is dated 2014-01-01 plus `k` days. The dates are nominal, not the real ones.
+* **Criteo** has no time either: the rows in file order (train, dev, then test in folder mode) are cut into
+  `--days` (default 1) contiguous chunks of equal size (row `i` of `n` goes to chunk `i * days // n`);
+  chunk `k` is dated 2014-01-01 plus `k` days. These dates are nominal, not the real ones.
 
-Ids (`--id-mode`) of string categoricals (criteo C1..C26, avazu's categoricals, the MovieLens zip codes):
+Ids (`--id-mode`) of string categoricals (Criteo's C1..C26, Avazu's categoricals, MovieLens zip codes):
 
-* `hash` (the default): polars' `Expr.hash(HASH_SEED)` of the raw string, keeping its low 63 bits, so the id is a
-  non-negative int64 that can never overflow. A missing value (empty field) gets `MISSING_ID` (0). Polars does
-  not promise the same hash across its versions, so the version is recorded in `meta`.
-* `parse`: the raw value as an integer: hexadecimal for the hashed-hex columns of Criteo and Avazu, decimal
-  otherwise (a zip's '-' is dropped: `55117-1234` → 551171234). A value that is not an integer or does not fit in
-  int64, or a negative one, is an error that names the file, the column, the line and the fix (`--id-mode hash`).
+* `hash` (the default): polars' `Expr.hash(HASH_SEED)` of the raw string, keeping its low 63 bits, so the
+  id is a non-negative int64 and can never overflow. A missing value (empty field) gets `MISSING_ID` (0).
+  Polars does not promise the same hash across its versions, so its version is recorded in `meta`.
+* `parse`: the raw value as an integer: hexadecimal for the hex-hashed columns of Criteo and Avazu, decimal
+  otherwise (a zip's '-' is dropped: `55117-1234` → 551171234). A value that is not an integer or does not
+  fit in int64, or a negative one, is an error naming the file, the column, the line and the fix.
 
-User and item ids, ages and (ML-1M) occupation codes are integers in every source and are always parsed.
-Genders are coded F → 0, M → 1; ML-100k's occupations by their 0-based line in `u.occupation`; genres by their
-index in ML-100k's `u.genre` (`unknown` 0 .. `Western` 18), for ML-1M too.
+User and item ids, ages and ML-1M's occupation codes are integers in every source and are always parsed.
+Genders are coded F → 0, M → 1; ML-100k's occupations by their 0-based line in `u.occupation`; genres by
+their index in ML-100k's `u.genre` (`unknown` 0 .. `Western` 18), for ML-1M too.
 
-Text files are read as lines and split with polars (no per-row Python), so a malformed line is reported with its
-1-based line number and its text. Everything is read and validated before anything is written, and
-`write_dataset` writes atomically: a failure leaves no output directory behind.
+Text files are read as lines and split with polars (no per-row Python), so a malformed line is reported
+with its 1-based line number and its text. Everything is read and validated before anything is written,
+and `write_dataset` writes atomically: a failure leaves no output directory behind.
 """
 
 from __future__ import annotations
@@ -94,8 +103,8 @@ CRITEO_DENSE: tuple[str, ...] = tuple(f"I{i}" for i in range(1, 14))
 CRITEO_SPARSE: tuple[str, ...] = tuple(f"C{i}" for i in range(1, 27))
 CRITEO_COLUMNS: tuple[str, ...] = (LABEL, *CRITEO_DENSE, *CRITEO_SPARSE)
 AVAZU_COLUMNS: tuple[str, ...] = (
-    "id", "click", "hour", "C1", "banner_pos", "site_id", "site_domain", "site_category", "app_id", "app_domain",
-    "app_category", "device_id", "device_ip", "device_model", "device_type", "device_conn_type",
+    "id", "click", "hour", "C1", "banner_pos", "site_id", "site_domain", "site_category", "app_id",
+    "app_domain", "app_category", "device_id", "device_ip", "device_model", "device_type", "device_conn_type",
     "C14", "C15", "C16", "C17", "C18", "C19", "C20", "C21",
 )  # fmt: skip
 AVAZU_SPARSE: tuple[str, ...] = AVAZU_COLUMNS[3:]
@@ -134,7 +143,7 @@ def _require_file(path: Path, what: str) -> Path:
 def _read_lines(path: Path, what: str, *, encoding: str = "utf-8") -> pl.DataFrame:
     """Read a text file (gzip detected by its magic bytes) as columns `line` (1-based) and `text`.
 
-    Blank lines are dropped; their numbers are kept out of the count, so `line` is always the line in the file.
+    Blank lines are dropped, but `line` keeps counting them, so it is always the line number in the file.
     """
     data = _require_file(path, what).read_bytes()
     if data[:2] == b"\x1f\x8b":
@@ -171,7 +180,7 @@ def _quote(text: str) -> str:
 
 
 def _split_fields(lines: pl.DataFrame, sep: str, names: Sequence[str], path: Path) -> pl.DataFrame:
-    """Split each line on the literal `sep` into the string columns `names`; a wrong field count is an error."""
+    """Split each line on the literal `sep` into string columns `names`; a wrong field count fails."""
     n = len(names)
     df = lines.with_columns(pl.col("text").str.split(sep).alias("_fields"))
     bad = df.filter(pl.col("_fields").list.len() != n)
@@ -186,7 +195,7 @@ def _split_fields(lines: pl.DataFrame, sep: str, names: Sequence[str], path: Pat
         )
     return df.select(
         "line", "text", *(pl.col("_fields").list.get(i).alias(name) for i, name in enumerate(names))
-    ).drop("_fields", strict=False)
+    )
 
 
 def _read_header_csv(
@@ -270,7 +279,7 @@ def _parse_ints(
 
 
 def _parse_floats(df: pl.DataFrame, columns: Sequence[str], path: Path, *, allow_empty: bool) -> pl.DataFrame:
-    """Parse string `columns` as float64; empty fields become null if `allow_empty`, non-finite values fail."""
+    """Parse string `columns` as float64; empty fields are null if `allow_empty`; non-finite values fail."""
     df = df.with_columns(pl.col(c).alias(f"_raw_{c}") for c in columns).with_columns(
         pl.col(c).cast(pl.Float64, strict=False) for c in columns
     )
@@ -385,7 +394,7 @@ def _join_side(
         row = missing.row(0, named=True)
         raise DatasetError(
             ratings_path,
-            f"{key} {row[key]} (line {row['line']}) has no line in {side_path} ({missing.height} rows affected)",
+            f"{key} {row[key]} has no line in {side_path} ({missing.height} rows affected)",
             f"add the {key} to {side_path.name}, or drop its ratings",
             column=key,
             line=row["line"],
@@ -439,6 +448,11 @@ def _genre_lists(df: pl.DataFrame, column: str, path: Path) -> pl.DataFrame:
 
 
 # ------------------------------------------------------------------------------------------------ MovieLens
+
+
+def _finish(df: pl.DataFrame, spec: DatasetSpec) -> tuple[pl.DataFrame, DatasetSpec]:
+    """Keep only the spec's columns and the day (dropping the line numbers and text kept for errors)."""
+    return df.select(*spec.columns, DAY_COLUMN), spec
 
 
 def _timestamp_days(df: pl.DataFrame) -> pl.DataFrame:
@@ -572,7 +586,7 @@ def read_ml_100k(
         "year = release year (missing = 0)",
         **_hash_meta(id_mode),
     }
-    return df, _ml_spec("ml-100k", task, timestamp=True, meta=meta, sparse=ML_SPARSE)
+    return _finish(df, _ml_spec("ml-100k", task, timestamp=True, meta=meta, sparse=ML_SPARSE))
 
 
 def splitmix64(x: np.ndarray) -> np.ndarray:
@@ -601,8 +615,8 @@ def read_ml_1m(
 
     Args:
         src: the folder (using `ratings.dat` if present, else `ratings_no_timestamp.dat`) or a ratings file
-            (`UserID::MovieID::Rating[::Timestamp]`, optionally gzipped); `users.dat` and `movies.dat` (latin-1)
-            are read from the ratings file's folder.
+            (`UserID::MovieID::Rating[::Timestamp]`, optionally gzipped); `users.dat` and `movies.dat`
+            (latin-1) are read from the ratings file's folder.
         task: `binary` (rating >= threshold) or `regression` (the rating).
         threshold: the rating at and above which the binary label is 1.
         days: for ratings without timestamps, the number of days of the hash rule (default 30); not allowed
@@ -616,7 +630,7 @@ def read_ml_1m(
         DatasetError: a file is missing or malformed (named with its line), or an id is negative.
     """
     src = Path(src)
-    _check_options(src, task=task, threshold=threshold, days=days or 1)
+    _check_options(src, task=task, threshold=threshold, days=1 if days is None else days)
     _check_id_mode(src, id_mode)
     if src.is_dir():
         ratings_path = next(
@@ -706,14 +720,15 @@ def read_ml_1m(
             "re-number the ids below 2**32",
         )
         index = hashed_day_index(df["user"], df["item"], n_days)
-        df = df.with_columns((pl.lit(ML_1M_FIRST_DAY) + pl.duration(days=index)).alias(DAY_COLUMN))
+        df = df.with_columns((pl.lit(ML_1M_FIRST_DAY) + pl.duration(days=pl.lit(index))).alias(DAY_COLUMN))
         meta["day_rule"] = (
             f"no timestamps: day index = splitmix64((user << 32) | movie) mod {n_days}; "
-            f"day = {ML_1M_FIRST_DAY} (ML-1M's first rating date) + index days; rows keep file order within a day"
+            f"day = {ML_1M_FIRST_DAY} (ML-1M's first rating date) + index days; "
+            "rows keep file order within a day"
         )
         meta["days"] = n_days
         meta["first_day"] = ML_1M_FIRST_DAY.isoformat()
-    return df, _ml_spec("ml-1m", task, timestamp=has_time, meta=meta, sparse=ML_SPARSE)
+    return _finish(df, _ml_spec("ml-1m", task, timestamp=has_time, meta=meta, sparse=ML_SPARSE))
 
 
 def read_ml_latest(
@@ -749,7 +764,7 @@ def read_ml_latest(
         "label_rule": rule,
     }
     sparse = (SparseField("user", "user"), SparseField("item", "item"))
-    return _timestamp_days(df), _ml_spec("ml-latest", task, timestamp=True, meta=meta, sparse=sparse)
+    return _finish(_timestamp_days(df), _ml_spec("ml-latest", task, timestamp=True, meta=meta, sparse=sparse))
 
 
 # ------------------------------------------------------------------------------------------------- LightGCN
@@ -803,7 +818,7 @@ def read_lightgcn(src: str | Path) -> tuple[pl.DataFrame, DatasetSpec]:
             "label_rule": "label = 1 for every listed (user, item) pair (implicit feedback)",
         },
     )
-    return df, spec
+    return _finish(df, spec)
 
 
 # ------------------------------------------------------------------------------------------- Criteo, Avazu
@@ -882,7 +897,8 @@ def read_criteo(
         meta={
             "source": "Criteo display advertising challenge sample",
             "source_files": [str(p) for _, p in sources],
-            "day_rule": f"no time in the source: rows in file order{' (train, dev, test)' if src.is_dir() else ''} "
+            "day_rule": "no time in the source: rows in file order"
+            f"{' (train, dev, test)' if src.is_dir() else ''} "
             f"cut into {days} contiguous equal chunks (row i of n -> chunk i*days//n); chunk k is dated "
             f"{CRITEO_FIRST_DAY} + k days (nominal dates)",
             "label_rule": "label = the click (0/1)",
@@ -891,11 +907,11 @@ def read_criteo(
             **_hash_meta(id_mode),
         },
     )
-    return df, spec
+    return _finish(df, spec)
 
 
 def read_avazu(src: str | Path, *, id_mode: IdMode = "hash") -> tuple[pl.DataFrame, DatasetSpec]:
-    """Read Avazu CTR rows (`id,click,hour,C1,banner_pos,...,C21`); the 20-digit `id` is a row id and is dropped.
+    """Read Avazu CTR rows (`id,click,hour,C1,banner_pos,...,C21`); `id` (20 digits, a row id) is dropped.
 
     Args:
         src: a comma-separated file with or without header, or a folder with `wideresdnn_{train,dev,test}.csv`
@@ -950,7 +966,7 @@ def read_avazu(src: str | Path, *, id_mode: IdMode = "hash") -> tuple[pl.DataFra
             **_hash_meta(id_mode),
         },
     )
-    return df, spec
+    return _finish(df, spec)
 
 
 # ---------------------------------------------------------------------------------------------- entry points

@@ -1,0 +1,238 @@
+"""Job configuration: one frozen dataclass per concern, loaded from YAML with `section.key=value` overrides.
+
+Unknown sections or keys, and values of the wrong type, are errors; all problems are collected into one message
+(as torchtune does). The resolved config is saved with every run, checkpoint and exported plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from sharding.distributed import ShardingConfig
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the job's dataclasses."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the data is and how it is batched.
+
+    Args:
+        path: a dataset directory (`dataset.yaml` + `day=YYYY-MM-DD/` partitions).
+        days: use only the first N days (None: all).
+        batch_size: examples per batch per rank.
+        capacity: rows per feature table, fallback row included; None sizes each table to the number of distinct
+            ids in the data (+1), read from the Parquet files before training (a count, not the ids).
+        prefetch: batches built ahead in a background thread.
+    """
+
+    path: str = "runs/demo-data/synthetic"
+    days: int | None = None
+    batch_size: int = 2048
+    capacity: int | None = None
+    prefetch: int = 2
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"data.batch_size must be >= 1, got {self.batch_size}")
+        if self.days is not None and self.days < 1:
+            raise ConfigError(f"data.days must be >= 1 or null, got {self.days}")
+        if self.capacity is not None and self.capacity < 2:
+            raise ConfigError(f"data.capacity must be >= 2 (the fallback row and one id), got {self.capacity}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The dense model on top of the embeddings.
+
+    Args:
+        name: `dlrm`, `deepfm`, `mf` or `ncf` (see `models.factory.build_model`).
+        dense_lr: Adagrad learning rate of the dense parameters.
+        options: extra options of the model's config dataclass (e.g. `{top_mlp: [64, 32]}`).
+    """
+
+    name: Literal["dlrm", "deepfm", "mf", "ncf"] = "dlrm"
+    dense_lr: float = 0.05
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.dense_lr <= 0:
+            raise ConfigError(f"model.dense_lr must be > 0, got {self.dense_lr}")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """The dimension search.
+
+    Args:
+        method: `fixed` keeps every feature at `dim` for the whole run.
+        dim: the starting (and, for `fixed`, the only) dim of every feature.
+        budget: embedding parameter budget the plan must meet (None: no budget).
+    """
+
+    method: Literal["fixed"] = "fixed"
+    dim: int = 16
+    budget: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.dim <= 0:
+            raise ConfigError(f"search.dim must be > 0, got {self.dim}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The run.
+
+    Args:
+        name: the run's name; it lives in `<out_dir>/<name>/`.
+        out_dir: the parent of run directories.
+        seed: seeds model initialisation (identical on every rank).
+        device: `auto` (cuda when present), `cpu` or `cuda`.
+        log_every: steps between progress log lines.
+        max_steps_per_day: stop a day's training after this many steps (None: the whole day).
+        checkpoint: write a DCP checkpoint after every day.
+    """
+
+    name: str = "demo"
+    out_dir: str = "runs"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    log_every: int = 50
+    max_steps_per_day: int | None = None
+    checkpoint: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"train.name must be a plain directory name, got {self.name!r}")
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.train.out_dir) / self.train.name
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _check_type(value: Any, tp: Any) -> tuple[bool, Any]:
+    """Whether `value` fits type `tp` (after YAML parsing), and the value converted (lists → tuples, int → float)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True, value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            ok, v = _check_type(value, arg)
+            if ok:
+                return True, v
+        return False, value
+    if tp is type(None):
+        return value is None, value
+    if origin is Literal:
+        return value in typing.get_args(tp), value
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            return False, value
+        (inner, *_rest) = typing.get_args(tp) or (Any,)
+        converted = [_check_type(v, inner) for v in value]
+        return all(ok for ok, _ in converted), tuple(v for _, v in converted)
+    if origin is dict or tp is dict:
+        return isinstance(value, dict), value
+    if tp is float:
+        return isinstance(value, int | float) and not isinstance(value, bool), float(value) if isinstance(value, int | float) else value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is str:
+        return isinstance(value, str), value
+    return isinstance(value, tp), value
+
+
+def _build(cls: type, raw: dict[str, Any], section: str, errors: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in fields:
+            errors.append(f"unknown key '{section}.{key}' (valid keys: {sorted(fields)})")
+            continue
+        ok, converted = _check_type(value, hints[key])
+        if not ok:
+            errors.append(f"'{section}.{key}' is {value!r} ({type(value).__name__}), expected {hints[key]}")
+            continue
+        kwargs[key] = converted
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:
+        errors.append(f"[{section}] {e}")
+        return None
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """`section.key=value` → (section, key, YAML-parsed value)."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"override {text!r} is not of the form section.key=value (e.g. train.name=run1)")
+    path, value = text.split("=", 1)
+    section, key = path.split(".", 1)
+    return section, key, yaml.safe_load(value) if value else None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> JobConfig:
+    """Read a YAML config, apply overrides, and validate everything at once.
+
+    Raises:
+        ConfigError: listing every unknown key, wrong type and invalid value found.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist (shipped configs are in jobs/configs/)")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: expected a mapping of sections, got {type(loaded).__name__}")
+        raw = {k: dict(v or {}) for k, v in loaded.items()}
+    for text in overrides or []:
+        section, key, value = parse_override(text)
+        raw.setdefault(section, {})[key] = value
+    sections = {f.name: f.type for f in dataclasses.fields(JobConfig)}
+    hints = typing.get_type_hints(JobConfig)
+    errors: list[str] = []
+    built: dict[str, Any] = {}
+    for section, values in raw.items():
+        if section not in sections:
+            errors.append(f"unknown section '{section}' (valid sections: {sorted(sections)})")
+            continue
+        if not isinstance(values, dict):
+            errors.append(f"section '{section}' must be a mapping, got {values!r}")
+            continue
+        built[section] = _build(hints[section], values, section, errors)
+    if errors:
+        where = f" in {path}" if path else ""
+        raise ConfigError(f"{len(errors)} problem(s) in the job config{where}:\n  - " + "\n  - ".join(errors))
+    return JobConfig(**{k: v for k, v in built.items() if v is not None})

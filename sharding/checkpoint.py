@@ -1,0 +1,212 @@
+"""Checkpoints (DCP, atomic) and reconfiguration to a new `DimensionPlan` (DESIGN.md decisions 8 and 15).
+
+- `save_checkpoint` writes `torch.distributed.checkpoint` shards of the model and optimizer, plus rank 0's extra
+  files (plan, vocabulary, searcher state, progress), into a temporary directory that rank 0 renames into place
+  after a barrier: a checkpoint directory either is complete or does not exist.
+- `load_checkpoint` loads into the current sharded model; DCP re-shards on load, so a checkpoint written by two
+  ranks loads into one (or into another placement).
+- `full_tensors` loads a checkpoint's tensors whole on every rank (`no_dist`-style planning, no collectives), which
+  is how dims change: DMP.reshard only moves shards, it cannot change a table's width.
+- `migrate_weights` maps the old plan's tables onto the new plan's, row by row but vectorised per bucket: a row
+  whose logical dim did not change keeps its vector bit for bit; a changed row gets the prefix of its old vector
+  (shrink) or the old vector padded with zeros (grow), or whatever a supplied transform returns (ESAPN's learned
+  transforms); rows new to the plan keep the new table's initialisation. Dense parameters of unchanged shape are
+  copied; a dense matrix whose input width changed keeps its overlapping block.
+- `load_full_weights` copies whole tensors into a sharded model: each rank copies its own shards' slices.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from sharding.plan import DimensionPlan, FeaturePlan
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_DONE = "COMPLETE"
+RowTransform = Callable[[torch.Tensor, int, int], torch.Tensor]  # (old vectors [n, d_old], d_old, d_new) -> [n, d_new]
+
+
+def _rank(pg: dist.ProcessGroup | None) -> int:
+    return dist.get_rank(pg) if dist.is_initialized() else 0
+
+
+def _barrier(pg: dist.ProcessGroup | None) -> None:
+    if dist.is_initialized():
+        dist.barrier(group=pg)
+
+
+def save_checkpoint(
+    directory: str | Path,
+    state: dict[str, Any],
+    extra: Callable[[Path], None] | None = None,
+    pg: dist.ProcessGroup | None = None,
+) -> Path:
+    """Write a DCP checkpoint of `state` (e.g. `{"model": dmp.state_dict(), "optim": opt.state_dict()}`) atomically.
+
+    Args:
+        directory: the final checkpoint directory (must not exist yet, or is replaced).
+        state: the stateful dict DCP saves; ShardedTensors are written by their owning ranks.
+        extra: called on rank 0 with the temporary directory to write plain files (plan, vocabulary, progress).
+        pg: the process group.
+    """
+    directory = Path(directory)
+    tmp = directory.with_name(f".{directory.name}.tmp")
+    if _rank(pg) == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier(pg)
+    dcp.save(state, checkpoint_id=tmp, process_group=pg)
+    if _rank(pg) == 0:
+        if extra is not None:
+            extra(tmp)
+        (tmp / CHECKPOINT_DONE).write_text("ok\n")
+        if directory.exists():
+            shutil.rmtree(directory)
+        tmp.rename(directory)
+    _barrier(pg)
+    return directory
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete checkpoint under `root` (names sort by day), ignoring temporary ones."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    done = sorted(p for p in root.iterdir() if not p.name.startswith(".") and (p / CHECKPOINT_DONE).is_file())
+    return done[-1] if done else None
+
+
+def load_checkpoint(directory: str | Path, state: dict[str, Any], pg: dist.ProcessGroup | None = None) -> None:
+    """Load a DCP checkpoint into `state` in place (DCP re-shards to the current plan and world size)."""
+    dcp.load(state, checkpoint_id=Path(directory), process_group=pg)
+
+
+def full_tensors(directory: str | Path, prefix: str = "model.") -> dict[str, torch.Tensor]:
+    """Every tensor under `prefix` in a DCP checkpoint, loaded whole (on this rank only, no collectives)."""
+    reader = dcp.FileSystemReader(str(directory))
+    metadata = reader.read_metadata()
+    wanted = {
+        k: torch.zeros(m.size, dtype=m.properties.dtype)
+        for k, m in metadata.state_dict_metadata.items()
+        if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)
+    }
+    dcp.load(wanted, storage_reader=reader, no_dist=True)
+    return {k[len(prefix) :]: v for k, v in wanted.items()}
+
+
+def load_full_weights(module: nn.Module, full: Mapping[str, torch.Tensor]) -> list[str]:
+    """Copy whole tensors into `module`'s (possibly sharded) state in place; returns the keys it did not find."""
+    missing: list[str] = []
+    with torch.no_grad():
+        for key, target in module.state_dict().items():
+            if key not in full:
+                missing.append(key)
+                continue
+            src = full[key]
+            if isinstance(target, ShardedTensor):
+                for shard in target.local_shards():
+                    rows = tuple(
+                        slice(o, o + s)
+                        for o, s in zip(shard.metadata.shard_offsets, shard.metadata.shard_sizes, strict=True)
+                    )
+                    shard.tensor.copy_(src[rows])
+            else:
+                target.copy_(src)
+    return missing
+
+
+def _per_row(feature: FeaturePlan, tables: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, np.ndarray]:
+    """A feature's rows as one `[rows, max logical dim]` matrix (zeros past each row's dim), and each row's dim."""
+    bucket, local = feature.remap
+    specs = feature.tables()
+    width = max(t.logical_dim for t in specs)
+    out = torch.zeros(feature.num_embeddings, width)
+    dims = np.zeros(feature.num_embeddings, dtype=np.int64)
+    for b, t in enumerate(specs):
+        rows = np.flatnonzero(bucket == b)
+        out[rows, : t.logical_dim] = tables[t.name][local[rows], : t.logical_dim]
+        dims[rows] = t.logical_dim
+    return out, dims
+
+
+def migrate_weights(
+    old: DimensionPlan,
+    new: DimensionPlan,
+    old_state: Mapping[str, torch.Tensor],
+    new_state: Mapping[str, torch.Tensor],
+    *,
+    table_prefix: str = "embedding.ebc.embedding_bags.",
+    transform: RowTransform | None = None,
+) -> dict[str, torch.Tensor]:
+    """The new model's full state, filled from the old one's.
+
+    Args:
+        old: the plan the old state was trained under.
+        new: the plan to move to.
+        old_state: the old model's whole tensors (e.g. from `full_tensors`).
+        new_state: the new model's freshly initialised whole tensors (their values are kept where nothing maps).
+        table_prefix: where the tables' weights sit in the state dict (`<prefix><table>.weight`).
+        transform: maps changed rows' old vectors to their new dim; default prefix slice / zero pad.
+
+    Returns:
+        The new full state.
+    """
+    out = {k: v.detach().clone() for k, v in new_state.items()}
+    old_tables = {
+        k[len(table_prefix) : -len(".weight")]: v for k, v in old_state.items() if k.startswith(table_prefix)
+    }
+    for nf in new.features:
+        if nf.feature not in old.feature_names:
+            continue
+        vectors, old_dims = _per_row(old[nf.feature], old_tables)
+        n_old = min(old[nf.feature].num_embeddings, nf.num_embeddings)
+        bucket, local = nf.remap
+        for b, t in enumerate(nf.tables()):
+            rows = np.flatnonzero(bucket[:n_old] == b)
+            if rows.size == 0:
+                continue
+            target = out[f"{table_prefix}{t.name}.weight"]
+            d = t.logical_dim
+            same = old_dims[rows] == d
+            keep = rows[same]
+            # Unchanged rows: their logical columns are copied bit for bit.
+            target[local[keep], :d] = vectors[keep, :d]
+            changed = rows[~same]
+            if changed.size:
+                if transform is not None:
+                    for d_old in np.unique(old_dims[changed]):
+                        group = changed[old_dims[changed] == d_old]
+                        target[local[group], :d] = transform(vectors[group, :d_old], int(d_old), d)
+                else:
+                    src = vectors[changed, : min(d, vectors.shape[1])]
+                    target[local[changed], :d] = torch.nn.functional.pad(src, (0, d - src.shape[1]))
+    for key, value in old_state.items():
+        if key.startswith(table_prefix) or key not in out:
+            continue
+        target = out[key]
+        if target.shape == value.shape:
+            target.copy_(value)
+        elif target.dim() == value.dim():
+            block = tuple(slice(0, min(a, b)) for a, b in zip(target.shape, value.shape, strict=True))
+            target[block] = value[block]
+    return out
+
+
+def save_json(path: Path, payload: Mapping[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True))
+    tmp.rename(path)
