@@ -102,8 +102,12 @@ def build_searcher(cfg: JobConfig) -> Searcher:
     return FixedSearcher(cfg.search.dim, budget)
 
 
-def table_capacities(dataset: Dataset, days: list[Day], capacity: int | None) -> dict[str, int]:
-    """Rows per feature table: `capacity`, or the distinct ids in the used days + 1 (the fallback row)."""
+def table_capacities(dataset: Dataset, capacity: int | None) -> dict[str, int]:
+    """Rows per feature table: `capacity`, or the distinct ids in the dataset + 1 (the fallback row).
+
+    Counting over every day (not only the days a run uses) keeps table sizes — and so initialisation — the same
+    for a run cut short and the run that resumes it.
+    """
     spec = dataset.spec
     if capacity is not None:
         return {f.name: capacity for f in spec.sparse}
@@ -111,7 +115,7 @@ def table_capacities(dataset: Dataset, days: list[Day], capacity: int | None) ->
         (pl.col(f.column).explode(empty_as_null=False) if f.multi_hot else pl.col(f.column)).drop_nulls().n_unique().alias(f.name)
         for f in spec.sparse
     ]
-    counts = dataset.scan(days).select(exprs).collect().row(0, named=True)
+    counts = dataset.scan().select(exprs).collect().row(0, named=True)
     return {name: int(n) + 1 for name, n in counts.items()}
 
 
@@ -124,7 +128,7 @@ class Trainer:
         self.pg = dist.group.WORLD
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.run_dir = cfg.run_dir
-        self.capacity = table_capacities(dataset, days, cfg.data.capacity)
+        self.capacity = table_capacities(dataset, cfg.data.capacity)
         self.features = dataset.spec.feature_names
         self.searcher = build_searcher(cfg)
         self.vocab = VocabularySet(self.features, capacity=self.capacity)
