@@ -7,6 +7,7 @@ Unknown sections or keys, and values of the wrong type, are errors; all problems
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +21,26 @@ from sharding.distributed import ShardingConfig
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the job's dataclasses."""
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, but reading `1e-3` as a float: YAML 1.1's float pattern demands a dot, so plain
+    `safe_load` turns exponent-only numbers (common for learning rates) into strings."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
 
 
 @dataclass(frozen=True)
@@ -77,11 +98,14 @@ class SearchConfig:
         method: `fixed` keeps every feature at `dim` for the whole run.
         dim: the starting (and, for `fixed`, the only) dim of every feature.
         budget: embedding parameter budget the plan must meet (None: no budget).
+        plan: start from this saved `DimensionPlan` directory (e.g. one a search exported) instead of `dim`; its
+            features must be the dataset's and its tables large enough for the data's ids.
     """
 
     method: Literal["fixed"] = "fixed"
     dim: int = 16
     budget: int | None = None
+    plan: str | None = None
 
     def __post_init__(self) -> None:
         if self.dim <= 0:
@@ -199,7 +223,7 @@ def parse_override(text: str) -> tuple[str, str, Any]:
         raise ConfigError(f"override {text!r} is not of the form section.key=value (e.g. train.name=run1)")
     path, value = text.split("=", 1)
     section, key = path.split(".", 1)
-    return section, key, yaml.safe_load(value) if value else None
+    return section, key, yaml.load(value, Loader=_Loader) if value else None
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> JobConfig:
@@ -213,16 +237,23 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist (shipped configs are in jobs/configs/)")
-        loaded = yaml.safe_load(p.read_text()) or {}
+        loaded = yaml.load(p.read_text(), Loader=_Loader) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: expected a mapping of sections, got {type(loaded).__name__}")
-        raw = {k: dict(v or {}) for k, v in loaded.items()}
+        # Copy mappings (overrides are applied to them); keep anything else as is so it is reported below.
+        raw = {k: {} if v is None else dict(v) if isinstance(v, dict) else v for k, v in loaded.items()}
+    errors: list[str] = []
     for text in overrides or []:
-        section, key, value = parse_override(text)
-        raw.setdefault(section, {})[key] = value
+        try:
+            section, key, value = parse_override(text)
+        except ConfigError as e:
+            errors.append(str(e))
+            continue
+        target = raw.setdefault(section, {})
+        if isinstance(target, dict):  # a non-mapping section is reported below
+            target[key] = value
     sections = {f.name: f.type for f in dataclasses.fields(JobConfig)}
     hints = typing.get_type_hints(JobConfig)
-    errors: list[str] = []
     built: dict[str, Any] = {}
     for section, values in raw.items():
         if section not in sections:

@@ -102,6 +102,26 @@ def build_searcher(cfg: JobConfig) -> Searcher:
     return FixedSearcher(cfg.search.dim, budget)
 
 
+def initial_plan(cfg: JobConfig, searcher: Searcher, features: list[str], capacity: dict[str, int]) -> DimensionPlan:
+    """The searcher's starting plan, or the saved plan `search.plan`, checked against the dataset.
+
+    Raises:
+        PlanError: the saved plan fails validation, or its features or table sizes do not match the dataset.
+    """
+    if cfg.search.plan is None:
+        return searcher.initial_plan(features, capacity)
+    plan = DimensionPlan.load(cfg.search.plan)
+    missing, extra = sorted(set(features) - set(plan.feature_names)), sorted(set(plan.feature_names) - set(features))
+    if missing or extra:
+        raise PlanError(
+            f"{cfg.search.plan}: the plan's features do not match the dataset's: the dataset has {missing or 'no'} "
+            f"features the plan does not size, and the plan sizes {extra or 'no'} features the dataset lacks. "
+            "Use a plan made for this dataset (same feature names), or search again"
+        )
+    plan.check_vocabulary(capacity)
+    return DimensionPlan(tuple(plan[f] for f in features), plan.budget, plan.dtype, plan.provenance)
+
+
 def table_capacities(dataset: Dataset, capacity: int | None) -> dict[str, int]:
     """Rows per feature table: `capacity`, or the distinct ids in the dataset + 1 (the fallback row).
 
@@ -122,17 +142,23 @@ def table_capacities(dataset: Dataset, capacity: int | None) -> dict[str, int]:
 class Trainer:
     """One run: setup, then per day evaluate → train → search → reconfigure → checkpoint."""
 
-    def __init__(self, cfg: JobConfig, dataset: Dataset, days: list[Day], device: torch.device) -> None:
+    def __init__(
+        self,
+        cfg: JobConfig,
+        dataset: Dataset,
+        days: list[Day],
+        device: torch.device,
+        searcher: Searcher,
+        plan: DimensionPlan,
+    ) -> None:
         self.cfg = cfg
         self.dataset, self.days, self.device = dataset, days, device
         self.pg = dist.group.WORLD
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.run_dir = cfg.run_dir
-        self.capacity = table_capacities(dataset, cfg.data.capacity)
         self.features = dataset.spec.feature_names
-        self.searcher = build_searcher(cfg)
-        self.vocab = VocabularySet(self.features, capacity=self.capacity)
-        self.plan = self.searcher.initial_plan(self.features, self.capacity)
+        self.searcher, self.plan = searcher, plan
+        self.vocab = VocabularySet(self.features, capacity={f.feature: f.num_embeddings for f in plan.features})
         self.result = TrainResult(self.run_dir)
         self.next_day = 0
 
@@ -376,6 +402,8 @@ def train(cfg: JobConfig, resume: bool = False) -> TrainResult:
     """Run the job. Data, config and plan are validated before any process group starts."""
     dataset = Dataset(cfg.data.path)
     days = dataset.days[: cfg.data.days] if cfg.data.days else dataset.days
+    searcher = build_searcher(cfg)
+    plan = initial_plan(cfg, searcher, dataset.spec.feature_names, table_capacities(dataset, cfg.data.capacity))
     use_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
     if cfg.train.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device=cuda but no GPU is visible; use train.device=cpu or auto")
@@ -387,7 +415,7 @@ def train(cfg: JobConfig, resume: bool = False) -> TrainResult:
             device = torch.device("cuda", local)
         else:
             device = torch.device("cpu")
-        trainer = Trainer(cfg, dataset, days, device)
+        trainer = Trainer(cfg, dataset, days, device, searcher, plan)
         trainer.setup(resume)
         result = trainer.run()
         if _rank0():

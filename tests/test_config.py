@@ -1,0 +1,246 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jobs.config import (
+    ConfigError,
+    DataConfig,
+    JobConfig,
+    ModelConfig,
+    SearchConfig,
+    TrainConfig,
+    load_config,
+    parse_override,
+)
+from sharding.distributed import ShardingConfig
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "jobs" / "configs").glob("*.yaml"))
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_configs_are_shipped() -> None:
+    assert "demo.yaml" in [p.name for p in CONFIGS]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_config_loads(path: Path) -> None:
+    cfg = load_config(path)
+    assert isinstance(cfg, JobConfig)
+    # Every key written in the file made it into the config unchanged.
+    raw = yaml.safe_load(path.read_text())
+    resolved = cfg.to_dict()
+    for section, values in raw.items():
+        for key, value in (values or {}).items():
+            assert resolved[section][key] == value, f"{path.name}: {section}.{key}"
+
+
+def test_demo_config_values() -> None:
+    cfg = load_config(Path(__file__).resolve().parents[1] / "jobs" / "configs" / "demo.yaml")
+    assert cfg.data == DataConfig(path="runs/demo-data/synthetic", batch_size=2048)
+    assert cfg.sharding.budget_bytes == 64 * 2**20
+    assert cfg.train.log_every == 20
+    assert cfg.run_dir == Path("runs/demo")
+
+
+def test_no_file_no_overrides_gives_defaults() -> None:
+    assert load_config(None) == JobConfig()
+    assert load_config(None, []) == JobConfig()
+
+
+def test_empty_file_and_empty_section_give_defaults(tmp_path: Path) -> None:
+    assert load_config(_write(tmp_path, "")) == JobConfig()
+    assert load_config(_write(tmp_path, "data:\nmodel:\n")) == JobConfig()
+
+
+def test_overrides_apply_with_yaml_typing(tmp_path: Path) -> None:
+    path = _write(tmp_path, "data:\n  batch_size: 64\n  days: 3\ntrain:\n  name: from-file\n")
+    cfg = load_config(
+        path,
+        [
+            "data.batch_size=128",  # int, overrides the file
+            "data.days=null",  # null → None
+            "data.capacity=1000",
+            "model.dense_lr=0.5",  # float
+            "sharding.learning_rate=1",  # int accepted for a float field, stored as float
+            "sharding.sharding_types=[table_wise, row_wise]",  # list → tuple
+            "search.budget=100_000",
+            "sharding.planner_batch_size=1_024",
+            "model.options={top_mlp: [64, 32]}",  # mapping
+            "train.checkpoint=false",
+            "train.name=run=1",  # only the first '=' separates key and value
+        ],
+    )
+    assert cfg.data == DataConfig(batch_size=128, days=None, capacity=1000)
+    assert cfg.model == ModelConfig(dense_lr=0.5, options={"top_mlp": [64, 32]})
+    assert cfg.sharding == ShardingConfig(
+        learning_rate=1.0, sharding_types=("table_wise", "row_wise"), planner_batch_size=1024
+    )
+    assert isinstance(cfg.sharding.learning_rate, float)
+    assert cfg.sharding.sharding_types == ("table_wise", "row_wise")
+    assert cfg.train == TrainConfig(name="run=1", checkpoint=False)
+    assert cfg.search == SearchConfig(budget=100_000)
+
+
+def test_exponent_floats_are_floats() -> None:
+    # PyYAML's YAML 1.1 resolver reads `1e-3` as a string; learning rates are commonly written that way.
+    cfg = load_config(None, ["sharding.learning_rate=1e-3", "model.dense_lr=2.5E+1"])
+    assert cfg.sharding.learning_rate == pytest.approx(1e-3)
+    assert cfg.model.dense_lr == 25.0
+    with pytest.raises(ConfigError, match=r"'search.dim' is 1000\.0 \(float\), expected <class 'int'>"):
+        load_config(None, ["search.dim=1e3"])
+
+
+def test_empty_override_value_is_null() -> None:
+    assert parse_override("data.days=") == ("data", "days", None)
+    assert load_config(None, ["data.days="]).data.days is None
+
+
+def test_unknown_section() -> None:
+    with pytest.raises(
+        ConfigError, match=r"unknown section 'optim' \(valid sections: \['data', 'model', 'search', "
+    ):
+        load_config(None, ["optim.lr=0.1"])
+
+
+def test_unknown_key_names_key_and_lists_valid_keys(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, "data:\n  batchsize: 16\n"))
+    assert str(err.value) == (
+        f"1 problem(s) in the job config in {tmp_path / 'job.yaml'}:\n"
+        "  - unknown key 'data.batchsize' "
+        "(valid keys: ['batch_size', 'capacity', 'days', 'path', 'prefetch'])"
+    )
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.batch_size=abc", r"'data.batch_size' is 'abc' \(str\), expected <class 'int'>"),
+        ("data.batch_size=2.5", r"'data.batch_size' is 2.5 \(float\), expected <class 'int'>"),
+        ("data.batch_size=true", r"'data.batch_size' is True \(bool\), expected <class 'int'>"),
+        ("data.days=x", r"'data.days' is 'x' \(str\), expected int \| None"),
+        ("model.dense_lr=fast", r"'model.dense_lr' is 'fast' \(str\), expected <class 'float'>"),
+        (
+            "model.name=gpt",
+            r"'model.name' is 'gpt' \(str\), expected .*Literal\['dlrm', 'deepfm', 'mf', 'ncf'\]",
+        ),
+        ("model.options=[1]", r"'model.options' is \[1\] \(list\), expected dict\[str, typing.Any\]"),
+        (
+            "sharding.sharding_types=table_wise",
+            r"'sharding.sharding_types' is 'table_wise' \(str\), expected tuple",
+        ),
+        (
+            "sharding.sharding_types=[1]",
+            r"'sharding.sharding_types' is \[1\] \(list\), expected tuple\[str, \.\.\.\]",
+        ),
+        (
+            "sharding.optimizer=adam",
+            r"'sharding.optimizer' is 'adam' \(str\), "
+            r"expected .*Literal\['sgd', 'adagrad', 'rowwise_adagrad'\]",
+        ),
+        ("train.checkpoint=1", r"'train.checkpoint' is 1 \(int\), expected <class 'bool'>"),
+        ("train.name=7", r"'train.name' is 7 \(int\), expected <class 'str'>"),
+    ],
+)
+def test_wrong_type_names_key_value_and_type(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=r"^1 problem\(s\) in the job config:\n  - " + message):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.batch_size=0", r"\[data\] data.batch_size must be >= 1, got 0"),
+        ("data.days=0", r"\[data\] data.days must be >= 1 or null, got 0"),
+        ("data.capacity=1", r"\[data\] data.capacity must be >= 2 \(the fallback row and one id\), got 1"),
+        ("model.dense_lr=0", r"\[model\] model.dense_lr must be > 0, got 0.0"),
+        ("search.dim=-1", r"\[search\] search.dim must be > 0, got -1"),
+        ("train.name=a/b", r"\[train\] train.name must be a plain directory name, got 'a/b'"),
+        ("sharding.sharding_types=[diagonal]", r"\[sharding\] unknown sharding types \['diagonal'\]"),
+        ("sharding.budget_bytes=0", r"\[sharding\] budget_bytes must be > 0, got 0"),
+    ],
+)
+def test_invalid_value(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=r"^1 problem\(s\) in the job config:\n  - " + message):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize("override", ["foo", "foo=1", "batch_size=1", "=1", "data.batch_size"])
+def test_malformed_override(override: str) -> None:
+    with pytest.raises(
+        ConfigError,
+        match=rf"override '{override}' is not of the form section\.key=value \(e\.g\. train\.name=run1\)",
+    ):
+        load_config(None, [override])
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(
+        ConfigError, match=r"config file .*nope\.yaml does not exist \(shipped configs are in jobs/"
+    ):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_file_that_is_not_a_mapping(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"job\.yaml: expected a mapping of sections, got list"):
+        load_config(_write(tmp_path, "- data\n- model\n"))
+    with pytest.raises(ConfigError, match=r"section 'data' must be a mapping, got 5"):
+        load_config(_write(tmp_path, "data: 5\n"), ["data.batch_size=3"])
+    with pytest.raises(ConfigError, match=r"section 'model' must be a mapping, got \['dlrm'\]"):
+        load_config(_write(tmp_path, "model: [dlrm]\n"))
+
+
+def test_all_problems_collected_into_one_message(tmp_path: Path) -> None:
+    path = _write(tmp_path, "data:\n  batch_size: 0\n  shuffle: true\noptim:\n  lr: 1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["foo", "model.dense_lr=abc", "train.name=a/b", "search.dim=0"])
+    # Override syntax first, then each section in file-then-override order, each key in order.
+    assert str(err.value).splitlines() == [
+        f"7 problem(s) in the job config in {path}:",
+        "  - override 'foo' is not of the form section.key=value (e.g. train.name=run1)",
+        "  - unknown key 'data.shuffle' (valid keys: ['batch_size', 'capacity', 'days', 'path', 'prefetch'])",
+        "  - [data] data.batch_size must be >= 1, got 0",
+        "  - unknown section 'optim' (valid sections: ['data', 'model', 'search', 'sharding', 'train'])",
+        "  - 'model.dense_lr' is 'abc' (str), expected <class 'float'>",
+        "  - [train] train.name must be a plain directory name, got 'a/b'",
+        "  - [search] search.dim must be > 0, got 0",
+    ]
+
+
+def test_two_override_problems_in_one_message() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["data.batch_size=abc", "data.nope=1"])
+    assert str(err.value) == (
+        "2 problem(s) in the job config:\n"
+        "  - 'data.batch_size' is 'abc' (str), expected <class 'int'>\n"
+        "  - unknown key 'data.nope' (valid keys: ['batch_size', 'capacity', 'days', 'path', 'prefetch'])"
+    )
+
+
+def test_to_dict_round_trips_through_yaml(tmp_path: Path) -> None:
+    for cfg in [
+        JobConfig(),
+        load_config(
+            None,
+            [
+                "data.days=2",
+                "model.options={top_mlp: [64, 32]}",
+                "sharding.sharding_types=[table_wise]",
+                "sharding.learning_rate=1e-3",
+                "search.budget=100000",
+                "train.device=cpu",
+            ],
+        ),
+    ]:
+        path = _write(tmp_path, yaml.safe_dump(cfg.to_dict()))
+        again = load_config(path)
+        assert again == cfg
+        assert again.to_dict() == cfg.to_dict()
