@@ -25,6 +25,8 @@ $(BIN)/.installed: pyproject.toml Makefile
 setup: $(BIN)/.installed
 
 test: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q tests
 
 lint: $(BIN)/.installed
@@ -32,8 +34,11 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# The demo: generate the built-in synthetic stream, then train on it with 2 ranks under torchrun (gloo on CPU).
 demo: $(BIN)/.installed
-	$(BIN)/python -m jobs.demo --out $(DEMO_DIR)
+	$(BIN)/python -m pipeline.synthetic --out $(DEMO_DIR)/synthetic --days 5 --rows-per-day 200000 --overwrite
+	PYTHONHASHSEED=0 $(BIN)/torchrun --standalone --nproc_per_node=2 -m jobs.train --config jobs/configs/demo.yaml \
+		data.path=$(DEMO_DIR)/synthetic train.name=demo
 
 bench-pipeline: $(BIN)/.installed
 	$(BIN)/python -m benchmarks.pipeline

@@ -187,7 +187,9 @@ def _check_type(value: Any, tp: Any) -> tuple[bool, Any]:
     if origin is dict or tp is dict:
         return isinstance(value, dict), value
     if tp is float:
-        return isinstance(value, int | float) and not isinstance(value, bool), float(value) if isinstance(value, int | float) else value
+        return isinstance(value, int | float) and not isinstance(value, bool), float(value) if isinstance(
+            value, int | float
+        ) else value
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool), value
     if tp is bool:

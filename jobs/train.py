@@ -111,7 +111,10 @@ def initial_plan(cfg: JobConfig, searcher: Searcher, features: list[str], capaci
     if cfg.search.plan is None:
         return searcher.initial_plan(features, capacity)
     plan = DimensionPlan.load(cfg.search.plan)
-    missing, extra = sorted(set(features) - set(plan.feature_names)), sorted(set(plan.feature_names) - set(features))
+    missing, extra = (
+        sorted(set(features) - set(plan.feature_names)),
+        sorted(set(plan.feature_names) - set(features)),
+    )
     if missing or extra:
         raise PlanError(
             f"{cfg.search.plan}: the plan's features do not match the dataset's: the dataset has {missing or 'no'} "
@@ -132,7 +135,10 @@ def table_capacities(dataset: Dataset, capacity: int | None) -> dict[str, int]:
     if capacity is not None:
         return {f.name: capacity for f in spec.sparse}
     exprs = [
-        (pl.col(f.column).explode(empty_as_null=False) if f.multi_hot else pl.col(f.column)).drop_nulls().n_unique().alias(f.name)
+        (pl.col(f.column).explode(empty_as_null=False) if f.multi_hot else pl.col(f.column))
+        .drop_nulls()
+        .n_unique()
+        .alias(f.name)
         for f in spec.sparse
     ]
     counts = dataset.scan().select(exprs).collect().row(0, named=True)
@@ -153,7 +159,8 @@ class Trainer:
     ) -> None:
         self.cfg = cfg
         self.dataset, self.days, self.device = dataset, days, device
-        self.pg = dist.group.WORLD
+        assert dist.group.WORLD is not None  # noqa: S101 - the process group is initialised by train()
+        self.pg: dist.ProcessGroup = dist.group.WORLD
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.run_dir = cfg.run_dir
         self.features = dataset.spec.feature_names
@@ -247,7 +254,10 @@ class Trainer:
         dist.all_gather_object(gathered, (torch.cat(logits), torch.cat(labels), sum(losses)))
         all_logits = torch.cat([g[0] for g in gathered])
         all_labels = torch.cat([g[1] for g in gathered])
-        result = {"loss": sum(g[2] for g in gathered) / max(all_labels.numel(), 1), "examples": all_labels.numel()}
+        result = {
+            "loss": sum(g[2] for g in gathered) / max(all_labels.numel(), 1),
+            "examples": all_labels.numel(),
+        }
         task = self.dataset.spec.task
         if task == "binary":
             result["auc"] = float(metrics.auc(all_logits, all_labels))
@@ -379,7 +389,9 @@ def print_summary(result: TrainResult, budget_bytes: int | None) -> None:
     for d in result.days:
         per_rank = "/".join(f"{b / 2**20:.2f}" for b in d.embedding_bytes_per_rank)
         auc = d.eval.get("auc", float("nan"))
-        print(f"{d.day:<12}{auc:>9.4f}{d.eval['loss']:>10.4f}{d.train_loss:>11.4f}{d.examples_per_s:>12,.0f}{per_rank:>22}")
+        print(
+            f"{d.day:<12}{auc:>9.4f}{d.eval['loss']:>10.4f}{d.train_loss:>11.4f}{d.examples_per_s:>12,.0f}{per_rank:>22}"
+        )
     if budget_bytes:
         used = sum(result.days[-1].embedding_bytes_per_rank) if result.days else 0
         print(f"embedding memory {used / 2**20:.2f} MiB of a {budget_bytes / 2**20:.2f} MiB budget")

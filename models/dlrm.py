@@ -105,9 +105,7 @@ class _FieldModel(nn.Module):
         self._name = name
         self.feature_dims = check_feature_dims(name, feature_dims)
         self.features: tuple[str, ...] = tuple(self.feature_dims)
-        self.projections = nn.ModuleDict(
-            {f: projection(d, embedding_dim) for f, d in self.feature_dims.items()}
-        )
+        self.projections = nn.ModuleDict({f: projection(d, embedding_dim) for f, d in self.feature_dims.items()})
 
     def projection_parameters(self) -> int:
         """The number of parameters of the per-field projections (0 where a field already has dim ``E``)."""
@@ -118,9 +116,7 @@ class _FieldModel(nn.Module):
 
     def _projected(self, fields: list[torch.Tensor]) -> torch.Tensor:
         """``[B, F, E]``: every field projected to ``E``, in feature order."""
-        return torch.stack(
-            [self.projections[f](x) for f, x in zip(self.features, fields, strict=True)], dim=1
-        )
+        return torch.stack([self.projections[f](x) for f, x in zip(self.features, fields, strict=True)], dim=1)
 
 
 class DLRM(_FieldModel):
@@ -167,9 +163,7 @@ class DLRM(_FieldModel):
             )
         embedding_dim = self.config.embedding_dim
         self.bottom = (
-            mlp(num_dense, (*self.config.bottom_mlp, embedding_dim), activate_last=True)
-            if num_dense
-            else None
+            mlp(num_dense, (*self.config.bottom_mlp, embedding_dim), activate_last=True) if num_dense else None
         )
         rows, cols = torch.triu_indices(num_vectors, num_vectors, offset=1)
         self.register_buffer("_rows", rows, persistent=False)
@@ -246,9 +240,7 @@ class DeepFM(_FieldModel):
         self.num_outputs = num_outputs
         self.bias = nn.Parameter(torch.zeros(num_outputs))
         self.first_order = nn.Linear(num_dense, num_outputs, bias=False) if num_dense else None
-        self.fm_output = (
-            nn.Linear(self.config.embedding_dim, num_outputs, bias=False) if num_outputs > 1 else None
-        )
+        self.fm_output = nn.Linear(self.config.embedding_dim, num_outputs, bias=False) if num_outputs > 1 else None
         deep_in = sum(self.feature_dims.values())
         self.deep = nn.Sequential(
             mlp(deep_in, self.config.deep_mlp, activate_last=True, dropout=self.config.dropout),

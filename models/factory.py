@@ -24,9 +24,7 @@ def _config(name: str, kwargs: dict[str, Any]) -> Any:
     config_cls = _CONFIGS[name]
     valid = [f.name for f in dataclasses.fields(config_cls)]
     if unknown := sorted(set(kwargs) - set(valid)):
-        raise ModelConfigError(
-            f"model '{name}' got unknown options {unknown}; {config_cls.__name__} takes {valid}"
-        )
+        raise ModelConfigError(f"model '{name}' got unknown options {unknown}; {config_cls.__name__} takes {valid}")
     # YAML gives lists where the configs hold tuples (layer widths).
     return config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()})
 
@@ -45,8 +43,7 @@ def _num_outputs(name: str, task: str, num_classes: int | None) -> int:
         return num_classes
     if num_classes is not None:
         raise ModelConfigError(
-            f"num_classes={num_classes} is only meaningful for task 'multiclass', got task '{task}'; "
-            "leave it None"
+            f"num_classes={num_classes} is only meaningful for task 'multiclass', got task '{task}'; leave it None"
         )
     return 1
 

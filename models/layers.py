@@ -107,9 +107,7 @@ def check_feature_dims(model: str, feature_dims: Mapping[str, int]) -> dict[str,
     """
     if not feature_dims:
         raise ModelConfigError(f"{model}: feature_dims is empty; pass each sparse feature's output dim")
-    if bad := {
-        f: d for f, d in feature_dims.items() if not isinstance(d, int) or isinstance(d, bool) or d <= 0
-    }:
+    if bad := {f: d for f, d in feature_dims.items() if not isinstance(d, int) or isinstance(d, bool) or d <= 0}:
         raise ModelConfigError(
             f"{model}: embedding output dims must be positive ints, got {bad}; take them from the "
             "DimensionPlan's output dims"

@@ -132,9 +132,7 @@ class MatrixFactorization(nn.Module):
             nn.init.zeros_(self.item_bias.weight)
             self.global_bias = nn.Parameter(torch.zeros(()))
 
-    def forward(
-        self, embeddings: Mapping[str, torch.Tensor], dense: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def forward(self, embeddings: Mapping[str, torch.Tensor], dense: torch.Tensor | None = None) -> torch.Tensor:
         """Score each row's (user, item) pair.
 
         Args:
@@ -174,11 +172,7 @@ class MatrixFactorization(nn.Module):
         """
         users = self.user_projection(user_embeddings)
         items = self.item_projection(item_embeddings)
-        return (
-            users @ items.T
-            + self._user_bias(user_embeddings)[:, None]
-            + self._item_bias(item_embeddings)[None, :]
-        )
+        return users @ items.T + self._user_bias(user_embeddings)[:, None] + self._item_bias(item_embeddings)[None, :]
 
 
 class NCF(nn.Module):
@@ -208,9 +202,7 @@ class NCF(nn.Module):
         gmf_dim = self.config.gmf_dim or max(dims[user], dims[item])
         self.user_projection = projection(dims[user], gmf_dim)
         self.item_projection = projection(dims[item], gmf_dim)
-        self.tower = mlp(
-            dims[user] + dims[item], self.config.mlp, activate_last=True, dropout=self.config.dropout
-        )
+        self.tower = mlp(dims[user] + dims[item], self.config.mlp, activate_last=True, dropout=self.config.dropout)
         self.output = nn.Linear(gmf_dim + self.config.mlp[-1], 1)
 
     def _score(self, user: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
@@ -218,9 +210,7 @@ class NCF(nn.Module):
         deep = self.tower(torch.cat([user, item], dim=-1))
         return self.output(torch.cat([gmf, deep], dim=-1)).squeeze(-1)
 
-    def forward(
-        self, embeddings: Mapping[str, torch.Tensor], dense: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def forward(self, embeddings: Mapping[str, torch.Tensor], dense: torch.Tensor | None = None) -> torch.Tensor:
         """Score each row's (user, item) pair.
 
         Args:

@@ -150,9 +150,7 @@ def _read_lines(path: Path, what: str, *, encoding: str = "utf-8") -> pl.DataFra
         try:
             data = gzip.decompress(data)
         except (OSError, EOFError, zlib.error) as e:
-            raise DatasetError(
-                path, f"is not a readable gzip file ({e})", "re-download or re-compress it"
-            ) from e
+            raise DatasetError(path, f"is not a readable gzip file ({e})", "re-download or re-compress it") from e
     try:
         text = data.decode(encoding)
     except UnicodeDecodeError as e:
@@ -193,9 +191,7 @@ def _split_fields(lines: pl.DataFrame, sep: str, names: Sequence[str], path: Pat
             _FIX_LINE,
             line=row["line"],
         )
-    return df.select(
-        "line", "text", *(pl.col("_fields").list.get(i).alias(name) for i, name in enumerate(names))
-    )
+    return df.select("line", "text", *(pl.col("_fields").list.get(i).alias(name) for i, name in enumerate(names)))
 
 
 def _read_header_csv(
@@ -226,9 +222,7 @@ def _read_header_csv(
 # ------------------------------------------------------------------------------------------- value parsing
 
 
-def _fail(
-    path: Path, df: pl.DataFrame, bad: pl.Expr, column: str, problem: Callable[[str], str], fix: str
-) -> None:
+def _fail(path: Path, df: pl.DataFrame, bad: pl.Expr, column: str, problem: Callable[[str], str], fix: str) -> None:
     """Raise a `DatasetError` for the first row where `bad` holds, if any; `problem` gets the raw value."""
     rows = df.filter(bad)
     if rows.height:
@@ -288,9 +282,7 @@ def _parse_floats(df: pl.DataFrame, columns: Sequence[str], path: Path, *, allow
         empty = raw.is_null() | (raw == "")
         if not allow_empty:
             _fail(path, df, empty, c, lambda v: "the value is empty, expected a number", _FIX_LINE)
-        _fail(
-            path, df, pl.col(c).is_null() & ~empty, c, lambda v: f"the value {v!r} is not a number", _FIX_LINE
-        )
+        _fail(path, df, pl.col(c).is_null() & ~empty, c, lambda v: f"the value {v!r} is not a number", _FIX_LINE)
         _fail(
             path,
             df,
@@ -350,9 +342,7 @@ def _rating_label(df: pl.DataFrame, path: Path, task: str, threshold: float) -> 
 
 def _check_options(src: Path, *, task: str = "binary", threshold: float = 4.0, days: int = 1) -> None:
     if task not in ("binary", "regression"):
-        raise DatasetError(
-            src, f"task '{task}' is not supported here", "use --task binary or --task regression"
-        )
+        raise DatasetError(src, f"task '{task}' is not supported here", "use --task binary or --task regression")
     if not np.isfinite(threshold):
         raise DatasetError(src, f"threshold {threshold} is not finite", "pass a finite --threshold, e.g. 4.0")
     if days < 1:
@@ -495,9 +485,7 @@ def read_ml_100k(
     folder = Path(src)
     _check_options(folder, task=task, threshold=threshold)
     _check_id_mode(folder, id_mode)
-    data_path, user_path, item_path, occ_path = (
-        folder / n for n in ("u.data", "u.user", "u.item", "u.occupation")
-    )
+    data_path, user_path, item_path, occ_path = (folder / n for n in ("u.data", "u.user", "u.item", "u.occupation"))
     ratings = _split_fields(
         _read_lines(data_path, "ML-100k ratings (user<TAB>item<TAB>rating<TAB>timestamp)"),
         "\t",
@@ -800,9 +788,7 @@ def read_lightgcn(src: str | Path) -> tuple[pl.DataFrame, DatasetSpec]:
         )
         pairs = _parse_ints(pairs, ["user", "item"], path)
         frames.append(pairs.with_columns(pl.lit(split).alias(SPLIT)))
-    df = pl.concat(frames).with_columns(
-        pl.lit(1.0, pl.Float32).alias(LABEL), pl.lit(NO_TIME_DAY).alias(DAY_COLUMN)
-    )
+    df = pl.concat(frames).with_columns(pl.lit(1.0, pl.Float32).alias(LABEL), pl.lit(NO_TIME_DAY).alias(DAY_COLUMN))
     spec = DatasetSpec(
         name="lightgcn",
         task="binary",
@@ -847,9 +833,7 @@ def _ctr_sources(src: Path, stem: str, suffix: str) -> list[tuple[str | None, Pa
     return [(split, src / f"{stem}_{name}.{suffix}") for split, name in SPLIT_FILES]
 
 
-def read_criteo(
-    src: str | Path, *, days: int = 1, id_mode: IdMode = "hash"
-) -> tuple[pl.DataFrame, DatasetSpec]:
+def read_criteo(src: str | Path, *, days: int = 1, id_mode: IdMode = "hash") -> tuple[pl.DataFrame, DatasetSpec]:
     """Read Criteo display-ads rows: `label I1..I13 C1..C26`, an empty field meaning missing.
 
     Args:

@@ -228,7 +228,9 @@ def load_spec(directory: str | Path) -> DatasetSpec:
             raise SpecError(path, f"sparse[{i}] is {item!r}", "write each as {name: ..., column: ...}")
         if unknown := sorted(set(item) - _SPARSE_KEYS):
             raise SpecError(path, f"sparse[{i}] has unknown keys {unknown}", f"use only {sorted(_SPARSE_KEYS)}")
-        sparse.append(SparseField(str(item["name"]), str(item.get("column", item["name"])), bool(item.get("multi_hot"))))
+        sparse.append(
+            SparseField(str(item["name"]), str(item.get("column", item["name"])), bool(item.get("multi_hot")))
+        )
     try:
         return DatasetSpec(
             name=str(raw["name"]),

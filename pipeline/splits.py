@@ -67,7 +67,9 @@ class SplitAssignment:
 def _check_fractions(fractions: tuple[float, ...]) -> np.ndarray:
     f = np.asarray(fractions, dtype=np.float64)
     if f.size != 3 or (f < 0).any() or not np.isclose(f.sum(), 1.0):
-        raise ValueError(f"fractions must be three non-negative numbers (train, valid, test) summing to 1, got {fractions}")
+        raise ValueError(
+            f"fractions must be three non-negative numbers (train, valid, test) summing to 1, got {fractions}"
+        )
     return np.cumsum(f)
 
 
@@ -76,7 +78,9 @@ def _per_day(dataset: Dataset, codes: np.ndarray) -> SplitAssignment:
     return SplitAssignment({d.date: codes[bounds[i] : bounds[i + 1]] for i, d in enumerate(dataset.days)})
 
 
-def random_split(dataset: Dataset, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), seed: int = 0) -> SplitAssignment:
+def random_split(
+    dataset: Dataset, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), seed: int = 0
+) -> SplitAssignment:
     """Each row to train/valid/test independently with the given probabilities."""
     cum = _check_fractions(fractions)
     u = uniform_hash(np.arange(dataset.num_rows), seed)
@@ -127,7 +131,12 @@ def given_split(dataset: Dataset) -> SplitAssignment:
         )
     names = dataset.scan().select(pl.col(spec.split)).collect().get_column(spec.split)
     if bad := sorted(set(names.unique().drop_nulls().to_list()) - set(SPLIT_NAMES)):
-        raise DatasetError(dataset.root, f"split values {bad} are not in {SPLIT_NAMES}", "re-run the ingest", column=spec.split)
+        raise DatasetError(
+            dataset.root,
+            f"split values {bad} are not in {SPLIT_NAMES}",
+            "re-run the ingest",
+            column=spec.split,
+        )
     codes = names.replace_strict(list(SPLIT_NAMES), [0, 1, 2], return_dtype=pl.Int8).to_numpy()
     return _per_day(dataset, codes)
 

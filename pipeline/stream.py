@@ -161,7 +161,7 @@ class DayStream:
             df.select(self.spec.dense).cast(pl.Float32).to_numpy(order="c")
             if self.spec.dense
             else np.zeros((df.height, 0), dtype=np.float32),
-            requirements="CW",
+            requirements=["C", "W"],
         )
         labels = df.get_column(self.spec.label).cast(pl.Float32).to_numpy(writable=True)
         bounds = batch_bounds(df.height, num_batches)
@@ -228,7 +228,7 @@ def _prefetched(it: Iterator[Batch], depth: int) -> Iterator[Batch]:
                 if not put(item):
                     return
             put(_DONE)
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
+        except BaseException as e:
             put(e)
 
     thread = threading.Thread(target=produce, name="dimsearch-prefetch", daemon=True)

@@ -153,9 +153,7 @@ class SyntheticConfig:
         for name in ("zipf", "interaction_weight", "tag_weight", "noise"):
             value = getattr(self, name)
             if not _is_real(value) or not 0.0 <= value < math.inf:
-                problems.append(
-                    f"{name} is {value!r}, expected a finite number >= 0: pass e.g. 1.1 (0 turns it off)"
-                )
+                problems.append(f"{name} is {value!r}, expected a finite number >= 0: pass e.g. 1.1 (0 turns it off)")
         if not _is_real(self.target_ctr) or not 0.0 < self.target_ctr < 1.0:
             problems.append(f"target_ctr is {self.target_ctr!r}, expected a probability in (0, 1): e.g. 0.3")
         if not isinstance(self.start_date, dt.date) or isinstance(self.start_date, dt.datetime):
@@ -170,8 +168,7 @@ class SyntheticConfig:
         """The logit weight of each single-hot field `f_i`: 2.0 · 0.75**i for the informative ones, else 0."""
         informative = math.ceil(self.informative_fraction * self.fields - 1e-9)
         return tuple(
-            _FIRST_FIELD_WEIGHT * _FIELD_WEIGHT_DECAY**i if i < informative else 0.0
-            for i in range(self.fields)
+            _FIRST_FIELD_WEIGHT * _FIELD_WEIGHT_DECAY**i if i < informative else 0.0 for i in range(self.fields)
         )
 
     @property
@@ -301,15 +298,11 @@ class _Pool:
     def advance(self, cfg: SyntheticConfig, day_index: int) -> None:
         """Move from day `day_index - 1` to `day_index`: add new ids at random ranks, then drift the ranks."""
         rng = np.random.Generator(
-            np.random.PCG64(
-                np.random.SeedSequence([cfg.seed, _STREAM_POOL, day_index, _feature_code(self.feature)])
-            )
+            np.random.PCG64(np.random.SeedSequence([cfg.seed, _STREAM_POOL, day_index, _feature_code(self.feature)]))
         )
         if self.grows and (new := round(cfg.new_ids_per_day * len(self.order))) > 0:
             at = rng.integers(0, len(self.order) + 1, size=new)
-            self.order = np.insert(
-                self.order, at, np.arange(self.created, self.created + new, dtype=np.int64)
-            )
+            self.order = np.insert(self.order, at, np.arange(self.created, self.created + new, dtype=np.int64))
             self.created += new
         if (moved := round(cfg.drift * len(self.order))) > 1:
             ranks = rng.choice(len(self.order), size=moved, replace=False)
@@ -358,11 +351,7 @@ class _PlantedModel:
 
 def _logit_sd(cfg: SyntheticConfig) -> float:
     """The standard deviation of the logit without its bias on day 0 (the terms are independent)."""
-    var = (
-        cfg.interaction_weight**2
-        + sum(w * w for w in cfg.field_weights)
-        + sum(w * w for w in cfg.dense_weights)
-    )
+    var = cfg.interaction_weight**2 + sum(w * w for w in cfg.field_weights) + sum(w * w for w in cfg.dense_weights)
     var += cfg.tag_weight**2 * cfg.max_tags / (cfg.max_tags + 1)  # rows without tags have no tag term
     return math.sqrt(var + cfg.noise**2)
 
@@ -452,11 +441,7 @@ def planted_logit(cfg: SyntheticConfig, df: pl.DataFrame) -> np.ndarray:
     values = tags.explode().drop_nulls().to_numpy()
     tag_z = latents(TAGS, values, 1)[:, 0] if len(values) else np.zeros(0)
     tag_sum = np.bincount(np.repeat(np.arange(df.height), count), weights=tag_z, minlength=df.height)
-    dense = (
-        df.select([dense_name(j) for j in range(cfg.dense)]).to_numpy()
-        if cfg.dense
-        else np.zeros((df.height, 0))
-    )
+    dense = df.select([dense_name(j) for j in range(cfg.dense)]).to_numpy() if cfg.dense else np.zeros((df.height, 0))
     return _combine(cfg, model, user, item, fields, tag_sum, count, dense)
 
 
@@ -499,9 +484,7 @@ def _sample_ranks(rng: np.random.Generator, cdf: np.ndarray, size: int) -> np.nd
     return np.minimum(ranks, len(cdf) - 1, out=ranks)
 
 
-def _sample_day(
-    cfg: SyntheticConfig, pools: dict[str, _Pool], day_index: int
-) -> tuple[pl.DataFrame, np.ndarray]:
+def _sample_day(cfg: SyntheticConfig, pools: dict[str, _Pool], day_index: int) -> tuple[pl.DataFrame, np.ndarray]:
     """One day's rows from that day's pools, and their noiseless logits."""
     model = _planted_model(cfg)
     n = cfg.rows_per_day
@@ -632,9 +615,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument(
             flag, type=kind, default=getattr(defaults, name), help=f"(default {getattr(defaults, name)})"
         )
-    parser.add_argument(
-        "--start-date", type=dt.date.fromisoformat, default=defaults.start_date, help="YYYY-MM-DD"
-    )
+    parser.add_argument("--start-date", type=dt.date.fromisoformat, default=defaults.start_date, help="YYYY-MM-DD")
     args = parser.parse_args(argv)
     try:
         cfg = SyntheticConfig(**{name: getattr(args, name) for name, _ in flags}, start_date=args.start_date)

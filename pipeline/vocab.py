@@ -18,6 +18,7 @@ import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -120,7 +121,7 @@ class Vocabulary:
             rows = np.zeros(ids.shape, dtype=np.int64)
             rows[in_range] = self._direct[ids[in_range]]
         else:
-            assert self._hashed is not None  # noqa: S101 - one of the two indexes always exists
+            assert self._hashed is not None
             rows = self._hashed.lookup(ids)
         if count_unseen:
             self.unseen += int(np.count_nonzero(rows == FALLBACK_ROW))
@@ -219,7 +220,7 @@ class VocabularySet:
 
         directory = Path(directory)
         with atomic_directory(directory, overwrite=True) as tmp:
-            meta = {"version": VOCAB_VERSION, "features": {}}
+            meta: dict[str, Any] = {"version": VOCAB_VERSION, "features": {}}
             for i, (f, v) in enumerate(self.vocabs.items()):
                 v.to_frame().write_parquet(tmp / f"{i:03d}.parquet")
                 meta["features"][f] = {
@@ -246,7 +247,9 @@ class VocabularySet:
         meta = json.loads(meta_path.read_text())
         if meta.get("version") != VOCAB_VERSION:
             raise DatasetError(
-                meta_path, f"version {meta.get('version')}, expected {VOCAB_VERSION}", "rebuild the vocabulary"
+                meta_path,
+                f"version {meta.get('version')}, expected {VOCAB_VERSION}",
+                "rebuild the vocabulary",
             )
         out = cls(list(meta["features"]))
         for f, m in meta["features"].items():

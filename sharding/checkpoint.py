@@ -166,9 +166,7 @@ def migrate_weights(
         The new full state.
     """
     out = {k: v.detach().clone() for k, v in new_state.items()}
-    old_tables = {
-        k[len(table_prefix) : -len(".weight")]: v for k, v in old_state.items() if k.startswith(table_prefix)
-    }
+    old_tables = {k[len(table_prefix) : -len(".weight")]: v for k, v in old_state.items() if k.startswith(table_prefix)}
     for nf in new.features:
         if nf.feature not in old.feature_names:
             continue

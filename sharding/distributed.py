@@ -22,12 +22,12 @@ from typing import Any, Literal, cast
 import torch
 import torch.distributed as dist
 from torch import nn
+from torchrec.distributed.collective_utils import invoke_on_rank_and_broadcast_result
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
 from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
 from torchrec.distributed.planner.types import KernelConfig, PlannerError, TopologyFactory, TrainerConfig
-from torchrec.distributed.collective_utils import invoke_on_rank_and_broadcast_result
 from torchrec.distributed.types import ModuleSharder, ShardingEnv, ShardingPlan
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
@@ -38,7 +38,14 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 logger = logging.getLogger(__name__)
 
 FusedOptimizer = Literal["sgd", "adagrad", "rowwise_adagrad"]
-SHARDING_TYPES = ("table_wise", "column_wise", "table_column_wise", "data_parallel", "row_wise", "table_row_wise")
+SHARDING_TYPES = (
+    "table_wise",
+    "column_wise",
+    "table_column_wise",
+    "data_parallel",
+    "row_wise",
+    "table_row_wise",
+)
 GPU_ONLY_SHARDING_TYPES = ("row_wise", "table_row_wise")
 _UNLIMITED = 1 << 50
 
@@ -126,7 +133,12 @@ def sharders() -> list[ModuleSharder[nn.Module]]:
 
 
 def _planner(
-    module: nn.Module, world_size: int, compute_device: str, per_rank_cap: int, cfg: ShardingConfig, local_world_size: int | None
+    module: nn.Module,
+    world_size: int,
+    compute_device: str,
+    per_rank_cap: int,
+    cfg: ShardingConfig,
+    local_world_size: int | None,
 ) -> EmbeddingShardingPlanner:
     topology = TopologyFactory.create_topology(
         TrainerConfig(
@@ -161,13 +173,13 @@ def _planner(
 
 
 def _report(planner: EmbeddingShardingPlanner, world_size: int) -> MemoryReport:
-    best = planner._best_plan  # noqa: SLF001 - TorchRec's stats printer reads the same attribute
+    best = planner._best_plan
     per_rank = [0] * world_size
     per_table: dict[str, dict[str, Any]] = {}
     for option in best or []:
         placed: dict[int, int] = defaultdict(int)
         for shard in option.shards:
-            assert shard.storage is not None and shard.rank is not None  # noqa: S101 - set by the partitioner
+            assert shard.storage is not None and shard.rank is not None
             placed[shard.rank] += shard.storage.hbm + shard.storage.ddr
             per_rank[shard.rank] += shard.storage.hbm + shard.storage.ddr
         per_table[option.name] = {"sharding_type": option.sharding_type, "bytes_per_rank": dict(placed)}
@@ -178,6 +190,7 @@ def _smallest_budget(
     module: nn.Module, world_size: int, compute_device: str, cfg: ShardingConfig, local_world_size: int | None
 ) -> int | None:
     """The smallest total budget the planner can fit, by bisection on the per-rank capacity."""
+
     def fits(cap: int) -> bool:
         try:
             _planner(module, world_size, compute_device, cap, cfg, local_world_size).plan(module, sharders())
@@ -227,9 +240,7 @@ def plan_sharding(
 
     # What collective_plan does — rank 0 plans, the result is broadcast — but carrying a planner error to every
     # rank (collective_plan raises on rank 0 only and leaves the others waiting).
-    plan, report, error = (
-        invoke_on_rank_and_broadcast_result(pg, 0, plan_here) if pg is not None else plan_here()
-    )
+    plan, report, error = invoke_on_rank_and_broadcast_result(pg, 0, plan_here) if pg is not None else plan_here()
     if error is not None or plan is None or report is None:
         smallest = _smallest_budget(module, world_size, compute_device, cfg, local_world_size)
         hint = (
@@ -262,7 +273,5 @@ def combined_optimizer(dmp: DistributedModelParallel, dense_lr: float) -> Combin
     dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
     optimizers: list[Any] = [dmp.fused_optimizer]
     if dense:
-        optimizers.append(
-            KeyedOptimizerWrapper(dense, lambda params: torch.optim.Adagrad(params, lr=dense_lr))
-        )
+        optimizers.append(KeyedOptimizerWrapper(dense, lambda params: torch.optim.Adagrad(params, lr=dense_lr)))
     return CombinedOptimizer(optimizers)

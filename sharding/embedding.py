@@ -69,9 +69,13 @@ class PlannedEmbedding(nn.Module):
             for t in tables:
                 x = pooled[t.key][:, : t.logical_dim]
                 if row_level:
-                    x = self.projections[t.name](x) if projection == "linear" else F.pad(x, (0, output_dim - t.logical_dim))
+                    x = (
+                        self.projections[t.name](x)
+                        if projection == "linear"
+                        else F.pad(x, (0, output_dim - t.logical_dim))
+                    )
                 total = x if total is None else total + x
-            assert total is not None  # noqa: S101 - every feature has at least one table
+            assert total is not None
             out[feature] = total
         return out
 
@@ -122,6 +126,4 @@ class RowRemap:
                 mask = bucket == b
                 values.append(local[mask])
                 lengths.append(torch.bincount(sample[mask], minlength=batch).to(jt.lengths().dtype))
-        return KeyedJaggedTensor(
-            keys=self.keys, values=torch.cat(values), lengths=torch.cat(lengths), stride=batch
-        )
+        return KeyedJaggedTensor(keys=self.keys, values=torch.cat(values), lengths=torch.cat(lengths), stride=batch)

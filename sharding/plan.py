@@ -137,7 +137,9 @@ class FeaturePlan:
         if self.output_dim <= 0:
             raise PlanError(f"{where}: output_dim is {self.output_dim}; it must be > 0")
         if self.dim is not None and self.dim != self.output_dim:
-            raise PlanError(f"{where}: a field-level plan's output_dim ({self.output_dim}) must equal its dim ({self.dim})")
+            raise PlanError(
+                f"{where}: a field-level plan's output_dim ({self.output_dim}) must equal its dim ({self.dim})"
+            )
         if self.raw_ids is not None and np.asarray(self.raw_ids).shape != (self.num_embeddings,):
             raise PlanError(f"{where}: raw_ids must have one entry per row ({self.num_embeddings})")
 
@@ -149,7 +151,7 @@ class FeaturePlan:
     def bucket_dims(self) -> list[int]:
         """The distinct logical dims (row-level), ascending; `[dim]` for a field-level plan."""
         if self.row_dims is None:
-            assert self.dim is not None  # noqa: S101 - guaranteed by __post_init__
+            assert self.dim is not None
             return [self.dim]
         return sorted(int(d) for d in np.unique(self.row_dims))
 
@@ -167,13 +169,20 @@ class FeaturePlan:
 
     def tables(self) -> list[TableSpec]:
         if self.row_dims is None:
-            assert self.dim is not None  # noqa: S101
-            return [TableSpec(f"t_{self.feature}", self.feature, self.feature, self.num_embeddings, self.dim, physical_dim(self.dim))]
+            assert self.dim is not None
+            return [
+                TableSpec(
+                    f"t_{self.feature}",
+                    self.feature,
+                    self.feature,
+                    self.num_embeddings,
+                    self.dim,
+                    physical_dim(self.dim),
+                )
+            ]
         counts = np.bincount(self.remap[0], minlength=len(self.bucket_dims))
         return [
-            TableSpec(
-                f"t_{self.feature}__d{d}", self.feature, f"{self.feature}__d{d}", int(n), d, physical_dim(d)
-            )
+            TableSpec(f"t_{self.feature}__d{d}", self.feature, f"{self.feature}__d{d}", int(n), d, physical_dim(d))
             for d, n in zip(self.bucket_dims, counts, strict=True)
         ]
 
@@ -191,7 +200,7 @@ class FeaturePlan:
     @property
     def logical_parameters(self) -> int:
         if self.row_dims is None:
-            assert self.dim is not None  # noqa: S101
+            assert self.dim is not None
             return self.num_embeddings * self.dim
         return int(np.asarray(self.row_dims).sum())
 
@@ -343,7 +352,8 @@ class DimensionPlan:
             )
         total = f"total {self.parameters:,} parameters, {self.bytes / 2**20:.2f} MiB"
         if self.budget is not None:
-            total += f"; budget {self.budget.value:,} {self.budget.unit} ({100 * self.budget_used() / self.budget.value:.1f}% used)"
+            share = 100 * self.budget_used() / self.budget.value
+            total += f"; budget {self.budget.value:,} {self.budget.unit} ({share:.1f}% used)"
         return "\n".join([*lines, total])
 
     def to_json(self) -> dict[str, Any]:
@@ -400,12 +410,16 @@ class DimensionPlan:
             )
         checksums = body.pop("checksums", None)
         if not isinstance(checksums, dict) or checksums.get("body") != _sha256_json(body):
-            raise PlanError(f"{path}: checksum mismatch: the plan was edited or damaged after it was saved. Export it again")
+            raise PlanError(
+                f"{path}: checksum mismatch: the plan was edited or damaged after it was saved. Export it again"
+            )
         for rel, digest in checksums.get("files", {}).items():
             if not (directory / rel).is_file():
                 raise PlanError(f"{directory / rel}: row file listed in the plan is missing")
             if _sha256_file(directory / rel) != digest:
-                raise PlanError(f"{directory / rel}: checksum mismatch: the row file was changed after the plan was saved")
+                raise PlanError(
+                    f"{directory / rel}: checksum mismatch: the row file was changed after the plan was saved"
+                )
         features: list[FeaturePlan] = []
         for fj in body["features"]:
             row_dims = raw_ids = None
@@ -413,7 +427,8 @@ class DimensionPlan:
                 rows = pl.read_parquet(directory / f"rows/{fj['feature']}.parquet")
                 if rows.height != fj["num_embeddings"]:
                     raise PlanError(
-                        f"{directory}/rows/{fj['feature']}.parquet: {rows.height} rows, plan says {fj['num_embeddings']}"
+                        f"{directory}/rows/{fj['feature']}.parquet: {rows.height} rows, "
+                        f"plan says {fj['num_embeddings']}"
                     )
                 row_dims = rows.get_column("dim").to_numpy()
                 raw = rows.get_column("raw_id")

@@ -104,9 +104,7 @@ def test_empty_override_value_is_null() -> None:
 
 
 def test_unknown_section() -> None:
-    with pytest.raises(
-        ConfigError, match=r"unknown section 'optim' \(valid sections: \['data', 'model', 'search', "
-    ):
+    with pytest.raises(ConfigError, match=r"unknown section 'optim' \(valid sections: \['data', 'model', 'search', "):
         load_config(None, ["optim.lr=0.1"])
 
 
@@ -183,9 +181,7 @@ def test_malformed_override(override: str) -> None:
 
 
 def test_missing_config_file(tmp_path: Path) -> None:
-    with pytest.raises(
-        ConfigError, match=r"config file .*nope\.yaml does not exist \(shipped configs are in jobs/"
-    ):
+    with pytest.raises(ConfigError, match=r"config file .*nope\.yaml does not exist \(shipped configs are in jobs/"):
         load_config(tmp_path / "nope.yaml")
 
 

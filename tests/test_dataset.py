@@ -37,7 +37,7 @@ def test_output_is_atomic_and_never_overwritten_silently(tmp_path: Path) -> None
     with pytest.raises(DatasetError, match="already exists"):
         write_tiny(tmp_path / "d")
     bad = tiny_frame().with_columns(label=pl.lit(float("nan"), dtype=pl.Float32))
-    with pytest.raises(DatasetError, match="column 'label'.*finite"):
+    with pytest.raises(DatasetError, match=r"column 'label'.*finite"):
         write_dataset(bad, SPEC, tmp_path / "e")
     assert not (tmp_path / "e").exists()
     _no_leftovers(tmp_path)
@@ -47,7 +47,10 @@ def test_output_is_atomic_and_never_overwritten_silently(tmp_path: Path) -> None
     ("change", "match"),
     [
         (pl.col("label").cast(pl.Float64) * float("inf"), r"column 'label'.*finite"),
-        (pl.when(pl.col("rid") > 10**15 + 5_000_000).then(-pl.col("rid")).otherwise(pl.col("rid")), r"column 'rid'.*negative id"),
+        (
+            pl.when(pl.col("rid") > 10**15 + 5_000_000).then(-pl.col("rid")).otherwise(pl.col("rid")),
+            r"column 'rid'.*negative id",
+        ),
         (pl.lit(3.0).alias("label"), r"column 'label'.*expected 0 or 1"),
     ],
     ids=["inf-label", "negative-id", "non-binary-label"],
@@ -64,7 +67,9 @@ def test_wrong_column_type_names_the_file_and_column(tmp_path: Path) -> None:
     ds_dir = write_tiny(tmp_path / "d")
     part = ds_dir / "day=2024-03-02" / "part-00000.parquet"
     pl.read_parquet(part).with_columns(pl.col("user").cast(pl.String)).write_parquet(part)
-    with pytest.raises(SpecError, match=r"day=2024-03-02/part-00000.parquet, column 'user': has type String, expected int64"):
+    with pytest.raises(
+        SpecError, match=r"day=2024-03-02/part-00000.parquet, column 'user': has type String, expected int64"
+    ):
         Dataset(ds_dir)
 
 
@@ -72,7 +77,9 @@ def test_missing_column_and_spec_naming_an_absent_column(tmp_path: Path) -> None
     ds_dir = write_tiny(tmp_path / "d")
     part = ds_dir / "day=2024-03-01" / "part-00000.parquet"
     pl.read_parquet(part).drop("x0").write_parquet(part)
-    with pytest.raises(SpecError, match=r"part-00000.parquet, column 'x0': the spec names column 'x0' but the file has no"):
+    with pytest.raises(
+        SpecError, match=r"part-00000.parquet, column 'x0': the spec names column 'x0' but the file has no"
+    ):
         Dataset(ds_dir)
     ds_dir = write_tiny(tmp_path / "e")
     raw = yaml.safe_load((ds_dir / "dataset.yaml").read_text())
@@ -85,7 +92,9 @@ def test_missing_column_and_spec_naming_an_absent_column(tmp_path: Path) -> None
 def test_day_directory_that_is_not_a_date(tmp_path: Path) -> None:
     ds_dir = write_tiny(tmp_path / "d")
     shutil.move(ds_dir / "day=2024-03-02", ds_dir / "day=2024-13-02")
-    with pytest.raises(DatasetError, match=r"(?s)day=2024-13-02: day directory '2024-13-02' is not a date.*Fix: rename"):
+    with pytest.raises(
+        DatasetError, match=r"(?s)day=2024-13-02: day directory '2024-13-02' is not a date.*Fix: rename"
+    ):
         Dataset(ds_dir)
     shutil.move(ds_dir / "day=2024-13-02", ds_dir / "extra")
     with pytest.raises(DatasetError, match=r"extra: is not a 'day=YYYY-MM-DD' partition"):

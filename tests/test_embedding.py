@@ -28,7 +28,12 @@ def _kjt(batch: int = 7) -> KeyedJaggedTensor:
     item_len = torch.randint(0, 5, (batch,), generator=g)
     return KeyedJaggedTensor(
         keys=["user", "item"],
-        values=torch.cat([torch.randint(0, 40, (batch,), generator=g), torch.randint(0, 60, (int(item_len.sum()),), generator=g)]),
+        values=torch.cat(
+            [
+                torch.randint(0, 40, (batch,), generator=g),
+                torch.randint(0, 60, (int(item_len.sum()),), generator=g),
+            ]
+        ),
         lengths=torch.cat([user_len, item_len]),
         stride=batch,
     )
@@ -46,7 +51,11 @@ def _per_row_reference(plan: DimensionPlan, layer: PlannedEmbedding, feature: st
         assert t.logical_dim == (f.row_dims[r] if f.row_dims is not None else f.dim)
         x = weights[t.name][int(local[r]), : t.logical_dim]
         if f.row_level:
-            x = layer.projections[t.name](x) if f.projection == "linear" else F.pad(x, (0, f.output_dim - t.logical_dim))
+            x = (
+                layer.projections[t.name](x)
+                if f.projection == "linear"
+                else F.pad(x, (0, f.output_dim - t.logical_dim))
+            )
         rows.append(x)
     return torch.stack(rows).detach()
 
@@ -76,5 +85,9 @@ def test_tables_and_parameters_follow_the_plan() -> None:
     proj_params = sum(p.numel() for p in layer.projections.parameters())
     assert ebc_params + proj_params == plan.parameters
     assert {n: b.weight.shape[1] for n, b in layer.ebc.embedding_bags.items()} == {
-        "t_user": 8, "t_item__d2": 4, "t_item__d5": 8, "t_item__d8": 8, "t_item__d16": 16
+        "t_user": 8,
+        "t_item__d2": 4,
+        "t_item__d5": 8,
+        "t_item__d8": 8,
+        "t_item__d16": 16,
     }

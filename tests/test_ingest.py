@@ -93,9 +93,7 @@ def test_ml_100k_regression(tmp_path: Path) -> None:
     ds, df = _frame(ingest("ml-100k", src, tmp_path / "out", task="regression"))
     assert ds.spec.task == "regression"
     assert df["label"].sum() == pytest.approx(
-        pl.read_csv(src / "u.data", separator="\t", has_header=False, new_columns=["u", "i", "r", "t"])[
-            "r"
-        ].sum()
+        pl.read_csv(src / "u.data", separator="\t", has_header=False, new_columns=["u", "i", "r", "t"])["r"].sum()
     )
 
 
@@ -139,9 +137,7 @@ def test_ml_1m_gzip_prefix_with_timestamps(tmp_path: Path) -> None:
     assert (df["day"] == pl.from_epoch(df["timestamp"], time_unit="s").dt.date()).all()
     with gzip.open(src, "rt") as f:
         first = f.readline().strip().split("::")
-    assert df.filter((pl.col("user") == 1) & (pl.col("item") == 1193))["timestamp"].to_list() == [
-        int(first[3])
-    ]
+    assert df.filter((pl.col("user") == 1) & (pl.col("item") == 1193))["timestamp"].to_list() == [int(first[3])]
 
 
 def test_ml_latest_small(tmp_path: Path) -> None:
@@ -230,9 +226,7 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "criteo: 409 rows, 1 days" in capsys.readouterr().out
     assert main(["--format", "criteo", "--src", str(src), "--out", str(out)]) == 2  # exists
     assert "already exists" in capsys.readouterr().err
-    assert (
-        main(["--format", "criteo", "--src", str(src), "--out", str(out), "--overwrite", "--days", "2"]) == 0
-    )
+    assert main(["--format", "criteo", "--src", str(src), "--out", str(out), "--overwrite", "--days", "2"]) == 0
     assert len(Dataset(out).days) == 2
 
 
@@ -297,28 +291,17 @@ def test_malformed_tsv_line(tmp_path: Path) -> None:
     good = "\t".join(["1", *["3"] * 13, *["68fd1e64"] * 26])
     (tmp_path / "bad.tsv").write_text(f"{good}\n{good}\n{good.rsplit(chr(9), 1)[0]}\n")
     err = _raises(tmp_path, {"bad.tsv"}, "criteo", tmp_path / "bad.tsv")
-    assert (
-        err.line == 3
-        and err.path.endswith("bad.tsv")
-        and "has 39 fields" in str(err)
-        and "expected 40" in str(err)
-    )
+    assert err.line == 3 and err.path.endswith("bad.tsv") and "has 39 fields" in str(err) and "expected 40" in str(err)
 
 
 def test_negative_id(tmp_path: Path) -> None:
-    (tmp_path / "ratings.csv").write_text(
-        "userId,movieId,rating,timestamp\n1,2,4.0,964982703\n-7,3,4.0,964982703\n"
-    )
+    (tmp_path / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,2,4.0,964982703\n-7,3,4.0,964982703\n")
     err = _raises(tmp_path, {"ratings.csv"}, "ml-latest", tmp_path / "ratings.csv")
-    assert (
-        (err.line, err.column) == (3, "user") and "ratings.csv" in err.path and "-7 is negative" in str(err)
-    )
+    assert (err.line, err.column) == (3, "user") and "ratings.csv" in err.path and "-7 is negative" in str(err)
 
 
 def test_nan_label(tmp_path: Path) -> None:
-    (tmp_path / "ratings.csv").write_text(
-        "userId,movieId,rating,timestamp\n1,2,4.0,964982703\n1,3,nan,964982703\n"
-    )
+    (tmp_path / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,2,4.0,964982703\n1,3,nan,964982703\n")
     err = _raises(tmp_path, {"ratings.csv"}, "ml-latest", tmp_path / "ratings.csv", task="regression")
     assert (err.line, err.column) == (3, "rating") and "not finite" in str(err)
 

@@ -124,9 +124,7 @@ def test_linear_projection_parameters_are_counted() -> None:
 
 def test_linear_projection_may_exceed_output_dim_but_pad_may_not() -> None:
     FeaturePlan("x", 2, 4, row_dims=np.array([4, 8]), projection="linear")
-    with pytest.raises(
-        PlanError, match=r"feature 'x': a row has dim 8 > output_dim 4; zero padding cannot shrink"
-    ):
+    with pytest.raises(PlanError, match=r"feature 'x': a row has dim 8 > output_dim 4; zero padding cannot shrink"):
         FeaturePlan("x", 2, 4, row_dims=np.array([4, 8]))
 
 
@@ -224,9 +222,7 @@ def test_check_budget_parameters_and_bytes() -> None:
         r"\(parameters per feature: user=80, item=36\)\. Possible solutions: raise the budget",
     ):
         _mixed_plan(budget=Budget(115)).check_budget()
-    with pytest.raises(
-        PlanError, match=r"the plan needs 464 bytes but the budget is 463 \(parameters per feature"
-    ):
+    with pytest.raises(PlanError, match=r"the plan needs 464 bytes but the budget is 463 \(parameters per feature"):
         _mixed_plan(budget=Budget(463, "bytes")).check_budget()
 
 
@@ -323,9 +319,7 @@ def test_load_rejects_damaged_json_format_and_version(tmp_path: Path) -> None:
 
     d = _mixed_plan().save(tmp_path / "p")
     _edit_json(d, lambda b: b.update(version=PLAN_VERSION + 1))
-    with pytest.raises(
-        PlanError, match=rf"plan version {PLAN_VERSION + 1} is not supported .* reads version 1"
-    ):
+    with pytest.raises(PlanError, match=rf"plan version {PLAN_VERSION + 1} is not supported .* reads version 1"):
         DimensionPlan.load(d)
 
     d = _mixed_plan().save(tmp_path / "p")
@@ -347,9 +341,7 @@ def test_load_rejects_damaged_json_format_and_version(tmp_path: Path) -> None:
 def test_load_rejects_json_edited_after_save(tmp_path: Path, edit: Any) -> None:
     d = _mixed_plan(provenance={"method": "fixed"}).save(tmp_path / "p")
     _edit_json(d, edit)
-    with pytest.raises(
-        PlanError, match="checksum mismatch: the plan was edited or damaged after it was saved"
-    ):
+    with pytest.raises(PlanError, match="checksum mismatch: the plan was edited or damaged after it was saved"):
         DimensionPlan.load(d)
 
 
@@ -372,9 +364,9 @@ def test_load_validates_dims_even_with_valid_checksums(tmp_path: Path) -> None:
     d = _mixed_plan().save(tmp_path / "p")
     rows_path = d / "rows" / "item.parquet"
     rows = pl.read_parquet(rows_path)
-    rows.with_columns(
-        pl.when(pl.col("row") == 4).then(0).otherwise(pl.col("dim")).alias("dim")
-    ).write_parquet(rows_path)
+    rows.with_columns(pl.when(pl.col("row") == 4).then(0).otherwise(pl.col("dim")).alias("dim")).write_parquet(
+        rows_path
+    )
     digest = plan_module._sha256_file(rows_path)
     _edit_json(d, lambda b: b["checksums"]["files"].update({"rows/item.parquet": digest}))
     with pytest.raises(PlanError, match=r"plan\.json: feature 'item': row 4 has dim 0; dims must be > 0"):
@@ -408,18 +400,12 @@ def test_load_rejects_plan_over_its_budget(tmp_path: Path) -> None:
 def test_check_vocabulary() -> None:
     p = _mixed_plan()
     p.check_vocabulary({"user": 10, "item": 6}, {"item": RAW_IDS[1:]})
-    p.check_vocabulary(
-        {"user": 3, "item": 4, "extra": 9}, {"item": RAW_IDS[1:4]}
-    )  # a smaller vocabulary fits
-    with pytest.raises(
-        PlanError, match=r"feature 'item': the vocabulary has 7 rows but the plan only 6\. Re-plan"
-    ):
+    p.check_vocabulary({"user": 3, "item": 4, "extra": 9}, {"item": RAW_IDS[1:4]})  # a smaller vocabulary fits
+    with pytest.raises(PlanError, match=r"feature 'item': the vocabulary has 7 rows but the plan only 6\. Re-plan"):
         p.check_vocabulary({"user": 10, "item": 7})
     with pytest.raises(PlanError, match=r"feature 'user': the vocabulary has 11 rows but the plan only 10"):
         p.check_vocabulary({"user": 11, "item": 6})
-    with pytest.raises(
-        PlanError, match=r"feature 'item': row 3 is raw id 30 in the plan but 99 in the vocabulary"
-    ):
+    with pytest.raises(PlanError, match=r"feature 'item': row 3 is raw id 30 in the plan but 99 in the vocabulary"):
         p.check_vocabulary({"user": 10, "item": 6}, {"item": np.array([10, 20, 99, 40])})
     with pytest.raises(
         PlanError, match=r"the plan sizes features \['user'\] that the dataset does not have \(\['item'\]\)"

@@ -14,7 +14,14 @@ from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec import KeyedJaggedTensor
 
-from sharding.checkpoint import full_tensors, latest_checkpoint, load_checkpoint, load_full_weights, migrate_weights, save_checkpoint
+from sharding.checkpoint import (
+    full_tensors,
+    latest_checkpoint,
+    load_checkpoint,
+    load_full_weights,
+    migrate_weights,
+    save_checkpoint,
+)
 from sharding.distributed import (
     BudgetError,
     ShardingConfig,
@@ -64,7 +71,11 @@ def _row_plan(seed: int = 0) -> DimensionPlan:
 def _kjt(seed: int) -> KeyedJaggedTensor:
     g = torch.Generator().manual_seed(seed)
     batch = 6
-    lengths = [torch.ones(batch, dtype=torch.int64), torch.randint(0, 4, (batch,), generator=g), torch.ones(batch, dtype=torch.int64)]
+    lengths = [
+        torch.ones(batch, dtype=torch.int64),
+        torch.randint(0, 4, (batch,), generator=g),
+        torch.ones(batch, dtype=torch.int64),
+    ]
     values = [torch.randint(0, ROWS[f], (int(n.sum()),), generator=g) for f, n in zip(ROWS, lengths, strict=True)]
     return KeyedJaggedTensor(keys=list(ROWS), values=torch.cat(values), lengths=torch.cat(lengths), stride=batch)
 
@@ -175,7 +186,9 @@ def _run_reconfigure(rank: int, world_size: int, tmp: str) -> None:
     rows = torch.arange(40, ROWS["item"])
     one = KeyedJaggedTensor(
         keys=list(ROWS),
-        values=torch.cat([torch.zeros(rows.numel(), dtype=torch.int64), rows, torch.zeros(rows.numel(), dtype=torch.int64)]),
+        values=torch.cat(
+            [torch.zeros(rows.numel(), dtype=torch.int64), rows, torch.zeros(rows.numel(), dtype=torch.int64)]
+        ),
         lengths=torch.ones(3 * rows.numel(), dtype=torch.int64),
         stride=rows.numel(),
     )

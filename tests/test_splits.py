@@ -21,7 +21,9 @@ def dataset(tmp_path: Path) -> Dataset:
 def test_random_split_proportions_and_determinism(dataset: Dataset) -> None:
     counts = random_split(dataset, seed=3).counts()
     assert sum(counts.values()) == dataset.num_rows
-    np.testing.assert_allclose([counts[k] / dataset.num_rows for k in ("train", "valid", "test")], [0.8, 0.1, 0.1], atol=0.015)
+    np.testing.assert_allclose(
+        [counts[k] / dataset.num_rows for k in ("train", "valid", "test")], [0.8, 0.1, 0.1], atol=0.015
+    )
     a, b, c = random_split(dataset, seed=3), random_split(dataset, seed=3), random_split(dataset, seed=4)
     assert all(np.array_equal(a.codes[d], b.codes[d]) for d in a.codes)
     assert not all(np.array_equal(a.codes[d], c.codes[d]) for d in a.codes)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,7 @@ def test_batches_hold_every_row_in_order_with_the_right_values(dataset: Dataset)
             tags = per_key["tags"]
             offsets = tags.offsets().tolist()
             raw_tags = _raw(vocab, "tags", tags.values()) if tags.values().numel() else []
-            got["tags"] += [raw_tags[a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+            got["tags"] += [raw_tags[a:b] for a, b in itertools.pairwise(offsets)]
             got["label"] += batch.labels.tolist()
             got["x1"] += batch.dense_features[:, 1].tolist()
     assert got["rid"] == frame["rid"].to_list()
@@ -53,9 +54,7 @@ def test_rank_slices_are_disjoint_complete_and_equal_in_batch_count(dataset: Dat
         seen: list[int] = []
         for rank in range(world_size):
             vocab = VocabularySet(dataset.spec.feature_names)
-            stream = DayStream(
-                dataset, vocab, StreamConfig(batch_size=8, prefetch=0), rank=rank, world_size=world_size
-            )
+            stream = DayStream(dataset, vocab, StreamConfig(batch_size=8, prefetch=0), rank=rank, world_size=world_size)
             for day in stream.days:
                 batches = list(stream.batches(day, grow=True))
                 assert len(batches) == stream.num_batches(day)

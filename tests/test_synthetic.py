@@ -167,9 +167,7 @@ def test_drift_changes_the_top_ids_somewhat() -> None:
         return set(_pools_on(cfg, d)["item"].order[:k].tolist())
 
     def top_sampled(cfg: SyntheticConfig, d: int, k: int = 20) -> set[int]:
-        return set(
-            generate_day(cfg, d).get_column("item").value_counts(sort=True).get_column("item")[:k].to_list()
-        )
+        return set(generate_day(cfg, d).get_column("item").value_counts(sort=True).get_column("item")[:k].to_list())
 
     still = dataclasses.replace(SMALL, drift=0.0, new_ids_per_day=0.0)
     assert top_ranked(still, 0) == top_ranked(still, 3)
@@ -192,9 +190,7 @@ def test_labels_follow_the_planted_logit(small: pl.DataFrame) -> None:
 
 def _target_encoding_auc(train: pl.DataFrame, test: pl.DataFrame, feature: str) -> float:
     prior = float(train.get_column("label").to_numpy().mean())
-    rates = train.group_by(feature).agg(
-        ((pl.col("label").sum() + prior * 10) / (pl.len() + 10)).alias("rate")
-    )
+    rates = train.group_by(feature).agg(((pl.col("label").sum() + prior * 10) / (pl.len() + 10)).alias("rate"))
     score = test.join(rates, on=feature, how="left").get_column("rate").fill_null(prior).to_numpy()
     return _auc(score, test.get_column("label").to_numpy())
 

@@ -32,7 +32,16 @@ GOLDEN = [
 
 def _torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "jobs.train", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "jobs.train",
+        *args,
+    ]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -86,14 +95,27 @@ def test_train_golden_losses_resume_and_plan(data: Path, tmp_path: Path) -> None
     for a, b in zip(cut, days, strict=True):
         assert a["eval"] == pytest.approx(b["eval"], rel=1e-6)
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
-    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["day-0000", "day-0001", "day-0002"]
+    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == [
+        "day-0000",
+        "day-0001",
+        "day-0002",
+    ]
 
 
 def test_bad_config_fails_before_any_process_group(data: Path, tmp_path: Path) -> None:
     env = {**os.environ, "RANK": "0"}  # would make the job wait for torchrun peers if it got as far as that
     bad = subprocess.run(
-        [sys.executable, "-m", "jobs.train", *_args(data, tmp_path, "bad", "data.batch_sise=10", "train.seed=x")],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "jobs.train",
+            *_args(data, tmp_path, "bad", "data.batch_sise=10", "train.seed=x"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert bad.returncode == 2
     assert "unknown key 'data.batch_sise'" in bad.stderr and "'train.seed' is 'x'" in bad.stderr
@@ -103,7 +125,8 @@ def test_plan_that_does_not_match_the_dataset_is_rejected(data: Path, tmp_path: 
     wrong = DimensionPlan.field_level({"user": 8, "item": 8, "genre": 8}, {"user": 10_000, "item": 10_000, "genre": 20})
     wrong.save(tmp_path / "wrong_plan")
     small = DimensionPlan.field_level(
-        {f: 8 for f in ["user", "item", "f0", "f1", "f2", "f3", "tags"]}, {f: 3 for f in ["user", "item", "f0", "f1", "f2", "f3", "tags"]}
+        {f: 8 for f in ["user", "item", "f0", "f1", "f2", "f3", "tags"]},
+        {f: 3 for f in ["user", "item", "f0", "f1", "f2", "f3", "tags"]},
     )
     small.save(tmp_path / "small_plan")
     from jobs.train import initial_plan, table_capacities

@@ -74,5 +74,5 @@ def test_load_errors_name_the_file(tmp_path: Path) -> None:
         VocabularySet.load(tmp_path)
     VocabularySet(["a"]).save(tmp_path / "v")
     (tmp_path / "v" / "000.parquet").unlink()
-    with pytest.raises(DatasetError, match="000.parquet.*feature 'a' is missing"):
+    with pytest.raises(DatasetError, match=r"000\.parquet.*feature 'a' is missing"):
         VocabularySet.load(tmp_path / "v")

@@ -1,0 +1,313 @@
+"""Throughput of the data pipeline on one CPU core: generation, ingest, and Parquet → TorchRec `Batch`.
+
+Run (figures go to BENCHMARKS.md)::
+
+    python -m benchmarks.pipeline            # full: 7 days × 300k synthetic rows, ml-1m; < 3 minutes
+    python -m benchmarks.pipeline --quick    # smaller synthetic stream, fewer repeats; < 40 s
+    python -m benchmarks.pipeline --work /tmp/bench   # where the temporary datasets go (default: system temp)
+
+Measurements (each run `--repeats` times, the best time reported):
+
+1. `pipeline.synthetic.generate` rows/s. Target ≥ 200,000 rows/s.
+2. `pipeline.ingest.ingest` rows/s, end to end (read, validate, write Parquet): ml-1m
+   (`ratings_no_timestamp.dat`), and for information ml-100k and the Criteo sample.
+3. `DayStream.batches` rows/s at batch 8192 on one rank (no prefetch thread), batches consumed: the training
+   pass (`grow=True`, a fresh vocabulary grown day by day in order) and the evaluation pass (`grow=False`,
+   with the vocabulary the training pass built, reading only this rank's slice). Targets: ≥ 2,000,000 rows/s,
+   and ≥ 0.5× the plain pyarrow read of the same files ("within 2×").
+4. The reference: `pyarrow.parquet.read_table(f, columns=..., use_threads=False)` per file, the same columns.
+
+Opening a `Dataset` (listing days, reading footers) is not timed. Real data are read from `DIMSEARCH_DATASETS`
+(default `<repo>/../shared/datasets`); if a dataset is absent its rows are skipped with the reason printed.
+The last line of the output is `RESULT pipeline: key=value ...`.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Benchmarks are entry points, so this one may set the environment. Polars sizes its thread pool from this
+# variable when it is first imported: it must be set before polars (or any `pipeline` module) is imported.
+os.environ["POLARS_MAX_THREADS"] = "1"
+
+import argparse
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torchrec.datasets.utils import Batch
+
+from pipeline.dataset import Dataset, write_dataset
+from pipeline.ingest import ingest
+from pipeline.spec import DatasetSpec
+from pipeline.stream import DayStream, StreamConfig
+from pipeline.synthetic import SyntheticConfig, generate
+from pipeline.vocab import VocabularySet
+
+GENERATE_TARGET = 200_000  # rows/s
+STREAM_TARGET = 2_000_000  # rows/s per core
+ARROW_RATIO_TARGET = 0.5  # the stream within 2× of a plain pyarrow read
+BATCH_SIZE = 8192
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One row of the table.
+
+    Args:
+        key: the short name used in the RESULT line.
+        what: the human-readable description.
+        rows: rows processed per run.
+        seconds: the best wall time over the repeats.
+        checks: the targets as `(key, text, met)`; empty for a figure reported for information only.
+    """
+
+    key: str
+    what: str
+    rows: int
+    seconds: float
+    checks: tuple[tuple[str, str, bool], ...] = ()
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows / max(self.seconds, 1e-12)
+
+
+def pin_to_one_core() -> int:
+    """Pin the process to its lowest allowed CPU; torch and pyarrow single-threaded. Returns the CPU."""
+    cpu = min(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cpu})
+    torch.set_num_threads(1)
+    pa.set_cpu_count(1)
+    pa.set_io_thread_count(1)
+    return cpu
+
+
+def best_of(repeats: int, run: Callable[[], int]) -> tuple[int, float]:
+    """Run `run` (which returns its row count) `repeats` times; return the rows and the best wall time."""
+    best, rows = float("inf"), 0
+    for _ in range(repeats):
+        started = time.perf_counter()
+        rows = run()
+        best = min(best, time.perf_counter() - started)
+    return rows, best
+
+
+def datasets_root() -> Path:
+    """The read-only real datasets: `$DIMSEARCH_DATASETS`, else `<repo>/../shared/datasets`."""
+    env = os.environ.get("DIMSEARCH_DATASETS")
+    return Path(env) if env else REPO.parent / "shared" / "datasets"
+
+
+def stream_columns(ds: Dataset) -> list[str]:
+    """The columns `DayStream` reads: the label, the sparse features' columns, the dense columns."""
+    spec = ds.spec
+    return [spec.label, *(f.column for f in spec.sparse), *spec.dense]
+
+
+def _consume(batches: Iterator[Batch]) -> int:
+    n = 0
+    for b in batches:
+        n += int(b.labels.numel())
+    return n
+
+
+def training_pass(ds: Dataset) -> tuple[int, VocabularySet]:
+    """Every day in order with `grow=True` into a fresh vocabulary; returns the rows and the vocabulary."""
+    vocab = VocabularySet(ds.spec.feature_names)
+    stream = DayStream(ds, vocab, StreamConfig(batch_size=BATCH_SIZE, prefetch=0), rank=0, world_size=1)
+    return sum(_consume(iter(stream.batches(day, grow=True))) for day in stream.days), vocab
+
+
+def evaluation_pass(ds: Dataset, vocab: VocabularySet) -> int:
+    """Every day with `grow=False` against a built vocabulary (rank 0 of 1 reads its pushed-down slice)."""
+    stream = DayStream(ds, vocab, StreamConfig(batch_size=BATCH_SIZE, prefetch=0), rank=0, world_size=1)
+    return sum(_consume(iter(stream.batches(day, grow=False))) for day in stream.days)
+
+
+def arrow_read(ds: Dataset) -> int:
+    """The reference: a plain single-threaded pyarrow read of every file, the stream's columns."""
+    columns = stream_columns(ds)
+    return sum(
+        pq.read_table(f, columns=columns, use_threads=False).num_rows for day in ds.days for f in day.files
+    )
+
+
+def bench_stream(name: str, ds: Dataset, repeats: int) -> list[Measurement]:
+    """The training pass, the evaluation pass and the pyarrow reference on `ds`, each against the targets."""
+    rows, arrow_s = best_of(repeats, lambda: arrow_read(ds))
+    arrow = Measurement(f"{name}_arrow", f"{name}: pyarrow read_table (reference)", rows, arrow_s)
+    vocabs: list[VocabularySet] = []
+
+    def train() -> int:
+        n, vocab = training_pass(ds)
+        vocabs[:] = [vocab]
+        return n
+
+    out = [arrow]
+    for key, label, run in (
+        ("train", "training pass (grow=True)", train),
+        ("eval", "evaluation pass (grow=False)", lambda: evaluation_pass(ds, vocabs[0])),
+    ):
+        n, seconds = best_of(repeats, run)
+        if n != ds.num_rows:
+            raise RuntimeError(f"{name} {key}: the stream yielded {n} rows, the dataset has {ds.num_rows}")
+        rate = n / seconds
+        ratio = rate / arrow.rows_per_s
+        checks = (
+            ("2M", f">= {STREAM_TARGET / 1e6:g}M/s", rate >= STREAM_TARGET),
+            ("arrow", f">= {ARROW_RATIO_TARGET:g}x arrow (is {ratio:.2f}x)", ratio >= ARROW_RATIO_TARGET),
+        )
+        out.append(Measurement(f"{name}_{key}", f"{name}: Parquet -> Batch, {label}", n, seconds, checks))
+    return out
+
+
+def bench_ingest(root: Path, work: Path, repeats: int) -> tuple[list[Measurement], Dataset | None, list[str]]:
+    """Ingest ml-1m (headline figure, best of `repeats`), ml-100k and the Criteo sample (one run each).
+
+    Returns:
+        The measurements, the ingested ml-1m dataset (or `None` if absent), and the reasons for skipped rows.
+    """
+    jobs = (
+        ("ml1m", "ml-1m", root / "ml-1m" / "ratings_no_timestamp.dat", repeats),
+        ("ml100k", "ml-100k", root / "ml-100k", 1),
+        ("criteo", "criteo", root / "criteo-sample", 1),
+    )
+    out: list[Measurement] = []
+    skipped: list[str] = []
+    ml1m: Dataset | None = None
+    for key, fmt, src, n in jobs:
+        if not src.exists():
+            skipped.append(f"ingest {fmt}: {src} does not exist (set DIMSEARCH_DATASETS)")
+            continue
+        dest = work / key
+
+        def run(fmt: str = fmt, src: Path = src, dest: Path = dest) -> int:
+            return Dataset(ingest(fmt, src, dest, overwrite=True)).num_rows
+
+        rows, seconds = best_of(n, run)
+        out.append(Measurement(f"ingest_{key}", f"ingest {fmt} ({src.name}), incl. write", rows, seconds))
+        if key == "ml1m":
+            ml1m = Dataset(dest)
+    return out, ml1m, skipped
+
+
+def print_table(rows: list[Measurement]) -> None:
+    """One line per measurement: what, rows, seconds, rows/s, target, met/missed."""
+    header = ("what", "rows", "seconds", "rows/s", "target", "met")
+    cells = [
+        (
+            m.what,
+            f"{m.rows:,}",
+            f"{m.seconds:.3f}",
+            f"{m.rows_per_s:,.0f}",
+            " & ".join(text for _, text, _ in m.checks) or "-",
+            " & ".join("met" if ok else "MISSED" for _, _, ok in m.checks) or "info",
+        )
+        for m in rows
+    ]
+    widths = [max(len(r[i]) for r in (header, *cells)) for i in range(len(header))]
+    print(" | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
+    print("-+-".join("-" * w for w in widths))
+    for r in cells:
+        print(
+            " | ".join(
+                c.rjust(w) if 0 < i < 4 else c.ljust(w)
+                for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            )
+        )
+
+
+def result_line(rows: list[Measurement]) -> str:
+    """`RESULT pipeline: key=value ...`: rows/s of every measurement, ratios to pyarrow, and met/missed."""
+    by_key = {m.key: m for m in rows}
+    parts: list[str] = []
+    for m in rows:
+        parts.append(f"{m.key}_rows_s={m.rows_per_s:.0f}")
+        name, _, kind = m.key.rpartition("_")
+        if kind in ("train", "eval") and f"{name}_arrow" in by_key:
+            parts.append(f"{m.key}_vs_arrow={m.rows_per_s / by_key[f'{name}_arrow'].rows_per_s:.2f}")
+        parts += [f"{m.key}_target_{k}={'met' if ok else 'missed'}" for k, _, ok in m.checks]
+    graded = [ok for m in rows for _, _, ok in m.checks]
+    parts.append(f"targets_met={sum(graded)}/{len(graded)}")
+    return "RESULT pipeline: " + " ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark, print the table and the RESULT line; returns 0 (a missed target is not an error)."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.pipeline", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smaller synthetic stream and fewer repeats")
+    parser.add_argument("--work", type=Path, help="where temporary datasets go (default: system temp)")
+    args = parser.parse_args(argv)
+
+    cpu = pin_to_one_core()
+    repeats = 2 if args.quick else 3
+    cfg = (
+        SyntheticConfig(days=3, rows_per_day=100_000) if args.quick else SyntheticConfig(rows_per_day=300_000)
+    )
+    if args.work is not None:
+        args.work.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="dimsearch-bench-", dir=args.work))
+    print(
+        f"pipeline benchmark: CPU {cpu} only, torch threads {torch.get_num_threads()}, "
+        f"polars threads {pl.thread_pool_size()}, best of {repeats} runs (ingest of ml-100k/criteo: 1 run); "
+        # Other processes on the machine compete for the core: the load average says how quiet it was.
+        f"load average {os.getloadavg()[0]:.2f}; work dir {work}"
+    )
+    started = time.perf_counter()
+    try:
+        results: list[Measurement] = []
+        generated: list[tuple[pl.DataFrame, DatasetSpec]] = []
+
+        def gen() -> int:
+            df, spec = generate(cfg)
+            generated[:] = [(df, spec)]
+            return df.height
+
+        rows, seconds = best_of(repeats, gen)
+        results.append(
+            Measurement(
+                "generate",
+                f"synthetic generate ({cfg.days} days x {cfg.rows_per_day:,})",
+                rows,
+                seconds,
+                (("200k", f">= {GENERATE_TARGET:,}/s", rows / seconds >= GENERATE_TARGET),),
+            )
+        )
+        df, spec = generated.pop()
+        t = time.perf_counter()
+        synthetic = Dataset(write_dataset(df, spec, work / "synthetic"))
+        results.append(
+            Measurement("write_synth", "synthetic write_dataset (1 run)", df.height, time.perf_counter() - t)
+        )
+        del df
+
+        ingested, ml1m, skipped = bench_ingest(datasets_root(), work, repeats)
+        results += ingested
+        results += bench_stream("synth", synthetic, repeats)
+        if ml1m is not None:
+            results += bench_stream("ml1m", ml1m, repeats)
+        else:
+            skipped.append("ml-1m Parquet -> Batch: ml-1m was not ingested")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    print()
+    print_table(results)
+    for reason in skipped:
+        print(f"skipped: {reason}")
+    print(f"total {time.perf_counter() - started:.1f}s")
+    print(result_line(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
