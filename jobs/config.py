@@ -54,6 +54,11 @@ class DataConfig:
         capacity: rows per feature table, fallback row included; None sizes each table to the number of distinct
             ids in the data (+1), read from the Parquet files before training (a count, not the ids).
         prefetch: batches built ahead in a background thread.
+        protocol: `prequential` (per day: evaluate, then train on it) or a static split — `random` (AutoDim's
+            80/10/10), `per-user` (CIESS's 50/25/25) or `given` (the source's split column) — trained for
+            `train.epochs` epochs on train, evaluated on valid after each epoch and on test at the end.
+        fractions: train/valid/test fractions of a static split (None: the protocol's default).
+        split_seed: seeds the split.
     """
 
     path: str = "runs/demo-data/synthetic"
@@ -61,6 +66,9 @@ class DataConfig:
     batch_size: int = 2048
     capacity: int | None = None
     prefetch: int = 2
+    protocol: Literal["prequential", "random", "per-user", "given"] = "prequential"
+    fractions: tuple[float, ...] | None = None
+    split_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -69,6 +77,10 @@ class DataConfig:
             raise ConfigError(f"data.days must be >= 1 or null, got {self.days}")
         if self.capacity is not None and self.capacity < 2:
             raise ConfigError(f"data.capacity must be >= 2 (the fallback row and one id), got {self.capacity}")
+        if self.fractions is not None and (len(self.fractions) != 3 or abs(sum(self.fractions) - 1) > 1e-9):
+            raise ConfigError(
+                f"data.fractions must be three numbers (train, valid, test) summing to 1, got {self.fractions}"
+            )
 
 
 @dataclass(frozen=True)
@@ -95,21 +107,41 @@ class SearchConfig:
     """The dimension search.
 
     Args:
-        method: `fixed` keeps every feature at `dim` for the whole run.
-        dim: the starting (and, for `fixed`, the only) dim of every feature.
-        budget: embedding parameter budget the plan must meet (None: no budget).
+        method: `fixed` keeps every feature at `dim` for the whole run; `uniform-budget` uses the largest equal
+            dim that fits `budget`; `autodim` searches one dim per field (search → derive → retrain, one run; needs
+            a static `data.protocol`).
+        dim: the dim of every feature for `fixed`.
+        budget: embedding parameter budget the plan must meet (None: no budget; required by `uniform-budget`).
         plan: start from this saved `DimensionPlan` directory (e.g. one a search exported) instead of `dim`; its
             features must be the dataset's and its tables large enough for the data's ids.
+        candidate_dims: AutoDim's candidate dims (ascending multiples of 4).
+        arch_every: AutoDim's model steps per architecture step.
+        arch_lr: AutoDim's architecture learning rate (Adam).
+        warmup_steps: AutoDim's warm-up steps with uniform architecture weights.
+        temperature_decay: AutoDim's τ = max(min_temperature, 1 − decay · step).
+        min_temperature: AutoDim's temperature floor.
+        search_epochs: AutoDim's epochs of search before deriving the plan.
     """
 
-    method: Literal["fixed"] = "fixed"
+    method: Literal["fixed", "uniform-budget", "autodim"] = "fixed"
     dim: int = 16
     budget: int | None = None
     plan: str | None = None
+    candidate_dims: tuple[int, ...] = (4, 8, 16, 24, 32)
+    arch_every: int = 10
+    arch_lr: float = 1e-3
+    warmup_steps: int = 0
+    temperature_decay: float = 5e-5
+    min_temperature: float = 0.01
+    search_epochs: int = 1
 
     def __post_init__(self) -> None:
         if self.dim <= 0:
             raise ConfigError(f"search.dim must be > 0, got {self.dim}")
+        if self.method == "uniform-budget" and self.budget is None:
+            raise ConfigError("search.method=uniform-budget needs search.budget (embedding parameters)")
+        if self.budget is not None and self.budget <= 0:
+            raise ConfigError(f"search.budget must be > 0, got {self.budget}")
 
 
 @dataclass(frozen=True)
@@ -124,6 +156,9 @@ class TrainConfig:
         log_every: steps between progress log lines.
         max_steps_per_day: stop a day's training after this many steps (None: the whole day).
         checkpoint: write a DCP checkpoint after every day.
+        epochs: epochs over the train split under a static `data.protocol` (the retrain phase for a search).
+        max_units: stop after this many units of work (a day of one epoch) under a static protocol, as if the job
+            were preempted; `--resume` continues (for drills and tests). None runs to the end.
     """
 
     name: str = "demo"
@@ -133,8 +168,12 @@ class TrainConfig:
     log_every: int = 50
     max_steps_per_day: int | None = None
     checkpoint: bool = True
+    epochs: int = 1
+    max_units: int | None = None
 
     def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"train.epochs must be >= 1, got {self.epochs}")
         if not self.name or "/" in self.name:
             raise ConfigError(f"train.name must be a plain directory name, got {self.name!r}")
 
@@ -146,6 +185,13 @@ class JobConfig:
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.search.method == "autodim" and self.data.protocol == "prequential":
+            raise ConfigError(
+                "search.method=autodim searches on a static split: set data.protocol to random (AutoDim's 80/10/10), "
+                "per-user or given"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import resource
+import shutil
 import socket
 import sys
 import time
@@ -46,8 +47,10 @@ from models import metrics
 from models.factory import build_model
 from models.recommender import Recommender
 from pipeline.dataset import Dataset, Day
+from pipeline.splits import SplitAssignment, assign_splits
 from pipeline.stream import DayStream, StreamConfig
 from pipeline.vocab import VocabularySet
+from search.autodim import AutoDimConfig, AutoDimHead, AutoDimSearcher, UniformBudgetSearcher
 from search.base import DayStats, FixedSearcher, Searcher
 from sharding.checkpoint import (
     full_tensors,
@@ -72,7 +75,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class DayResult:
-    """One day's record in `metrics.jsonl`."""
+    """One day's record in `metrics.jsonl` (prequential protocol)."""
 
     day: str
     day_index: int
@@ -88,8 +91,13 @@ class DayResult:
 
 @dataclass
 class TrainResult:
+    """What a run produced: per-day records (prequential) or per-epoch records and test metrics (static)."""
+
     run_dir: Path
     days: list[DayResult] = field(default_factory=list)
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+    test: dict[str, float] = field(default_factory=dict)
+    phase_seconds: dict[str, float] = field(default_factory=dict)
     plan: DimensionPlan | None = None
 
 
@@ -98,8 +106,27 @@ def _rank0() -> bool:
 
 
 def build_searcher(cfg: JobConfig) -> Searcher:
-    budget = Budget(cfg.search.budget) if cfg.search.budget else None
-    return FixedSearcher(cfg.search.dim, budget)
+    """The searcher `search.method` names, with the parameter budget `search.budget`."""
+    s = cfg.search
+    budget = Budget(s.budget) if s.budget else None
+    if s.method == "autodim":
+        return AutoDimSearcher(
+            AutoDimConfig(
+                candidate_dims=s.candidate_dims,
+                arch_every=s.arch_every,
+                arch_lr=s.arch_lr,
+                warmup_steps=s.warmup_steps,
+                temperature_decay=s.temperature_decay,
+                min_temperature=s.min_temperature,
+                search_epochs=s.search_epochs,
+                seed=cfg.train.seed,
+            ),
+            budget,
+        )
+    if s.method == "uniform-budget":
+        assert budget is not None
+        return UniformBudgetSearcher(budget)
+    return FixedSearcher(s.dim, budget)
 
 
 def initial_plan(cfg: JobConfig, searcher: Searcher, features: list[str], capacity: dict[str, int]) -> DimensionPlan:
@@ -145,8 +172,20 @@ def table_capacities(dataset: Dataset, capacity: int | None) -> dict[str, int]:
     return {name: int(n) + 1 for name, n in counts.items()}
 
 
+def _peak_rss_mb(pg: dist.ProcessGroup) -> float:
+    rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0])
+    dist.all_reduce(rss, op=dist.ReduceOp.MAX, group=pg)
+    return float(rss[0])
+
+
 class Trainer:
-    """One run: setup, then per day evaluate → train → search → reconfigure → checkpoint."""
+    """One run (a torchtune-style recipe): `setup`, then `run`.
+
+    Prequential protocol: per day evaluate → train → search → reconfigure → checkpoint. Static protocol: phases
+    (`search` for AutoDim, then `train`) of epochs over the train split, a checkpoint after every day of every
+    epoch, validation after each epoch, test at the end; AutoDim's plan is derived and the tables reconfigured
+    between the phases.
+    """
 
     def __init__(
         self,
@@ -159,105 +198,137 @@ class Trainer:
     ) -> None:
         self.cfg = cfg
         self.dataset, self.days, self.device = dataset, days, device
-        assert dist.group.WORLD is not None  # noqa: S101 - the process group is initialised by train()
+        assert dist.group.WORLD is not None
         self.pg: dist.ProcessGroup = dist.group.WORLD
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.run_dir = cfg.run_dir
         self.features = dataset.spec.feature_names
         self.searcher, self.plan = searcher, plan
-        self.vocab = VocabularySet(self.features, capacity={f.feature: f.num_embeddings for f in plan.features})
+        self.capacity = {f.feature: f.num_embeddings for f in plan.features}
+        self.vocab = VocabularySet(self.features, capacity=self.capacity)
         self.result = TrainResult(self.run_dir)
-        self.next_day = 0
+        self.static = cfg.data.protocol != "prequential"
+        self.split: SplitAssignment | None = None
+        if self.static:
+            fractions = tuple(cfg.data.fractions) if cfg.data.fractions else None
+            self.split = assign_splits(dataset, cfg.data.protocol, fractions=fractions, seed=cfg.data.split_seed)  # type: ignore[arg-type]
+        self.autodim = isinstance(searcher, AutoDimSearcher)
+        # Position of the next unit of work: (phase, epoch, day) for the static protocol; (0, 0, day) otherwise.
+        self.position: tuple[int, ...] = (0, 0, 0)
+        self.epoch_acc = {"loss": 0.0, "examples": 0, "seconds": 0.0}
 
     # ---- setup ---------------------------------------------------------------------------------------------
-    def _model(self, plan: DimensionPlan, device: torch.device | str) -> Recommender:
+    def _model(self, plan: DimensionPlan, device: torch.device | str, search: bool = False) -> Recommender:
         spec = self.dataset.spec
         torch.manual_seed(self.cfg.train.seed)
         embedding = PlannedEmbedding(plan, device)
+        head = None
+        dims = embedding.feature_dims
+        if search:
+            assert isinstance(self.searcher, AutoDimSearcher)
+            head = self.searcher.head(self.rank)
+            dims = {f: self.searcher.config.max_dim for f in dims}
         dense = build_model(
-            self.cfg.model.name,
-            embedding.feature_dims,
-            len(spec.dense),
-            spec.task,
-            spec.num_classes,
-            **self.cfg.model.options,
+            self.cfg.model.name, dims, len(spec.dense), spec.task, spec.num_classes, **self.cfg.model.options
         )
-        return Recommender(embedding, dense, spec.task)
+        return Recommender(embedding, dense, spec.task, head)
 
-    def build(self, plan: DimensionPlan) -> MemoryReport:
+    def build(self, plan: DimensionPlan, search: bool = False) -> MemoryReport:
         """Build the model for `plan` on meta, plan its sharding under the budget, and wrap it in DMP."""
-        meta = self._model(plan, "meta")
+        meta = self._model(plan, "meta", search)
         attach_fused_optimizer(meta, self.cfg.sharding)
         sharding_plan, report = plan_sharding(
             meta, self.cfg.sharding, world_size=self.world_size, compute_device=self.device.type, pg=self.pg
         )
         torch.manual_seed(self.cfg.train.seed + self.rank)
         self.dmp: DistributedModelParallel = shard_model(meta, sharding_plan, self.pg, self.device)
-        self.optimizer: CombinedOptimizer = combined_optimizer(self.dmp, self.cfg.model.dense_lr)
+        self.optimizer: CombinedOptimizer = combined_optimizer(
+            self.dmp, self.cfg.model.dense_lr, exclude=lambda name: "arch_logits" in name
+        )
+        self.head = next((m for m in self.dmp.modules() if isinstance(m, AutoDimHead)), None)
+        self.recommender = next(m for m in self.dmp.modules() if isinstance(m, Recommender))
+        self.arch_optimizer = (
+            torch.optim.Adam([self.head.arch_logits], lr=self.cfg.search.arch_lr) if self.head is not None else None
+        )
         self.plan, self.memory = plan, report
         self.remap = RowRemap(plan)
-        self.stream = DayStream(
-            self.dataset,
-            self.vocab,
-            StreamConfig(batch_size=self.cfg.data.batch_size, prefetch=self.cfg.data.prefetch),
-            rank=self.rank,
-            world_size=self.world_size,
-        )
+        stream_cfg = StreamConfig(batch_size=self.cfg.data.batch_size, prefetch=self.cfg.data.prefetch)
+        names = ("train", "valid", "test") if self.static else ("all",)
+        self.streams = {
+            name: DayStream(
+                self.dataset,
+                self.vocab,
+                stream_cfg,
+                rank=self.rank,
+                world_size=self.world_size,
+                row_filter=self.split.row_filter(name) if self.split is not None else None,
+            )
+            for name in names
+        }
         return report
 
     def setup(self, resume: bool) -> None:
         ckpt = latest_checkpoint(self.run_dir / "checkpoints") if resume else None
         if resume and ckpt is None:
-            logger.warning("--resume: no complete checkpoint in %s; starting from the first day", self.run_dir)
+            logger.warning("--resume: no complete checkpoint in %s; starting from the beginning", self.run_dir)
         if ckpt is not None:
             progress = json.loads((ckpt / "progress.json").read_text())
             self.vocab = VocabularySet.load(ckpt / "vocab")
             self.searcher.load_state_dict(progress["searcher"])
-            self.next_day = progress["next_day"]
+            self.position = tuple(progress["position"])
+            self.epoch_acc = progress["epoch_acc"]
             self.result.days = [DayResult(**d) for d in progress["days"]]
-            self.build(DimensionPlan.load(ckpt / "plan"))
+            self.result.epochs = progress["epochs"]
+            self.result.phase_seconds = progress["phase_seconds"]
+            self.build(DimensionPlan.load(ckpt / "plan"), search=self._in_search())
             state = self._state()
             load_checkpoint(ckpt, state, self.pg)
             self.dmp.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optim"])
+            if self.arch_optimizer is not None:
+                self.arch_optimizer.load_state_dict(torch.load(ckpt / "arch_optimizer.pt"))
             if _rank0():
-                logger.info("resumed from %s at day %d", ckpt, self.next_day)
+                logger.info("resumed from %s at %s", ckpt, self.position)
         else:
-            self.build(self.plan)
+            self.build(self.plan, search=self._in_search())
         if _rank0():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
             logger.info("dimension plan:\n%s", self.plan.summary())
             logger.info("%s", self.memory.summary())
 
+    def _in_search(self) -> bool:
+        return self.autodim and self.position[0] == 0
+
     def _state(self) -> dict[str, Any]:
         return {"model": self.dmp.state_dict(), "optim": self.optimizer.state_dict()}
 
-    # ---- one day -------------------------------------------------------------------------------------------
-    def _batches(self, day: Day, grow: bool) -> Iterator[Batch]:
-        for batch in self.stream.batches(day, grow=grow):
-            if not self.remap.identity:
-                batch.sparse_features = self.remap(batch.sparse_features)
-            yield batch
+    # ---- data ----------------------------------------------------------------------------------------------
+    def _batches(self, split: str, days: list[Day], grow: bool) -> Iterator[Batch]:
+        stream = self.streams[split]
+        for day in days:
+            for batch in stream.batches(day, grow=grow):
+                if not self.remap.identity:
+                    batch.sparse_features = self.remap(batch.sparse_features)
+                yield batch.to(self.device)
 
-    def evaluate(self, day: Day) -> dict[str, float]:
-        """Prequential evaluation: the day's ids are looked up without growing the vocabularies."""
+    # ---- evaluation and training ---------------------------------------------------------------------------
+    def evaluate(self, split: str, days: list[Day]) -> dict[str, float]:
+        """Metrics over `days` of `split`; ids are looked up without growing the vocabularies."""
         self.dmp.eval()
         logits, labels, losses = [], [], []
         with torch.no_grad():
-            for batch in self._batches(day, grow=False):
-                loss, (_, out, y) = self.dmp(batch.to(self.device))
+            for batch in self._batches(split, days, grow=False):
+                loss, (_, out, y) = self.dmp(batch)
                 logits.append(out.cpu())
                 labels.append(y.cpu())
                 losses.append(float(loss) * y.numel())
         gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, (torch.cat(logits), torch.cat(labels), sum(losses)))
+        local = (torch.cat(logits) if logits else torch.zeros(0), torch.cat(labels) if labels else torch.zeros(0))
+        dist.all_gather_object(gathered, (*local, sum(losses)))
         all_logits = torch.cat([g[0] for g in gathered])
         all_labels = torch.cat([g[1] for g in gathered])
-        result = {
-            "loss": sum(g[2] for g in gathered) / max(all_labels.numel(), 1),
-            "examples": all_labels.numel(),
-        }
+        result = {"loss": sum(g[2] for g in gathered) / max(all_labels.numel(), 1), "examples": all_labels.numel()}
         task = self.dataset.spec.task
         if task == "binary":
             result["auc"] = float(metrics.auc(all_logits, all_labels))
@@ -269,15 +340,22 @@ class Trainer:
             result["accuracy"] = float(metrics.accuracy(all_logits, all_labels.long()))
         return result
 
-    def train_day(self, day: Day) -> tuple[float, int, float]:
-        """Train on `day`; returns (mean loss, examples over all ranks, examples/s over all ranks)."""
+    def _finish(self, total: torch.Tensor, elapsed: float) -> tuple[float, int, float]:
+        dist.all_reduce(total, group=self.pg)
+        timing = torch.tensor([elapsed], dtype=torch.float64)
+        dist.all_reduce(timing, op=dist.ReduceOp.MAX, group=self.pg)
+        n = int(total[1])
+        return float(total[0] / max(n, 1)), n, n / max(float(timing[0]), 1e-9)
+
+    def train_day(self, split: str, day: Day, grow: bool) -> tuple[float, int, float]:
+        """Train on one day of `split` with `TrainPipelineSparseDist`: (mean loss, examples, examples/s), all ranks."""
         self.dmp.train()
-        steps = self.stream.num_batches(day)
+        steps = self.streams[split].num_batches(day)
         if self.cfg.train.max_steps_per_day is not None:
             steps = min(steps, self.cfg.train.max_steps_per_day)
-        batches = (b.to(self.device) for b in itertools.islice(self._batches(day, grow=True), steps))
+        batches = itertools.islice(self._batches(split, [day], grow), steps)
         pipeline = TrainPipelineSparseDist(self.dmp, self.optimizer, self.device, execute_all_batches=True)
-        total_loss, examples = torch.zeros(2, dtype=torch.float64), 0
+        total = torch.zeros(2, dtype=torch.float64)
         bar = tqdm(total=steps, desc=f"train {day.name}", disable=not _rank0(), leave=False)
         start = time.perf_counter()
         while True:
@@ -285,57 +363,106 @@ class Trainer:
                 loss, _, labels = pipeline.progress(batches)
             except StopIteration:
                 break
-            total_loss[0] += float(loss) * labels.numel()
-            total_loss[1] += labels.numel()
-            examples += labels.numel()
+            total += torch.tensor([float(loss) * labels.numel(), labels.numel()], dtype=torch.float64)
             bar.update(1)
             if bar.n % self.cfg.train.log_every == 0:
                 bar.set_postfix(loss=f"{float(loss):.4f}")
         elapsed = time.perf_counter() - start
         bar.close()
         pipeline.detach()
-        dist.all_reduce(total_loss, group=self.pg)
-        timing = torch.tensor([elapsed], dtype=torch.float64)
-        dist.all_reduce(timing, op=dist.ReduceOp.MAX, group=self.pg)
-        n = int(total_loss[1])
-        return float(total_loss[0] / max(n, 1)), n, n / float(timing[0])
+        return self._finish(total, elapsed)
 
-    def reconfigure(self, new_plan: DimensionPlan) -> None:
+    def search_day(self, day: Day, grow: bool) -> tuple[float, int, float]:
+        """AutoDim's bi-level steps over one day: model-weight steps on train batches, and every `arch_every`-th
+        step an architecture step on a validation batch of the same day (the day's validation batches taken in
+        turn, so a resumed run takes the same ones). The lookup of an architecture step runs without gradient,
+        so the fused optimizer leaves the tables alone; the dense gradients it leaves are discarded."""
+        assert self.head is not None and self.arch_optimizer is not None
+        self.dmp.train()
+        valid = list(self._batches("valid", [day], grow=False))
+        total = torch.zeros(2, dtype=torch.float64)
+        steps = self.streams["train"].num_batches(day)
+        if self.cfg.train.max_steps_per_day is not None:
+            steps = min(steps, self.cfg.train.max_steps_per_day)
+        arch_steps = 0
+        start = time.perf_counter()
+        for batch in tqdm(
+            itertools.islice(self._batches("train", [day], grow), steps),
+            total=steps,
+            desc=f"search {day.name}",
+            disable=not _rank0(),
+            leave=False,
+        ):
+            step = int(self.head.step)
+            self.head.uniform = step < self.head.config.warmup_steps
+            self.optimizer.zero_grad()
+            loss, (_, _, labels) = self.dmp(batch)
+            loss.backward()
+            self.optimizer.step()
+            self.head.advance()
+            total += torch.tensor([float(loss) * labels.numel(), labels.numel()], dtype=torch.float64)
+            if self.head.config.arch_step_after(step) and valid:
+                self.recommender.frozen_embeddings = True
+                self.arch_optimizer.zero_grad()
+                arch_loss, _ = self.dmp(valid[arch_steps % len(valid)])
+                arch_loss.backward()
+                self.arch_optimizer.step()
+                self.recommender.frozen_embeddings = False
+                self.optimizer.zero_grad()
+                arch_steps += 1
+        self.head.uniform = False
+        return self._finish(total, time.perf_counter() - start)
+
+    def reconfigure(self, new_plan: DimensionPlan, search: bool = False) -> None:
         """Move to `new_plan`: DCP save → whole tensors → migrate rows → re-plan under the budget → new DMP."""
         old_plan = self.plan
         scratch = self.run_dir / "reconfigure"
         save_checkpoint(scratch, {"model": self.dmp.state_dict()}, pg=self.pg)
         old_state = full_tensors(scratch)
-        fresh = self._model(new_plan, "cpu").state_dict()
+        fresh = self._model(new_plan, "cpu", search).state_dict()
         migrated = migrate_weights(old_plan, new_plan, old_state, fresh)
-        self.build(new_plan)
+        self.build(new_plan, search)
         load_full_weights(self.dmp, migrated)
         dist.barrier(group=self.pg)
         if _rank0():
-            import shutil
-
             shutil.rmtree(scratch, ignore_errors=True)
             logger.info("reconfigured to the new plan:\n%s\n%s", new_plan.summary(), self.memory.summary())
 
-    def checkpoint(self, day_index: int) -> None:
+    def checkpoint(self, name: str) -> None:
         def extra(tmp: Path) -> None:
             self.plan.save(tmp / "plan")
             self.vocab.save(tmp / "vocab")
+            if self.arch_optimizer is not None:
+                torch.save(self.arch_optimizer.state_dict(), tmp / "arch_optimizer.pt")
             progress = {
-                "next_day": day_index + 1,
+                "position": list(self.position),
+                "epoch_acc": self.epoch_acc,
                 "searcher": self.searcher.state_dict(),
                 "days": [asdict(d) for d in self.result.days],
+                "epochs": self.result.epochs,
+                "phase_seconds": self.result.phase_seconds,
             }
             (tmp / "progress.json").write_text(json.dumps(progress))
 
-        save_checkpoint(self.run_dir / "checkpoints" / f"day-{day_index:04d}", self._state(), extra, self.pg)
+        save_checkpoint(self.run_dir / "checkpoints" / name, self._state(), extra, self.pg)
 
-    # ---- the loop ------------------------------------------------------------------------------------------
+    def _log(self, record_: dict[str, Any]) -> None:
+        if _rank0():
+            with (self.run_dir / "metrics.jsonl").open("a") as fh:
+                fh.write(json.dumps(record_) + "\n")
+            self.plan.save(self.run_dir / "plan")
+
+    # ---- the loops -----------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
-        for index in range(self.next_day, len(self.days)):
+        result = self.run_static() if self.static else self.run_prequential()
+        result.plan = self.plan
+        return result
+
+    def run_prequential(self) -> TrainResult:
+        for index in range(self.position[2], len(self.days)):
             day = self.days[index]
-            evaluation = self.evaluate(day)
-            loss, examples, speed = self.train_day(day)
+            evaluation = self.evaluate("all", [day])
+            loss, examples, speed = self.train_day("all", day, grow=True)
             self.searcher.observe(
                 DayStats(
                     day.name,
@@ -349,9 +476,7 @@ class Trainer:
             reconfigured = proposal is not None and proposal.to_json()["features"] != self.plan.to_json()["features"]
             if reconfigured and proposal is not None:
                 self.reconfigure(proposal)
-            rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0])
-            dist.all_reduce(rss, op=dist.ReduceOp.MAX, group=self.pg)
-            record_ = DayResult(
+            day_result = DayResult(
                 day=day.name,
                 day_index=index,
                 eval=evaluation,
@@ -360,14 +485,12 @@ class Trainer:
                 examples_per_s=speed,
                 embedding_bytes_per_rank=self.memory.per_rank_bytes,
                 embedding_parameters=self.plan.parameters,
-                peak_rss_mb=float(rss[0]),
+                peak_rss_mb=_peak_rss_mb(self.pg),
                 reconfigured=reconfigured,
             )
-            self.result.days.append(record_)
+            self.result.days.append(day_result)
+            self._log(asdict(day_result))
             if _rank0():
-                with (self.run_dir / "metrics.jsonl").open("a") as fh:
-                    fh.write(json.dumps(asdict(record_)) + "\n")
-                self.plan.save(self.run_dir / "plan")
                 logger.info(
                     "day %s: eval %s | train loss %.4f | %.0f examples/s",
                     day.name,
@@ -375,25 +498,118 @@ class Trainer:
                     loss,
                     speed,
                 )
+            self.position = (0, 0, index + 1)
             if self.cfg.train.checkpoint:
-                self.checkpoint(index)
-        self.result.plan = self.plan
+                self.checkpoint(f"day-{index:04d}")
         return self.result
+
+    def run_static(self) -> TrainResult:
+        phases = [("train", self.cfg.train.epochs)]
+        if self.autodim:
+            phases.insert(0, ("search", self.cfg.search.search_epochs))
+        unit = 0
+        for p, (phase, epochs) in enumerate(phases):
+            for epoch in range(epochs):
+                for d, day in enumerate(self.days):
+                    unit += 1
+                    if (p, epoch, d) < self.position:
+                        continue
+                    if self.cfg.train.max_units is not None and unit > self.cfg.train.max_units:
+                        logger.info("stopping before unit %d (train.max_units); --resume continues", unit)
+                        return self.result
+                    grow = p == 0 and epoch == 0  # ids are admitted during the first pass over the train split
+                    step = (
+                        self.search_day if phase == "search" else (lambda day, grow: self.train_day("train", day, grow))
+                    )
+                    loss, n, speed = step(day, grow)
+                    self.epoch_acc["loss"] += loss * n
+                    self.epoch_acc["examples"] += n
+                    self.epoch_acc["seconds"] += n / max(speed, 1e-9)
+                    self.position = (p, epoch, d + 1)
+                    if d + 1 == len(self.days):
+                        self._end_epoch(phase, epoch)
+                        self.position = (p, epoch + 1, 0) if epoch + 1 < epochs else (p + 1, 0, 0)
+                        if phase == "search" and epoch + 1 == epochs:
+                            self._derive()
+                    if self.cfg.train.checkpoint:
+                        self.checkpoint(f"unit-{unit:06d}")
+        test = self.evaluate("test", self.days)
+        self.result.test = test
+        self._log({"phase": "final", "split": "test", "eval": test, "embedding_parameters": self.plan.parameters})
+        if _rank0():
+            logger.info("test: %s", {k: round(v, 4) for k, v in test.items()})
+        return self.result
+
+    def _end_epoch(self, phase: str, epoch: int) -> None:
+        acc = self.epoch_acc
+        self.result.phase_seconds[phase] = self.result.phase_seconds.get(phase, 0.0) + acc["seconds"]
+        valid = self.evaluate("valid", self.days)
+        record_ = {
+            "phase": phase,
+            "epoch": epoch,
+            "split": "valid",
+            "eval": valid,
+            "train_loss": acc["loss"] / max(acc["examples"], 1),
+            "train_examples": acc["examples"],
+            "seconds": acc["seconds"],
+            "examples_per_s": acc["examples"] / max(acc["seconds"], 1e-9),
+            "embedding_parameters": self.plan.parameters,
+            "embedding_bytes_per_rank": self.memory.per_rank_bytes,
+            "peak_rss_mb": _peak_rss_mb(self.pg),
+        }
+        if self.head is not None:
+            record_["probabilities"] = {
+                f: p.round(4).tolist() for f, p in zip(self.features, self.head.probabilities(), strict=True)
+            }
+        self.result.epochs.append(record_)
+        self._log(record_)
+        self.epoch_acc = {"loss": 0.0, "examples": 0, "seconds": 0.0}
+        if _rank0():
+            logger.info("%s epoch %d: valid %s", phase, epoch, {k: round(v, 4) for k, v in valid.items()})
+
+    def _derive(self) -> None:
+        """AutoDim: hard dims by argmax (under the budget), then rebuild the tables at exactly those dims."""
+        assert self.head is not None and isinstance(self.searcher, AutoDimSearcher)
+        probabilities = self.head.probabilities()
+        new_plan = self.searcher.derive(
+            probabilities, self.capacity, provenance={"search_seconds": self.result.phase_seconds.get("search", 0.0)}
+        )
+        if _rank0():
+            logger.info("AutoDim derived plan:\n%s", new_plan.summary())
+        self.reconfigure(new_plan, search=False)
 
 
 def print_summary(result: TrainResult, budget_bytes: int | None) -> None:
-    """The per-day table `make demo` shows."""
-    header = f"{'day':<12}{'eval AUC':>9}{'eval loss':>10}{'train loss':>11}{'examples/s':>12}{'emb MiB/rank':>22}"
-    print(header)
-    print("-" * len(header))
-    for d in result.days:
-        per_rank = "/".join(f"{b / 2**20:.2f}" for b in d.embedding_bytes_per_rank)
-        auc = d.eval.get("auc", float("nan"))
-        print(
-            f"{d.day:<12}{auc:>9.4f}{d.eval['loss']:>10.4f}{d.train_loss:>11.4f}{d.examples_per_s:>12,.0f}{per_rank:>22}"
+    """The table a run ends with: per day (prequential) or per epoch and test (static)."""
+    if result.days:
+        header = f"{'day':<12}{'eval AUC':>9}{'eval loss':>10}{'train loss':>11}{'examples/s':>12}{'emb MiB/rank':>22}"
+        print(header)
+        print("-" * len(header))
+        for d in result.days:
+            per_rank = "/".join(f"{b / 2**20:.2f}" for b in d.embedding_bytes_per_rank)
+            auc = d.eval.get("auc", float("nan"))
+            print(
+                f"{d.day:<12}{auc:>9.4f}{d.eval['loss']:>10.4f}{d.train_loss:>11.4f}{d.examples_per_s:>12,.0f}"
+                f"{per_rank:>22}"
+            )
+        used = sum(result.days[-1].embedding_bytes_per_rank)
+    else:
+        header = (
+            f"{'phase':<8}{'epoch':>6}{'valid AUC':>10}{'valid loss':>11}{'train loss':>11}{'examples/s':>12}"
+            f"{'params':>12}"
         )
+        print(header)
+        print("-" * len(header))
+        for e in result.epochs:
+            print(
+                f"{e['phase']:<8}{e['epoch']:>6}{e['eval'].get('auc', float('nan')):>10.4f}{e['eval']['loss']:>11.4f}"
+                f"{e['train_loss']:>11.4f}{e['examples_per_s']:>12,.0f}{e['embedding_parameters']:>12,}"
+            )
+        print(f"test: {', '.join(f'{k} {v:.4f}' for k, v in result.test.items() if k != 'examples')}")
+        used = sum(result.epochs[-1]["embedding_bytes_per_rank"]) if result.epochs else 0
+    if result.plan is not None:
+        print(result.plan.summary())
     if budget_bytes:
-        used = sum(result.days[-1].embedding_bytes_per_rank) if result.days else 0
         print(f"embedding memory {used / 2**20:.2f} MiB of a {budget_bytes / 2**20:.2f} MiB budget")
     print(f"run: {result.run_dir}  (metrics.jsonl, config.yaml, plan/, checkpoints/)")
 
@@ -447,6 +663,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        force=True,  # an imported library may already have configured the root logger
     )
     for noisy in ("torchrec", "torch.distributed", "fbgemm_gpu"):
         logging.getLogger(noisy).setLevel(logging.ERROR)

@@ -3,10 +3,14 @@
 `TrainPipelineSparseDist` calls `model(batch)` and wants `(loss, output)`; the output carries the detached loss,
 the logits and the labels so the job can log without another forward pass. The embedding layer is whatever maps
 a KJT to a dict of per-feature pooled tensors (`sharding.embedding.PlannedEmbedding`); DMP shards the
-`EmbeddingBagCollection` inside it.
+`EmbeddingBagCollection` inside it. An optional `head` (a search's transform, e.g. AutoDim's candidate mixture)
+sits between the two; `frozen_embeddings` runs the lookup without gradient, so a step that must not touch the
+tables (a search's architecture step) leaves the fused embedding optimizer idle.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import nn
@@ -22,17 +26,23 @@ class Recommender(nn.Module):
         embedding: maps a `KeyedJaggedTensor` to `{feature: [B, dim]}`.
         dense_model: maps `(embeddings, dense features)` to logits `[B]` (or `[B, C]`).
         task: `binary`, `regression` or `multiclass`.
+        head: optional transform of the embeddings dict before the dense model.
     """
 
-    def __init__(self, embedding: nn.Module, dense_model: nn.Module, task: str) -> None:
+    def __init__(self, embedding: nn.Module, dense_model: nn.Module, task: str, head: nn.Module | None = None) -> None:
         super().__init__()
         self.embedding = embedding
         self.dense_model = dense_model
+        self.head = head
         self.task = task
         self.loss_fn = loss_for_task(task)
+        self.frozen_embeddings = False
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        embeddings = self.embedding(batch.sparse_features)
+        with torch.no_grad() if self.frozen_embeddings else contextlib.nullcontext():
+            embeddings = self.embedding(batch.sparse_features)
+        if self.head is not None:
+            embeddings = self.head(embeddings)
         logits = self.dense_model(embeddings, batch.dense_features)
         labels = batch.labels.long() if self.task == "multiclass" else batch.labels
         loss = self.loss_fn(logits, labels)

@@ -118,6 +118,7 @@ class SyntheticConfig:
     drift: float = 0.05
     dense: int = 4
     latent_dim: int = 8
+    field_latent_dim: int = 1
     interaction_weight: float = 1.5
     informative_fraction: float = 0.5
     tag_weight: float = 0.5
@@ -137,6 +138,7 @@ class SyntheticConfig:
             "tags",
             "max_tags",
             "latent_dim",
+            "field_latent_dim",
         )
         for name in positive:
             value = getattr(self, name)
@@ -170,6 +172,18 @@ class SyntheticConfig:
         return tuple(
             _FIRST_FIELD_WEIGHT * _FIELD_WEIGHT_DECAY**i if i < informative else 0.0 for i in range(self.fields)
         )
+
+    @property
+    def field_dims(self) -> tuple[int, ...]:
+        """The latent dim each single-hot field's signal lives in (0 for noise fields).
+
+        With `field_latent_dim` 1 (the default) a field acts through one number per id. With k > 1 the most
+        important field acts through a k-dim dot product with a per-field item latent, and the others through
+        dims scaled down with their weight — so a model needs more embedding dims for more important fields,
+        which is what a dimension search should find.
+        """
+        first = _FIRST_FIELD_WEIGHT
+        return tuple(max(1, round(self.field_latent_dim * w / first)) if w else 0 for w in self.field_weights)
 
     @property
     def dense_weights(self) -> tuple[float, ...]:
@@ -395,6 +409,30 @@ def _planted_model(cfg: SyntheticConfig) -> _PlantedModel:
     return _PlantedModel(_solve_bias(cfg.target_ctr, _logit_sd(cfg)), standardisers)
 
 
+def _field_terms(
+    cfg: SyntheticConfig, field_ids: list[np.ndarray], item_ids: np.ndarray, scalar: list[np.ndarray]
+) -> list[np.ndarray]:
+    """Each single-hot field's unit-variance signal per row: its scalar latent, or (`field_latent_dim` > 1) the
+    dot product of a k-dim field latent with a k-dim per-field item latent, over sqrt(k)."""
+    if cfg.field_latent_dim == 1:
+        return scalar
+    terms = []
+    for i, (k, ids) in enumerate(zip(cfg.field_dims, field_ids, strict=True)):
+        if k == 0:
+            terms.append(scalar[i])
+            continue
+        name = field_name(i)
+        z = _latents_by_unique(cfg.seed, name, ids, k)
+        y = _latents_by_unique(cfg.seed, f"{ITEM}~{name}", item_ids, k)
+        terms.append(np.einsum("ij,ij->i", z, y) / np.sqrt(k))
+    return terms
+
+
+def _latents_by_unique(seed: int, feature: str, ids: np.ndarray, dim: int) -> np.ndarray:
+    unique, inverse = np.unique(ids, return_inverse=True)
+    return raw_latents(seed, feature, unique, dim)[inverse.reshape(-1)]
+
+
 def _combine(
     cfg: SyntheticConfig,
     model: _PlantedModel,
@@ -436,6 +474,12 @@ def planted_logit(cfg: SyntheticConfig, df: pl.DataFrame) -> np.ndarray:
     user = latents(USER, df.get_column(USER).to_numpy(), cfg.latent_dim)
     item = latents(ITEM, df.get_column(ITEM).to_numpy(), cfg.latent_dim)
     fields = [latents(f, df.get_column(f).to_numpy(), 1)[:, 0] for f in map(field_name, range(cfg.fields))]
+    fields = _field_terms(
+        cfg,
+        [df.get_column(field_name(i)).to_numpy() for i in range(cfg.fields)],
+        df.get_column(ITEM).to_numpy(),
+        fields,
+    )
     tags = df.get_column(TAGS)
     count = tags.list.len().to_numpy().astype(np.int64)
     values = tags.explode().drop_nulls().to_numpy()
@@ -513,6 +557,7 @@ def _sample_day(cfg: SyntheticConfig, pools: dict[str, _Pool], day_index: int) -
 
     dense = _row_rng(cfg, day_index, "dense").standard_normal((n, cfg.dense), dtype=np.float32)
     fields = [standardised[field_name(i)][:, 0] for i in range(cfg.fields)]
+    fields = _field_terms(cfg, [columns[field_name(i)] for i in range(cfg.fields)], columns[ITEM], fields)
     logit = _combine(cfg, model, standardised[USER], standardised[ITEM], fields, tag_sum, count, dense)
     outcome = _row_rng(cfg, day_index, "label")
     noisy = logit + outcome.normal(0.0, cfg.noise, size=n) if cfg.noise else logit
@@ -608,6 +653,7 @@ def main(argv: list[str] | None = None) -> None:
         ("new_ids_per_day", float),
         ("drift", float),
         ("dense", int),
+        ("field_latent_dim", int),
         ("seed", int),
     ]
     for name, kind in flags:

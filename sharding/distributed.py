@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
@@ -268,9 +268,21 @@ def shard_model(
     )
 
 
-def combined_optimizer(dmp: DistributedModelParallel, dense_lr: float) -> CombinedOptimizer:
-    """The fused embedding optimizer plus Adagrad over the dense parameters (the in-backward ones filtered out)."""
-    dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
+def combined_optimizer(
+    dmp: DistributedModelParallel, dense_lr: float, exclude: Callable[[str], bool] | None = None
+) -> CombinedOptimizer:
+    """The fused embedding optimizer plus Adagrad over the dense parameters (the in-backward ones filtered out).
+
+    Args:
+        dmp: the sharded model.
+        dense_lr: Adagrad's learning rate.
+        exclude: dense parameter names another optimizer owns (e.g. a search's architecture weights).
+    """
+    dense = {
+        name: p
+        for name, p in in_backward_optimizer_filter(dmp.named_parameters())
+        if exclude is None or not exclude(name)
+    }
     optimizers: list[Any] = [dmp.fused_optimizer]
     if dense:
         optimizers.append(KeyedOptimizerWrapper(dense, lambda params: torch.optim.Adagrad(params, lr=dense_lr)))

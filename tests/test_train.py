@@ -141,3 +141,54 @@ def test_plan_that_does_not_match_the_dataset_is_rejected(data: Path, tmp_path: 
         cfg = load_config(REPO / "jobs/configs/demo.yaml", [f"search.plan={plan_dir}"])
         with pytest.raises(PlanError, match=match):
             initial_plan(cfg, None, dataset.spec.feature_names, capacity)  # type: ignore[arg-type]
+
+
+def _autodim_args(data: Path, out: Path, name: str, *extra: str) -> list[str]:
+    return _args(
+        data,
+        out,
+        name,
+        "data.protocol=random",
+        "search.method=autodim",
+        "search.candidate_dims=[4,8,16]",
+        "search.arch_every=2",
+        "search.arch_lr=0.05",
+        "search.temperature_decay=0.01",
+        *extra,
+    )
+
+
+def test_autodim_search_derive_retrain_and_resume_mid_search(data: Path, tmp_path: Path) -> None:
+    full = _torchrun(*_autodim_args(data, tmp_path, "full"))
+    assert full.returncode == 0, full.stderr[-3000:]
+    records = _metrics(tmp_path / "full")
+    assert [(r["phase"], r.get("epoch")) for r in records] == [("search", 0), ("train", 0), ("final", None)]
+    search, retrain, final = records
+    plan = DimensionPlan.load(tmp_path / "full" / "plan")
+    # Search tables are all at the largest candidate; the retrained tables are exactly the derived dims.
+    assert search["embedding_parameters"] == sum(16 * f.num_embeddings for f in plan.features)
+    probabilities = search["probabilities"]
+    assert {f.feature: f.dim for f in plan.features} == {
+        f: (4, 8, 16)[int(max(range(3), key=lambda i: p[i]))]  # type: ignore[index]
+        for f, p in probabilities.items()  # type: ignore[union-attr]
+    }
+    assert retrain["embedding_parameters"] == final["embedding_parameters"] == plan.parameters
+    assert plan.provenance["method"] == "autodim"
+    assert "test: " in full.stdout and "AutoDim derived plan" in full.stderr
+
+    # Preempted after two units (inside the search phase), then resumed: same plan and same test metrics.
+    cut = _torchrun(*_autodim_args(data, tmp_path, "cut", "train.max_units=2"))
+    assert cut.returncode == 0, cut.stderr[-3000:]
+    assert (
+        not (tmp_path / "cut" / "plan").exists()
+        or DimensionPlan.load(tmp_path / "cut" / "plan").provenance.get("method") != "autodim"
+    )
+    resumed = _torchrun(*_autodim_args(data, tmp_path, "cut", "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    again = _metrics(tmp_path / "cut")
+    assert [r["phase"] for r in again] == ["search", "train", "final"]
+    assert again[-1]["eval"] == pytest.approx(final["eval"], rel=1e-6)
+    for f, p in search["probabilities"].items():  # type: ignore[union-attr]
+        assert again[0]["probabilities"][f] == pytest.approx(p, abs=1e-6)  # type: ignore[index]
+    resumed_plan = DimensionPlan.load(tmp_path / "cut" / "plan")
+    assert [f.dim for f in resumed_plan.features] == [f.dim for f in plan.features]
