@@ -142,7 +142,9 @@ class AutoDimHead(nn.Module):
     def weights(self) -> torch.Tensor:
         """This step's candidate weights p [fields, candidates]."""
         if self.uniform:
-            return torch.full_like(self.arch_logits, 1.0 / self.arch_logits.shape[1])
+            # Uniform, but still a function of the logits (zero gradient): DDP's static graph needs every
+            # parameter used in every step.
+            return torch.softmax(self.arch_logits * 0.0, dim=-1)
         if not self.training:
             # Evaluation uses the architecture's own distribution (no noise).
             return torch.softmax(self.arch_logits, dim=-1)
