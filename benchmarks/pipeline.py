@@ -136,9 +136,7 @@ def evaluation_pass(ds: Dataset, vocab: VocabularySet) -> int:
 def arrow_read(ds: Dataset) -> int:
     """The reference: a plain single-threaded pyarrow read of every file, the stream's columns."""
     columns = stream_columns(ds)
-    return sum(
-        pq.read_table(f, columns=columns, use_threads=False).num_rows for day in ds.days for f in day.files
-    )
+    return sum(pq.read_table(f, columns=columns, use_threads=False).num_rows for day in ds.days for f in day.files)
 
 
 def bench_stream(name: str, ds: Dataset, repeats: int) -> list[Measurement]:
@@ -219,10 +217,7 @@ def print_table(rows: list[Measurement]) -> None:
     print("-+-".join("-" * w for w in widths))
     for r in cells:
         print(
-            " | ".join(
-                c.rjust(w) if 0 < i < 4 else c.ljust(w)
-                for i, (c, w) in enumerate(zip(r, widths, strict=True))
-            )
+            " | ".join(c.rjust(w) if 0 < i < 4 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
         )
 
 
@@ -250,9 +245,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cpu = pin_to_one_core()
     repeats = 2 if args.quick else 3
-    cfg = (
-        SyntheticConfig(days=3, rows_per_day=100_000) if args.quick else SyntheticConfig(rows_per_day=300_000)
-    )
+    cfg = SyntheticConfig(days=3, rows_per_day=100_000) if args.quick else SyntheticConfig(rows_per_day=300_000)
     if args.work is not None:
         args.work.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="dimsearch-bench-", dir=args.work))

@@ -121,6 +121,9 @@ class SearchConfig:
         temperature_decay: AutoDim's τ = max(min_temperature, 1 − decay · step).
         min_temperature: AutoDim's temperature floor.
         search_epochs: AutoDim's epochs of search before deriving the plan.
+        arch_noise: AutoDim's architecture steps use Gumbel-softmax weights (the paper) or, if false, softmax(α).
+        retrain: AutoDim's retrain at the derived dims starts from `scratch` (fresh weights, as the paper does) or
+            from the `search` (the supernet's table prefixes and the dense weights whose shapes are unchanged).
     """
 
     method: Literal["fixed", "uniform-budget", "autodim"] = "fixed"
@@ -134,6 +137,8 @@ class SearchConfig:
     temperature_decay: float = 5e-5
     min_temperature: float = 0.01
     search_epochs: int = 1
+    retrain: Literal["scratch", "search"] = "scratch"
+    arch_noise: bool = True
 
     def __post_init__(self) -> None:
         if self.dim <= 0:

@@ -120,6 +120,7 @@ def build_searcher(cfg: JobConfig) -> Searcher:
                 min_temperature=s.min_temperature,
                 search_epochs=s.search_epochs,
                 seed=cfg.train.seed,
+                arch_noise=s.arch_noise,
             ),
             budget,
         )
@@ -403,29 +404,37 @@ class Trainer:
             total += torch.tensor([float(loss) * labels.numel(), labels.numel()], dtype=torch.float64)
             if self.head.config.arch_step_after(step) and valid:
                 self.recommender.frozen_embeddings = True
+                self.head.noise = self.head.config.arch_noise
                 self.arch_optimizer.zero_grad()
                 arch_loss, _ = self.dmp(valid[arch_steps % len(valid)])
                 arch_loss.backward()
                 self.arch_optimizer.step()
                 self.recommender.frozen_embeddings = False
+                self.head.noise = True
                 self.optimizer.zero_grad()
                 arch_steps += 1
         self.head.uniform = False
         return self._finish(total, time.perf_counter() - start)
 
-    def reconfigure(self, new_plan: DimensionPlan, search: bool = False) -> None:
-        """Move to `new_plan`: DCP save → whole tensors → migrate rows → re-plan under the budget → new DMP."""
+    def reconfigure(self, new_plan: DimensionPlan, search: bool = False, from_scratch: bool = False) -> None:
+        """Move to `new_plan`: DCP save → whole tensors → migrate rows → re-plan under the budget → new DMP.
+
+        `from_scratch` keeps the new model's fresh initialisation instead of migrating (a retrain from scratch at
+        the new dims, as AutoDim's paper does); the tables are still rebuilt and re-planned the same way.
+        """
         old_plan = self.plan
-        scratch = self.run_dir / "reconfigure"
-        save_checkpoint(scratch, {"model": self.dmp.state_dict()}, pg=self.pg)
-        old_state = full_tensors(scratch)
         fresh = self._model(new_plan, "cpu", search).state_dict()
-        migrated = migrate_weights(old_plan, new_plan, old_state, fresh)
+        if from_scratch:
+            migrated = fresh
+        else:
+            scratch = self.run_dir / "reconfigure"
+            save_checkpoint(scratch, {"model": self.dmp.state_dict()}, pg=self.pg)
+            migrated = migrate_weights(old_plan, new_plan, full_tensors(scratch), fresh)
         self.build(new_plan, search)
         load_full_weights(self.dmp, migrated)
         dist.barrier(group=self.pg)
         if _rank0():
-            shutil.rmtree(scratch, ignore_errors=True)
+            shutil.rmtree(self.run_dir / "reconfigure", ignore_errors=True)
             logger.info("reconfigured to the new plan:\n%s\n%s", new_plan.summary(), self.memory.summary())
 
     def checkpoint(self, name: str) -> None:
@@ -576,7 +585,7 @@ class Trainer:
         )
         if _rank0():
             logger.info("AutoDim derived plan:\n%s", new_plan.summary())
-        self.reconfigure(new_plan, search=False)
+        self.reconfigure(new_plan, search=False, from_scratch=self.cfg.search.retrain == "scratch")
 
 
 def print_summary(result: TrainResult, budget_bytes: int | None) -> None:

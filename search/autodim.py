@@ -11,8 +11,8 @@ Zhao, Liu, Guo, Tang, Liu, Wang, Yin, Tang, Liu. "Memory-efficient Embedding for
 - Dimension unification (§2.3): x̃_m^n = W_{m,n}ᵀ x_m[:d_n] + b_{m,n}, then BatchNorm per (field, candidate)
   without affine parameters. Decision: W per field and candidate, as the Hetu implementation does, rather than
   one W per candidate shared by all fields as the paper's text says — fields' embeddings are differently
-  distributed, and the extra parameters exist only during the search. All fields and candidates are computed in
-  one einsum over prefix-masked inputs (x ⊙ mask_n) @ W, which equals the sliced product.
+  distributed, and the extra parameters exist only during the search. All candidates of a field are computed in
+  one matmul with W's rows past d_n zeroed, which equals the sliced product.
 - Selection (§2.4): architecture logits a_m ∈ R^N per field, α_m = softmax(a_m); Gumbel-softmax weights
   p_m^n = softmax_n((log α_m^n + g_n) / τ), g = −log(−log u); the field embedding is Σ_n p_m^n x̂_m^n.
   Temperature τ = max(τ_min, 1 − decay·t) with decay 5e-5 and τ_min 0.01 per model step t (the paper's schedule;
@@ -59,6 +59,9 @@ class AutoDimConfig:
         min_temperature: the temperature floor.
         search_epochs: passes over the training split during the search.
         seed: seeds the Gumbel noise (with the step and the rank).
+        arch_noise: architecture steps mix the candidates with Gumbel-softmax weights, as the paper does; False
+            mixes them with softmax(α) instead (a lower-variance gradient, useful on small data). Model-weight steps
+            always use Gumbel-softmax.
     """
 
     candidate_dims: tuple[int, ...] = (4, 8, 16, 24, 32)
@@ -69,6 +72,7 @@ class AutoDimConfig:
     min_temperature: float = 0.01
     search_epochs: int = 1
     seed: int = 0
+    arch_noise: bool = True
 
     def __post_init__(self) -> None:
         dims = list(self.candidate_dims)
@@ -138,6 +142,7 @@ class AutoDimHead(nn.Module):
         self.register_buffer("masks", masks)
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
         self.uniform = False  # warm-up: fixed uniform weights instead of Gumbel-softmax
+        self.noise = True  # Gumbel noise in training mode (off for architecture steps when arch_noise is False)
 
     def weights(self) -> torch.Tensor:
         """This step's candidate weights p [fields, candidates]."""
@@ -145,8 +150,8 @@ class AutoDimHead(nn.Module):
             # Uniform, but still a function of the logits (zero gradient): DDP's static graph needs every
             # parameter used in every step.
             return torch.softmax(self.arch_logits * 0.0, dim=-1)
-        if not self.training:
-            # Evaluation uses the architecture's own distribution (no noise).
+        if not self.training or not self.noise:
+            # Evaluation (and noise-free architecture steps) use the architecture's own distribution.
             return torch.softmax(self.arch_logits, dim=-1)
         generator = torch.Generator().manual_seed(
             hash((self.config.seed, int(self.step), self.rank)) & 0x7FFFFFFFFFFFFFFF
@@ -155,10 +160,12 @@ class AutoDimHead(nn.Module):
 
     def forward(self, pooled: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         x = torch.stack([pooled[f][:, : self.config.max_dim] for f in self.features], dim=1)  # [B, M, D]
-        aligned = torch.einsum("bmd,nd,mnde->bmne", x, self.masks, self.align_weight) + self.align_bias
-        b, m, n, d = aligned.shape
-        normed = self.norm(aligned.reshape(b, m * n * d)).reshape(b, m, n, d)
-        mixed = torch.einsum("bmnd,mn->bmd", normed, self.weights())
+        m, n, d, _ = self.align_weight.shape
+        # Candidate n reads the first d_n inputs: zero W's other rows, then one [B, D] @ [D, N*D] matmul per field.
+        weight = (self.align_weight * self.masks[None, :, :, None]).permute(0, 2, 1, 3).reshape(m, d, n * d)
+        aligned = torch.bmm(x.transpose(0, 1), weight).transpose(0, 1).reshape(-1, m, n, d) + self.align_bias
+        normed = self.norm(aligned.reshape(-1, m * n * d)).reshape(-1, m, n, d)
+        mixed = (normed * self.weights()[None, :, :, None]).sum(dim=2)
         return {f: mixed[:, i] for i, f in enumerate(self.features)}
 
     def advance(self) -> int:

@@ -11,7 +11,8 @@
   whose logical dim did not change keeps its vector bit for bit; a changed row gets the prefix of its old vector
   (shrink) or the old vector padded with zeros (grow), or whatever a supplied transform returns (ESAPN's learned
   transforms); rows new to the plan keep the new table's initialisation. Dense parameters of unchanged shape are
-  copied; a dense matrix whose input width changed keeps its overlapping block.
+  copied; one whose shape changed keeps its fresh initialisation (its inputs mean something else now: a
+  concatenation of differently sized fields, say).
 - `load_full_weights` copies whole tensors into a sharded model: each rank copies its own shards' slices.
 """
 
@@ -193,14 +194,8 @@ def migrate_weights(
                     src = vectors[changed, : min(d, vectors.shape[1])]
                     target[local[changed], :d] = torch.nn.functional.pad(src, (0, d - src.shape[1]))
     for key, value in old_state.items():
-        if key.startswith(table_prefix) or key not in out:
-            continue
-        target = out[key]
-        if target.shape == value.shape:
-            target.copy_(value)
-        elif target.dim() == value.dim():
-            block = tuple(slice(0, min(a, b)) for a, b in zip(target.shape, value.shape, strict=True))
-            target[block] = value[block]
+        if not key.startswith(table_prefix) and key in out and out[key].shape == value.shape:
+            out[key].copy_(value)
     return out
 
 

@@ -131,3 +131,41 @@ def test_searched_plan_feeds_a_model_with_per_field_projections() -> None:
     model = build_model("dlrm", dims, 2, "binary")
     out = model({f: torch.randn(5, d) for f, d in dims.items()}, torch.randn(5, 2))
     assert out.shape == (5,) and isinstance(model, nn.Module)
+
+
+def test_bilevel_search_finds_the_dims_a_planted_target_needs() -> None:
+    """Field `wide` carries a signal spread over 16 dims, field `narrow` over 4 and field `noise` none: alternating
+    model / architecture steps (f = 2 here) put most of α on a candidate that holds the signal, for each field."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    cfg = AutoDimConfig(candidate_dims=(4, 8, 16, 32), arch_every=2, temperature_decay=1e-3)
+    head = AutoDimHead(["wide", "narrow", "noise"], cfg)
+    w_wide, w_narrow = torch.randn(16, generator=gen), torch.randn(4, generator=gen)
+
+    def batch(n: int = 256) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        x = {f: torch.randn(n, 32, generator=gen) for f in ("wide", "narrow", "noise")}
+        y = x["wide"][:, :16] @ w_wide / 4 + x["narrow"][:, :4] @ w_narrow / 2
+        return x, y
+
+    top = nn.Linear(3 * 32, 1)
+    model_opt = torch.optim.Adam([*top.parameters(), head.align_weight, head.align_bias], lr=3e-3)
+    arch_opt = torch.optim.Adam([head.arch_logits], lr=0.03)
+    for _ in range(1500):
+        x, y = batch()
+        out = head(x)
+        loss = ((top(torch.cat([out[f] for f in head.features], 1)).squeeze(1) - y) ** 2).mean()
+        model_opt.zero_grad()
+        loss.backward()
+        model_opt.step()
+        if cfg.arch_step_after(head.advance()):
+            xv, yv = batch()
+            out = head(xv)
+            val = ((top(torch.cat([out[f] for f in head.features], 1)).squeeze(1) - yv) ** 2).mean()
+            arch_opt.zero_grad()
+            val.backward()
+            arch_opt.step()
+    probs = head.probabilities()
+    # wide needs >= 16 dims: almost no mass on 4 or 8; narrow is served by any candidate.
+    assert probs[0, 2:].sum() > 0.9, probs
+    assert probs[0].argmax() >= 2
+    assert probs[2].argmax() == 0  # the noise field: larger candidates only add noise
