@@ -116,7 +116,8 @@ def print_table(rows: list[Row]) -> None:
     print(f"{'dataset':<10}{'method':<16}{'test AUC':>9}{'log loss':>9}{'emb params':>12}{'wall s':>8}  dims")
     for r in rows:
         print(
-            f"{r.dataset:<10}{r.method:<16}{r.auc:>9.4f}{r.log_loss:>9.4f}{r.parameters:>12,}{r.seconds:>8.0f}  {r.dims}"
+            f"{r.dataset:<10}{r.method:<16}{r.auc:>9.4f}{r.log_loss:>9.4f}{r.parameters:>12,}{r.seconds:>8.0f}"
+            f"  {r.dims}"
         )
 
 

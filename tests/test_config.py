@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,8 @@ from jobs.config import (
     parse_override,
 )
 from sharding.distributed import ShardingConfig
+
+DATA_KEYS = sorted(f.name for f in dataclasses.fields(DataConfig))
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "jobs" / "configs").glob("*.yaml"))
 
@@ -114,7 +118,7 @@ def test_unknown_key_names_key_and_lists_valid_keys(tmp_path: Path) -> None:
     assert str(err.value) == (
         f"1 problem(s) in the job config in {tmp_path / 'job.yaml'}:\n"
         "  - unknown key 'data.batchsize' "
-        "(valid keys: ['batch_size', 'capacity', 'days', 'path', 'prefetch'])"
+        f"(valid keys: {DATA_KEYS})"
     )
 
 
@@ -202,7 +206,7 @@ def test_all_problems_collected_into_one_message(tmp_path: Path) -> None:
     assert str(err.value).splitlines() == [
         f"7 problem(s) in the job config in {path}:",
         "  - override 'foo' is not of the form section.key=value (e.g. train.name=run1)",
-        "  - unknown key 'data.shuffle' (valid keys: ['batch_size', 'capacity', 'days', 'path', 'prefetch'])",
+        f"  - unknown key 'data.shuffle' (valid keys: {DATA_KEYS})",
         "  - [data] data.batch_size must be >= 1, got 0",
         "  - unknown section 'optim' (valid sections: ['data', 'model', 'search', 'sharding', 'train'])",
         "  - 'model.dense_lr' is 'abc' (str), expected <class 'float'>",
@@ -217,7 +221,7 @@ def test_two_override_problems_in_one_message() -> None:
     assert str(err.value) == (
         "2 problem(s) in the job config:\n"
         "  - 'data.batch_size' is 'abc' (str), expected <class 'int'>\n"
-        "  - unknown key 'data.nope' (valid keys: ['batch_size', 'capacity', 'days', 'path', 'prefetch'])"
+        f"  - unknown key 'data.nope' (valid keys: {DATA_KEYS})"
     )
 
 
