@@ -47,6 +47,7 @@ from models import metrics
 from models.factory import build_model
 from models.recommender import Recommender
 from pipeline.dataset import Dataset, Day
+from pipeline.spec import DatasetSpec
 from pipeline.splits import SplitAssignment, assign_splits
 from pipeline.stream import DayStream, StreamConfig
 from pipeline.vocab import VocabularySet
@@ -173,6 +174,21 @@ def table_capacities(dataset: Dataset, capacity: int | None) -> dict[str, int]:
     return {name: int(n) + 1 for name, n in counts.items()}
 
 
+def build_recommender(
+    cfg: JobConfig, spec: DatasetSpec, plan: DimensionPlan, device: torch.device | str, head: AutoDimHead | None = None
+) -> Recommender:
+    """The job's model for `plan`: the planned embedding layer (on `device`; `meta` to plan sharding), the dense
+    model `model.name` seeded with `train.seed`, and the task loss. A search head, if given, sits in between and
+    the dense model then sees every field at the head's width."""
+    torch.manual_seed(cfg.train.seed)
+    embedding = PlannedEmbedding(plan, device)
+    dims = embedding.feature_dims
+    if head is not None:
+        dims = {f: head.config.max_dim for f in dims}
+    dense = build_model(cfg.model.name, dims, len(spec.dense), spec.task, spec.num_classes, **cfg.model.options)
+    return Recommender(embedding, dense, spec.task, head)
+
+
 def _peak_rss_mb(pg: dist.ProcessGroup) -> float:
     rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0])
     dist.all_reduce(rss, op=dist.ReduceOp.MAX, group=pg)
@@ -220,19 +236,11 @@ class Trainer:
 
     # ---- setup ---------------------------------------------------------------------------------------------
     def _model(self, plan: DimensionPlan, device: torch.device | str, search: bool = False) -> Recommender:
-        spec = self.dataset.spec
-        torch.manual_seed(self.cfg.train.seed)
-        embedding = PlannedEmbedding(plan, device)
         head = None
-        dims = embedding.feature_dims
         if search:
             assert isinstance(self.searcher, AutoDimSearcher)
             head = self.searcher.head(self.rank)
-            dims = {f: self.searcher.config.max_dim for f in dims}
-        dense = build_model(
-            self.cfg.model.name, dims, len(spec.dense), spec.task, spec.num_classes, **self.cfg.model.options
-        )
-        return Recommender(embedding, dense, spec.task, head)
+        return build_recommender(self.cfg, self.dataset.spec, plan, device, head)
 
     def build(self, plan: DimensionPlan, search: bool = False) -> MemoryReport:
         """Build the model for `plan` on meta, plan its sharding under the budget, and wrap it in DMP."""
