@@ -16,6 +16,7 @@ Runs on gloo/CPU here and NCCL/GPU where present (`train.device=auto`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import itertools
 import json
@@ -111,20 +112,9 @@ def build_searcher(cfg: JobConfig) -> Searcher:
     s = cfg.search
     budget = Budget(s.budget) if s.budget else None
     if s.method == "autodim":
-        return AutoDimSearcher(
-            AutoDimConfig(
-                candidate_dims=s.candidate_dims,
-                arch_every=s.arch_every,
-                arch_lr=s.arch_lr,
-                warmup_steps=s.warmup_steps,
-                temperature_decay=s.temperature_decay,
-                min_temperature=s.min_temperature,
-                search_epochs=s.search_epochs,
-                seed=cfg.train.seed,
-                arch_noise=s.arch_noise,
-            ),
-            budget,
-        )
+        # The search section carries AutoDim's hyper-parameters under the same names; the seed is the run's.
+        shared = {f.name: getattr(s, f.name) for f in dataclasses.fields(AutoDimConfig) if hasattr(s, f.name)}
+        return AutoDimSearcher(AutoDimConfig(**shared, seed=cfg.train.seed), budget)
     if s.method == "uniform-budget":
         assert budget is not None
         return UniformBudgetSearcher(budget)
