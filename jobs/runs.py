@@ -83,7 +83,7 @@ def load_run(run_dir: str | Path, data_path: str | Path | None = None) -> Loaded
     dataset = Dataset(data_path or cfg.data.path)
     model = build_recommender(cfg, dataset.spec, plan, "cpu")
     weights = full_tensors(ckpt)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing, _unexpected = model.load_state_dict(weights, strict=False)
     if missing:
         raise DatasetError(ckpt, f"the checkpoint lacks tensors {missing[:5]}", "use the checkpoint of this run's plan")
     model.eval()

@@ -229,6 +229,7 @@ class Trainer:
         head = None
         if search:
             assert isinstance(self.searcher, AutoDimSearcher)
+            torch.manual_seed(self.cfg.train.seed)  # torch's own initial seed differs in every process
             head = self.searcher.head(self.rank)
         return build_recommender(self.cfg, self.dataset.spec, plan, device, head)
 
@@ -655,6 +656,9 @@ def train(cfg: JobConfig, resume: bool = False) -> TrainResult:
         result = trainer.run()
         if _rank0():
             print_summary(result, cfg.sharding.budget_bytes)
+        # Every rank reaches the end before any tears its process group down: a rank that destroys gloo while
+        # its peer is still talking to it can abort at exit ("terminate called without an active exception").
+        dist.barrier()
         return result
     finally:
         dist.destroy_process_group()

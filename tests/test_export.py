@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from jobs.config import ConfigError
+from jobs.evaluate import evaluate
 from jobs.export import (
     BUNDLE_VERSION,
     BundleError,
@@ -91,9 +92,13 @@ def bundle_dir(run: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory)
 
 
 def test_export_verify_and_rebuilt_predictions(
-    run: tuple[Path, Path], bundle_dir: Path, capsys: pytest.CaptureFixture[str]
+    run: tuple[Path, Path], bundle_dir: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
+    """The whole path a user takes: train (fixture) → evaluate → export (fixture) → verify → same predictions."""
     data, run_dir = run
+    report = evaluate([run_dir], out=tmp_path / "report")
+    assert (report.out / "report.md").is_file() and report.runs[0].overall.examples == 4000
+    assert 0.0 < report.runs[0].overall.metrics["auc"] < 1.0
     bundle = load_bundle(bundle_dir)
     trained = load_run(run_dir)
 
