@@ -37,11 +37,15 @@ lint: $(BIN)/.installed
 # The demo: generate the built-in synthetic stream, then train on it with 2 ranks under torchrun (gloo on CPU).
 demo: $(BIN)/.installed
 	$(BIN)/python -m pipeline.synthetic --out $(DEMO_DIR)/synthetic --days 5 --rows-per-day 200000 --overwrite
+	rm -rf runs/demo
 	PYTHONHASHSEED=0 $(BIN)/torchrun --standalone --nproc_per_node=2 -m jobs.train --config jobs/configs/demo.yaml \
 		data.path=$(DEMO_DIR)/synthetic train.name=demo
+	$(BIN)/python -m jobs.evaluate --run runs/demo --out reports/demo
+	$(BIN)/python -m jobs.export --run runs/demo --topology jobs/configs/topology/gpu16x80.yaml --out plans/demo \
+		--overwrite
 
 bench-pipeline: $(BIN)/.installed
 	$(BIN)/python -m benchmarks.pipeline
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) runs reports plans .pytest_cache .mypy_cache .ruff_cache

@@ -38,7 +38,6 @@ import logging
 import math
 import re
 import sys
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +50,7 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from jobs.config import ConfigError
+from jobs.logs import setup_logging
 from jobs.runs import LoadedRun, load_run
 from models import metrics
 from models.errors import ModelConfigError
@@ -858,11 +858,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, help="score on this dataset (same spec) instead of the run's data.path")
     parser.add_argument("--batch-size", type=int, default=8192, help="rows per forward pass")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
-    for noisy in ("torchrec", "fbgemm_gpu"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    # DCP's note that it loads in one process without a process group: that is what evaluation means to do.
-    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    setup_logging()
     runs = ([args.run] if args.run is not None else []) + list(args.compare)
     try:
         report = evaluate(

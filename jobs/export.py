@@ -49,6 +49,7 @@ import yaml
 from torch import nn
 
 from jobs.config import ConfigError, JobConfig, _build, load_config
+from jobs.logs import setup_logging
 from jobs.runs import LoadedRun, load_run
 from jobs.train import build_recommender
 from models.recommender import Recommender
@@ -569,9 +570,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--verify", type=Path, metavar="BUNDLE", help="verify a bundle and print its tables")
     parser.add_argument("--dtype", choices=sorted(SERVING_DTYPES), default="fp16", help="serving dtype (--verify)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
-    for noisy in ("torchrec", "torch.distributed", "fbgemm_gpu"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    setup_logging()
     if args.verify is None and None in (args.run, args.topology, args.out):
         parser.error("give --run, --topology and --out to export, or --verify BUNDLE")
     try:

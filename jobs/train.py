@@ -44,6 +44,7 @@ from torchrec.optim.keyed import CombinedOptimizer
 from tqdm import tqdm
 
 from jobs.config import JobConfig, load_config
+from jobs.logs import setup_logging
 from models import metrics
 from models.factory import build_model
 from models.recommender import Recommender
@@ -671,13 +672,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", action="store_true", help="continue after the last complete checkpoint")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(
-        level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        force=True,  # an imported library may already have configured the root logger
-    )
-    for noisy in ("torchrec", "torch.distributed", "fbgemm_gpu"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    setup_logging()
     try:
         cfg = load_config(args.config, args.overrides)
         train(cfg, resume=args.resume)
