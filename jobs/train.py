@@ -419,19 +419,19 @@ class Trainer:
     def reconfigure(self, new_plan: DimensionPlan, search: bool = False, from_scratch: bool = False) -> None:
         """Move to `new_plan`: DCP save → whole tensors → migrate rows → re-plan under the budget → new DMP.
 
-        `from_scratch` keeps the new model's fresh initialisation instead of migrating (a retrain from scratch at
-        the new dims, as AutoDim's paper does); the tables are still rebuilt and re-planned the same way.
+        `from_scratch` migrates nothing: the new tables and dense model keep exactly the initialisation a fresh run
+        of `new_plan` would get (a retrain from scratch at the new dims, as AutoDim's paper does); the tables are
+        still rebuilt and re-planned the same way.
         """
-        old_plan = self.plan
-        fresh = self._model(new_plan, "cpu", search).state_dict()
         if from_scratch:
-            migrated = fresh
+            self.build(new_plan, search)
         else:
+            fresh = self._model(new_plan, "cpu", search).state_dict()
             scratch = self.run_dir / "reconfigure"
             save_checkpoint(scratch, {"model": self.dmp.state_dict()}, pg=self.pg)
-            migrated = migrate_weights(old_plan, new_plan, full_tensors(scratch), fresh)
-        self.build(new_plan, search)
-        load_full_weights(self.dmp, migrated)
+            migrated = migrate_weights(self.plan, new_plan, full_tensors(scratch), fresh)
+            self.build(new_plan, search)
+            load_full_weights(self.dmp, migrated)
         dist.barrier(group=self.pg)
         if _rank0():
             shutil.rmtree(self.run_dir / "reconfigure", ignore_errors=True)
