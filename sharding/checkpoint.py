@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from collections.abc import Callable, Mapping
@@ -197,9 +196,3 @@ def migrate_weights(
         if not key.startswith(table_prefix) and key in out and out[key].shape == value.shape:
             out[key].copy_(value)
     return out
-
-
-def save_json(path: Path, payload: Mapping[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True))
-    tmp.rename(path)
