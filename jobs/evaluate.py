@@ -52,8 +52,8 @@ from tqdm import tqdm
 from jobs.config import ConfigError
 from jobs.logs import setup_logging
 from jobs.runs import LoadedRun, load_run
-from models import metrics
 from models.errors import ModelConfigError
+from models.metrics import TASK_METRICS, task_metrics
 from pipeline.dataset import Dataset, Day, atomic_directory
 from pipeline.errors import DatasetError
 from pipeline.splits import SPLIT_NAMES, assign_splits
@@ -65,12 +65,7 @@ from sharding.plan import BYTES_PER_PARAM, DimensionPlan, PlanError
 logger = logging.getLogger(__name__)
 
 OVERALL = "overall"
-# The metrics of each task, and the one the plots show with whether higher is better.
-TASK_METRICS: dict[str, tuple[str, ...]] = {
-    "binary": ("auc", "log_loss", "accuracy"),
-    "regression": ("mse",),
-    "multiclass": ("accuracy",),
-}
+# The metric the plots show for each task, and whether higher is better.
 PRIMARY_METRIC: dict[str, tuple[str, bool]] = {
     "binary": ("auc", True),
     "regression": ("mse", False),
@@ -257,26 +252,6 @@ def select_data(run: LoadedRun, days: str | None, split: str | None) -> Selectio
 
 
 # ---- scoring -----------------------------------------------------------------------------------------------------
-
-
-def task_metrics(task: str, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """The task's metrics of `logits` against `labels` (nan for every metric if there are no rows).
-
-    Raises:
-        ModelConfigError: labels that do not fit the task, or nan scores.
-    """
-    names = TASK_METRICS[task]
-    if labels.numel() == 0:
-        return dict.fromkeys(names, math.nan)
-    if task == "binary":
-        return {
-            "auc": float(metrics.auc(logits, labels)),
-            "log_loss": float(metrics.log_loss(logits, labels)),
-            "accuracy": float(metrics.accuracy(logits, labels)),
-        }
-    if task == "regression":
-        return {"mse": float(metrics.mse(logits, labels))}
-    return {"accuracy": float(metrics.accuracy(logits, labels.long()))}
 
 
 def _trained_days(run: LoadedRun) -> list[str]:

@@ -330,16 +330,7 @@ class Trainer:
         all_logits = torch.cat([g[0] for g in gathered])
         all_labels = torch.cat([g[1] for g in gathered])
         result = {"loss": sum(g[2] for g in gathered) / max(all_labels.numel(), 1), "examples": all_labels.numel()}
-        task = self.dataset.spec.task
-        if task == "binary":
-            result["auc"] = float(metrics.auc(all_logits, all_labels))
-            result["log_loss"] = float(metrics.log_loss(all_logits, all_labels))
-            result["accuracy"] = float(metrics.accuracy(all_logits, all_labels))
-        elif task == "regression":
-            result["mse"] = float(metrics.mse(all_logits, all_labels))
-        else:
-            result["accuracy"] = float(metrics.accuracy(all_logits, all_labels.long()))
-        return result
+        return {**result, **metrics.task_metrics(self.dataset.spec.task, all_logits, all_labels)}
 
     def _finish(self, total: torch.Tensor, elapsed: float) -> tuple[float, int, float]:
         dist.all_reduce(total, group=self.pg)

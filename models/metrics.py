@@ -255,3 +255,30 @@ def ndcg_at_k(
     ideal = torch.cumsum(discounts, dim=0)
     idcg = ideal[(num_held.clamp(min=1, max=k_eff) - 1)]
     return _reduce(dcg / idcg, num_held > 0, reduction)
+
+
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "binary": ("auc", "log_loss", "accuracy"),
+    "regression": ("mse",),
+    "multiclass": ("accuracy",),
+}
+
+
+def task_metrics(task: str, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """The task's metrics of `logits` against `labels` (nan for every metric if there are no rows).
+
+    Raises:
+        ModelConfigError: labels that do not fit the task, or nan scores.
+    """
+    names = TASK_METRICS[task]
+    if labels.numel() == 0:
+        return dict.fromkeys(names, math.nan)
+    if task == "binary":
+        return {
+            "auc": float(auc(logits, labels)),
+            "log_loss": float(log_loss(logits, labels)),
+            "accuracy": float(accuracy(logits, labels)),
+        }
+    if task == "regression":
+        return {"mse": float(mse(logits, labels))}
+    return {"accuracy": float(accuracy(logits, labels.long()))}

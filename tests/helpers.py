@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -55,3 +58,36 @@ def tiny_frame(rows_per_day: tuple[int, ...] = (101, 77, 50), seed: int = 0) -> 
 
 def write_tiny(out: Path, rows_per_day: tuple[int, ...] = (101, 77, 50), seed: int = 0) -> Path:
     return write_dataset(tiny_frame(rows_per_day, seed), SPEC, out)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_job_args(data: Path, out: Path, name: str, *overrides: str) -> list[str]:
+    """`jobs.train` arguments for a tiny run of the demo config on `data`: batches of 500, output in `out/name`."""
+    return [
+        "--config",
+        str(REPO / "jobs/configs/demo.yaml"),
+        f"data.path={data}",
+        "data.batch_size=500",
+        f"train.out_dir={out}",
+        f"train.name={name}",
+        "sharding.planner_batch_size=500",
+        *overrides,
+    ]
+
+
+def launch_train_job(args: list[str], nproc: int = 2) -> subprocess.Popen[str]:
+    """Start `torchrun --standalone --nproc_per_node=nproc -m jobs.train ARGS` on gloo (output captured)."""
+    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return subprocess.Popen(
+        [*cmd, "-m", "jobs.train", *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def run_train_job(args: list[str], nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run the training job to the end (see `launch_train_job`)."""
+    proc = launch_train_job(args, nproc)
+    stdout, stderr = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)

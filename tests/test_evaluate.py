@@ -8,9 +8,7 @@ the first 2 of 3 days, so day 3 brings ids they never saw. The job's numbers are
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +31,7 @@ from pipeline.stream import DayStream, StreamConfig
 from pipeline.synthetic import SyntheticConfig, write_synthetic
 from sharding.embedding import RowRemap
 from sharding.plan import DimensionPlan, FeaturePlan
+from tests.helpers import launch_train_job, tiny_job_args
 
 pytestmark = pytest.mark.multirank
 REPO = Path(__file__).resolve().parents[1]
@@ -41,20 +40,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _launch(data: Path, out: Path, name: str, *extra: str) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
-    args = [
-        "--config",
-        str(REPO / "jobs/configs/demo.yaml"),
-        f"data.path={data}",
-        "data.batch_size=500",
-        "data.days=2",
-        f"train.out_dir={out}",
-        f"train.name={name}",
-        "sharding.planner_batch_size=500",
-        *extra,
-    ]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "jobs.train"]
-    return subprocess.Popen([*cmd, *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return launch_train_job(tiny_job_args(data, out, name, "data.days=2", *extra))
 
 
 @pytest.fixture(scope="module")

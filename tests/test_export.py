@@ -7,10 +7,7 @@ The rebuilt fp32 model predicts exactly what the trained one does, the fp16-quan
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +31,7 @@ from pipeline.dataset import Dataset
 from pipeline.stream import DayStream, StreamConfig
 from pipeline.synthetic import SyntheticConfig, write_synthetic
 from sharding.plan import DimensionPlan, FeaturePlan
+from tests.helpers import run_train_job, tiny_job_args
 
 pytestmark = pytest.mark.multirank
 REPO = Path(__file__).resolve().parents[1]
@@ -69,19 +67,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     cfg = SyntheticConfig(days=2, rows_per_day=2000, users=300, items=200, fields=2, field_cardinality=40, dense=2)
     data = write_synthetic(cfg, root / "data")
     _mixed_plan(data).save(root / "plan_in")
-    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
-    args = [
-        "--config",
-        str(REPO / "jobs/configs/demo.yaml"),
-        f"data.path={data}",
-        "data.batch_size=500",
-        f"train.out_dir={root}",
-        "train.name=tiny",
-        f"search.plan={root / 'plan_in'}",
-        "sharding.planner_batch_size=500",
-    ]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "jobs.train"]
-    done = subprocess.run([*cmd, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    done = run_train_job(tiny_job_args(data, root, "tiny", f"search.plan={root / 'plan_in'}"))
     assert done.returncode == 0, done.stderr[-3000:]
     return data, root / "tiny"
 

@@ -17,6 +17,7 @@ import pytest
 from jobs.config import load_config
 from pipeline.synthetic import SyntheticConfig, write_synthetic
 from sharding.plan import DimensionPlan, PlanError
+from tests.helpers import run_train_job, tiny_job_args
 
 pytestmark = pytest.mark.multirank
 REPO = Path(__file__).resolve().parents[1]
@@ -30,38 +31,10 @@ GOLDEN = [
 ]
 
 
-def _torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        "-m",
-        "jobs.train",
-        *args,
-    ]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cfg = SyntheticConfig(days=3, rows_per_day=4000, users=400, items=300, fields=4, field_cardinality=60, dense=2)
     return write_synthetic(cfg, tmp_path_factory.mktemp("synthetic") / "data")
-
-
-def _args(data: Path, out: Path, name: str, *extra: str) -> list[str]:
-    return [
-        "--config",
-        str(REPO / "jobs/configs/demo.yaml"),
-        f"data.path={data}",
-        "data.batch_size=500",
-        f"train.out_dir={out}",
-        f"train.name={name}",
-        "sharding.planner_batch_size=500",
-        *extra,
-    ]
 
 
 def _metrics(run: Path) -> list[dict[str, object]]:
@@ -69,7 +42,7 @@ def _metrics(run: Path) -> list[dict[str, object]]:
 
 
 def test_train_golden_losses_resume_and_plan(data: Path, tmp_path: Path) -> None:
-    full = _torchrun(*_args(data, tmp_path, "full"))
+    full = run_train_job(tiny_job_args(data, tmp_path, "full"))
     assert full.returncode == 0, full.stderr[-3000:]
     days = _metrics(tmp_path / "full")
     assert [d["day"] for d in days] == ["2024-01-01", "2024-01-02", "2024-01-03"]
@@ -86,9 +59,9 @@ def test_train_golden_losses_resume_and_plan(data: Path, tmp_path: Path) -> None
     assert days[-1]["embedding_parameters"] == plan.parameters
 
     # Interrupted after two days, then resumed: the third day matches the uninterrupted run.
-    first = _torchrun(*_args(data, tmp_path, "cut", "data.days=2"))
+    first = run_train_job(tiny_job_args(data, tmp_path, "cut", "data.days=2"))
     assert first.returncode == 0, first.stderr[-3000:]
-    resumed = _torchrun(*_args(data, tmp_path, "cut", "--resume"))
+    resumed = run_train_job(tiny_job_args(data, tmp_path, "cut", "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     cut = _metrics(tmp_path / "cut")
     assert [d["day"] for d in cut] == [d["day"] for d in days]
@@ -109,7 +82,7 @@ def test_bad_config_fails_before_any_process_group(data: Path, tmp_path: Path) -
             sys.executable,
             "-m",
             "jobs.train",
-            *_args(data, tmp_path, "bad", "data.batch_sise=10", "train.seed=x"),
+            *tiny_job_args(data, tmp_path, "bad", "data.batch_sise=10", "train.seed=x"),
         ],
         cwd=REPO,
         env=env,
@@ -144,7 +117,7 @@ def test_plan_that_does_not_match_the_dataset_is_rejected(data: Path, tmp_path: 
 
 
 def _autodim_args(data: Path, out: Path, name: str, *extra: str) -> list[str]:
-    return _args(
+    return tiny_job_args(
         data,
         out,
         name,
@@ -159,7 +132,7 @@ def _autodim_args(data: Path, out: Path, name: str, *extra: str) -> list[str]:
 
 
 def test_autodim_search_derive_retrain_and_resume_mid_search(data: Path, tmp_path: Path) -> None:
-    full = _torchrun(*_autodim_args(data, tmp_path, "full"))
+    full = run_train_job(_autodim_args(data, tmp_path, "full"))
     assert full.returncode == 0, full.stderr[-3000:]
     records = _metrics(tmp_path / "full")
     assert [(r["phase"], r.get("epoch")) for r in records] == [("search", 0), ("train", 0), ("final", None)]
@@ -177,13 +150,13 @@ def test_autodim_search_derive_retrain_and_resume_mid_search(data: Path, tmp_pat
     assert "test: " in full.stdout and "AutoDim derived plan" in full.stderr
 
     # Preempted after two units (inside the search phase), then resumed: same plan and same test metrics.
-    cut = _torchrun(*_autodim_args(data, tmp_path, "cut", "train.max_units=2"))
+    cut = run_train_job(_autodim_args(data, tmp_path, "cut", "train.max_units=2"))
     assert cut.returncode == 0, cut.stderr[-3000:]
     assert (
         not (tmp_path / "cut" / "plan").exists()
         or DimensionPlan.load(tmp_path / "cut" / "plan").provenance.get("method") != "autodim"
     )
-    resumed = _torchrun(*_autodim_args(data, tmp_path, "cut", "--resume"))
+    resumed = run_train_job(_autodim_args(data, tmp_path, "cut", "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     again = _metrics(tmp_path / "cut")
     assert [r["phase"] for r in again] == ["search", "train", "final"]
