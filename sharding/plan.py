@@ -55,17 +55,19 @@ class Budget:
 
     Args:
         value: the budget, in `unit`s.
-        unit: `parameters` (physical embedding parameters plus learned projections) or `bytes` (the same in
+        unit: `parameters` (physical embedding parameters plus learned projections), `bytes` (the same in
             bytes of the plan's dtype; the sharding planner also checks its own estimate, optimizer state included,
-            against a bytes budget).
+            against a bytes budget), or `logical` (the sum of every row's logical dim plus learned projections:
+            the row-level papers' "kept parameters" accounting, in which a row of dim 6 costs 6 although it is
+            stored in 8 columns; the plan still reports its physical parameters and bytes).
     """
 
     value: int
-    unit: Literal["parameters", "bytes"] = "parameters"
+    unit: Literal["parameters", "bytes", "logical"] = "parameters"
 
     def __post_init__(self) -> None:
-        if self.unit not in ("parameters", "bytes"):
-            raise PlanError(f"budget unit is '{self.unit}', expected 'parameters' or 'bytes'")
+        if self.unit not in ("parameters", "bytes", "logical"):
+            raise PlanError(f"budget unit is '{self.unit}', expected 'parameters', 'bytes' or 'logical'")
         if self.value <= 0:
             raise PlanError(f"budget is {self.value} {self.unit}; it must be positive")
 
@@ -292,6 +294,11 @@ class DimensionPlan:
         return sum(f.parameters for f in self.features)
 
     @property
+    def logical_parameters(self) -> int:
+        """Logical embedding parameters (the sum of every row's searched dim) plus learned projections."""
+        return sum(f.logical_parameters + f.projection_parameters for f in self.features)
+
+    @property
     def bytes(self) -> int:
         return self.parameters * BYTES_PER_PARAM[self.dtype]
 
@@ -299,6 +306,8 @@ class DimensionPlan:
         """The plan's size in its budget's unit."""
         if self.budget is not None and self.budget.unit == "bytes":
             return self.bytes
+        if self.budget is not None and self.budget.unit == "logical":
+            return self.logical_parameters
         return self.parameters
 
     def check_budget(self) -> None:
@@ -363,6 +372,7 @@ class DimensionPlan:
             "dtype": self.dtype,
             "budget": None if self.budget is None else {"value": self.budget.value, "unit": self.budget.unit},
             "parameters": self.parameters,
+            "logical_parameters": self.logical_parameters,
             "bytes": self.bytes,
             "features": [f.to_json() for f in self.features],
             "provenance": dict(self.provenance),

@@ -1,0 +1,304 @@
+"""What every row-level search shares: budgets, the ES and MR baselines, exact-budget allocation, masked and
+bucketed embeddings of the same sizes, and the evaluation environment the RL searches step in.
+
+**Budget.** The row-level papers count "kept parameters" `Σ_n d_n` against `(1 − c)·d_max·(|U| + |V|)` for a
+target sparsity `c` (methods.md §1, §5.4). The plans these searches produce carry `Budget(unit="logical")` with
+exactly that number; the plan still reports its physical parameters (every bucket stored in `ceil4(d)` columns,
+DESIGN.md decision 5) and the benchmark prints both.
+
+**Baselines** (methods.md §7.3), both exact to the budget:
+- ES: every row the largest equal dim `⌊B / n⌋` (capped at `d_max`).
+- MR: dims drawn uniformly from `[1, 2·B/n − 1]`, then moved by ±1 on random rows until `Σ d = B` exactly.
+
+**Exact allocation** (`allocate`): sizes proportional to non-negative weights, clipped to `[d_min, d_max]`, with the
+scale found by bisection so the clipped sum meets the budget, then rounded by largest remainders so the integer sum
+is exactly the budget (or `n·d_max` if that is smaller). SCALL's sampler and CIESS's projection of a plan onto a
+smaller budget use it; the papers' loop ("clip, renormalise, repeat until in range or one second passes") only
+approximates this.
+
+**Masked vs bucketed** (DESIGN.md decision 6): a search runs on one `d_max` table per entity type with a per-row
+prefix mask (`MaskedTable`); the chosen plan is materialised as bucket tables with zero-padding projections
+(`BucketedTables`, a TorchRec `EmbeddingBagCollection` through `PlannedEmbedding`), and both give the same
+embeddings for the same weights.
+
+**Environment** (`SupernetEnv`): CIESS trains a fresh LightGCN for 2,000 batches per RL iteration (300 iterations:
+days on this machine); SCALL trains one for 200 batches per step. Here one `d_max` supernet is trained once with
+every row's size redrawn uniformly from `[1, d_max]` at every batch (so every prefix of every row is a trained
+embedding, as in slimmable networks and OptEmbed's dimension masks), and evaluating a plan is: mask the supernet,
+optionally fine-tune a few batches from it (warm start), rank on the held-out split. The RL methods are unchanged;
+their environment step costs a second instead of ten minutes. The chosen plans are then retrained from scratch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torchrec import KeyedJaggedTensor
+
+from models.lightgcn import BPRRecipe, GraphTask, train_bpr
+from sharding.embedding import PlannedEmbedding, RowRemap
+from sharding.plan import Budget, DimensionPlan, FeaturePlan, PlanError
+
+ENTITIES = ("user", "item")
+QUALITY_KS = (5, 10, 20)
+
+
+def kept_budget(sparsity: float, num_rows: int, d_max: int) -> int:
+    """The parameters a sparsity `c` keeps: `⌊(1 − c)·d_max·num_rows⌋`."""
+    if not 0.0 <= sparsity < 1.0:
+        raise PlanError(f"sparsity is {sparsity}; it must be in [0, 1) (0.8 keeps 20% of the parameters)")
+    return math.floor((1.0 - sparsity) * d_max * num_rows + 1e-9)
+
+
+def check_row_budget(budget: int, num_rows: int, d_max: int) -> None:
+    """A row-level budget must give every row at least one dim."""
+    if budget < num_rows:
+        raise PlanError(
+            f"the budget of {budget:,} parameters is below one dim per row ({num_rows:,} rows). Raise the budget to "
+            f"at least {num_rows:,} (sparsity ≤ {1 - num_rows / (num_rows * d_max):.4f} at d_max {d_max})"
+        )
+
+
+def uniform_sizes(num_rows: int, budget: int, d_max: int) -> np.ndarray:
+    """ES: every row the largest equal dim within the budget."""
+    check_row_budget(budget, num_rows, d_max)
+    return np.full(num_rows, min(d_max, budget // num_rows), dtype=np.int64)
+
+
+def random_sizes(num_rows: int, budget: int, d_max: int, generator: np.random.Generator) -> np.ndarray:
+    """MR: dims uniform in `[1, 2·mean − 1]` (the NGCF release's recipe), adjusted on random rows to `Σ = budget`."""
+    check_row_budget(budget, num_rows, d_max)
+    target = min(budget, num_rows * d_max)
+    high = max(1, min(d_max, round(2 * target / num_rows) - 1))
+    sizes = generator.integers(1, high + 1, num_rows)
+    return _settle(sizes, target, 1, d_max, generator)
+
+
+def _settle(sizes: np.ndarray, target: int, d_min: int, d_max: int, generator: np.random.Generator) -> np.ndarray:
+    """Move sizes by ±1 on random rows (within bounds) until they sum to `target`."""
+    sizes = sizes.astype(np.int64).copy()
+    while (gap := int(target - sizes.sum())) != 0:
+        movable = np.flatnonzero(sizes < d_max) if gap > 0 else np.flatnonzero(sizes > d_min)
+        pick = generator.choice(movable, size=min(abs(gap), movable.size), replace=False)
+        sizes[pick] += 1 if gap > 0 else -1
+    return sizes
+
+
+def allocate(weights: np.ndarray, budget: int, d_min: int = 1, d_max: int = 128) -> np.ndarray:
+    """Integer sizes ∝ `weights`, each in `[d_min, d_max]`, summing to exactly `min(budget, n·d_max)`.
+
+    The real scale `s` with `Σ clip(s·w, d_min, d_max) = budget` is found by bisection (the clipped sum is monotone
+    in `s`); the sizes are then floored and the remaining units go to the rows with the largest remainders that are
+    below `d_max` (ties by row order). Deterministic.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    n = w.size
+    if n == 0:
+        raise PlanError("allocate needs at least one row")
+    if not np.isfinite(w).all() or (w < 0).any():
+        raise PlanError("allocation weights must be finite and non-negative")
+    if d_min < 1 or d_max < d_min:
+        raise PlanError(f"size bounds must satisfy 1 <= d_min <= d_max, got [{d_min}, {d_max}]")
+    if budget < n * d_min:
+        raise PlanError(
+            f"the budget of {budget:,} parameters is below {d_min} dim(s) per row for {n:,} rows. Raise it to at "
+            f"least {n * d_min:,}"
+        )
+    target = min(budget, n * d_max)
+    if w.max() <= 0:
+        w = np.ones(n)
+    lo, hi = 0.0, d_max / w[w > 0].min()
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if np.clip(mid * w, d_min, d_max).sum() < target:
+            lo = mid
+        else:
+            hi = mid
+    real = np.clip(hi * w, d_min, d_max)
+    sizes = np.floor(real).astype(np.int64)
+    short = int(target - sizes.sum())
+    if short > 0:
+        remainder = np.where(sizes < d_max, real - sizes, -1.0)
+        order = np.lexsort((np.arange(n), -remainder))
+        sizes[order[:short]] += 1
+    elif short < 0:  # floating error at the clip bounds: take units back from the largest rows above d_min
+        order = np.lexsort((np.arange(n), -(sizes - d_min)))
+        sizes[order[:-short]] -= 1
+    return sizes
+
+
+def row_plan(
+    sizes: Mapping[str, np.ndarray],
+    d_max: int,
+    budget: int | None,
+    provenance: Mapping[str, Any] | None = None,
+) -> DimensionPlan:
+    """A row-level `DimensionPlan` (zero-padding projections to `d_max`) with a logical-parameter budget."""
+    features = tuple(
+        FeaturePlan(name, int(np.asarray(s).size), d_max, row_dims=np.asarray(s, dtype=np.int64), projection="pad")
+        for name, s in sizes.items()
+    )
+    plan = DimensionPlan(
+        features, Budget(budget, "logical") if budget is not None else None, provenance=provenance or {}
+    )
+    plan.check_budget()
+    return plan
+
+
+def prefix_mask(sizes: torch.Tensor, d_max: int) -> torch.Tensor:
+    """`[n, d_max]` float mask with the first `sizes[i]` columns of row i set (methods.md §1)."""
+    return (torch.arange(d_max) < sizes[:, None]).to(torch.float32)
+
+
+class MaskedTable(nn.Module):
+    """One `d_max` table for users then items, each row masked to its size: what the searches train and step on.
+
+    Args:
+        num_users: U.
+        num_items: I.
+        d_max: the largest size.
+        generator: seeds the N(0, 0.1) init (LightGCN's reference init).
+    """
+
+    sizes: torch.Tensor
+
+    def __init__(self, num_users: int, num_items: int, d_max: int, generator: torch.Generator) -> None:
+        super().__init__()
+        self.num_users, self.num_items, self.d_max = num_users, num_items, d_max
+        self.weight = nn.Parameter(torch.randn(num_users + num_items, d_max, generator=generator) * 0.1)
+        self.register_buffer("sizes", torch.full((num_users + num_items,), d_max, dtype=torch.int64))
+
+    def set_sizes(self, users: np.ndarray | torch.Tensor, items: np.ndarray | torch.Tensor) -> None:
+        sizes = torch.cat([torch.as_tensor(users), torch.as_tensor(items)]).to(torch.int64)
+        if sizes.shape != self.sizes.shape or int(sizes.min()) < 1 or int(sizes.max()) > self.d_max:
+            raise PlanError(
+                f"sizes must be one per user ({self.num_users}) and item ({self.num_items}) in [1, {self.d_max}]"
+            )
+        self.sizes.copy_(sizes)
+
+    @property
+    def width(self) -> int:
+        """Columns any row uses (propagation can stop there)."""
+        return int(self.sizes.max())
+
+    def forward(self) -> torch.Tensor:
+        return self.weight * prefix_mask(self.sizes, self.d_max)
+
+
+class BucketedTables(nn.Module):
+    """The ego embeddings of a row-level plan over `user` and `item` from its bucket tables (a TorchRec EBC via
+    `PlannedEmbedding`), each row looked up as a single-id bag: what a graph model trains on after the search.
+
+    Args:
+        plan: a row-level plan with features `user` and `item` (zero-padding projections).
+    """
+
+    def __init__(self, plan: DimensionPlan) -> None:
+        super().__init__()
+        if plan.feature_names != list(ENTITIES):
+            raise PlanError(f"a graph plan has features {list(ENTITIES)}, got {plan.feature_names}")
+        self.embedding = PlannedEmbedding(plan)
+        counts = [plan[f].num_embeddings for f in ENTITIES]
+        # One bag per row: user rows are bags 0..U-1 of key `user`, item rows bags U..U+I-1 of key `item`.
+        lengths = torch.cat(
+            [
+                torch.cat([torch.ones(counts[0]), torch.zeros(counts[1])]),
+                torch.cat([torch.zeros(counts[0]), torch.ones(counts[1])]),
+            ]
+        ).to(torch.int32)
+        values = torch.cat([torch.arange(n) for n in counts])
+        every_row = KeyedJaggedTensor(keys=list(ENTITIES), values=values, lengths=lengths, stride=sum(counts))
+        self._kjt = RowRemap(plan)(every_row)
+        self._split = counts[0]
+        self.width = max(max(f.bucket_dims) for f in plan.features)
+
+    def forward(self) -> torch.Tensor:
+        out = self.embedding(self._kjt)
+        return torch.cat([out["user"][: self._split], out["item"][self._split :]])
+
+    @torch.no_grad()
+    def load_from_masked(self, table: MaskedTable) -> None:
+        """Copy each row's logical prefix from a masked table into its bucket."""
+        weights = self.embedding.ebc.embedding_bags
+        for offset, feature in zip((0, table.num_users), ENTITIES, strict=True):
+            f = self.embedding.plan[feature]
+            bucket, local = f.remap
+            for b, spec in enumerate(f.tables()):
+                rows = np.flatnonzero(bucket == b)
+                w = weights[spec.name].weight
+                w.zero_()
+                w[torch.from_numpy(local[rows]), : spec.logical_dim] = table.weight[
+                    torch.from_numpy(rows + offset), : spec.logical_dim
+                ]
+
+
+def user_quality(metrics: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """CIESS's per-user quality (Eq. 8): the mean of Recall@k and NDCG@k over k ∈ {5, 10, 20} (nan: no held-out)."""
+    return torch.stack([metrics[f"{m}@{k}"] for k in QUALITY_KS for m in ("recall", "ndcg")]).mean(0)
+
+
+def item_quality(task: GraphTask, users: torch.Tensor) -> torch.Tensor:
+    """CIESS's per-item quality (Eq. 9): the mean quality of the users who interacted with it in training (0 for an
+    item without evaluated users)."""
+    items, item_users = (torch.from_numpy(a) for a in task.item_users)
+    q = users[item_users]
+    ok = ~torch.isnan(q)
+    total = torch.zeros(task.num_items).index_add_(0, items[ok], q[ok].to(torch.float32))
+    count = torch.zeros(task.num_items).index_add_(0, items[ok], torch.ones(int(ok.sum())))
+    return torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
+
+
+class SupernetEnv:
+    """Evaluates row-level plans on a validation task by masking one pretrained `d_max` supernet.
+
+    Args:
+        task: the validation-mode task (train → valid).
+        d_max: the largest size.
+        recipe: how the supernet is pretrained (every row's size redrawn uniformly in [1, d_max] per batch).
+        fine_tune: batches of warm-started training under the plan's masks before each evaluation (0: none).
+        seed: seeds the supernet's init and sampling.
+    """
+
+    def __init__(self, task: GraphTask, d_max: int, recipe: BPRRecipe, fine_tune: int = 0, seed: int = 0) -> None:
+        self.task, self.d_max, self.recipe, self.fine_tune = task, d_max, recipe, fine_tune
+        self.generator = torch.Generator().manual_seed(seed)
+        self.table = MaskedTable(task.num_users, task.num_items, d_max, self.generator)
+        n = task.num_nodes
+
+        def resample(_: int) -> None:
+            self.table.sizes.copy_(torch.randint(1, d_max + 1, (n,), generator=self.generator))
+
+        resample(0)
+        self.pretrain_losses = train_bpr(task, self.table, self.table.parameters(), recipe, self.generator, None, resample)
+        self.supernet = self.table.weight.detach().clone()
+        self.evaluations = 0
+        full = np.full(task.num_users, d_max), np.full(task.num_items, d_max)
+        self.peak_user, self.peak_item = self.quality(*full)
+
+    def metrics(self, users: np.ndarray, items: np.ndarray) -> dict[str, torch.Tensor]:
+        """Per-user held-out metrics of the supernet masked to these sizes (after the optional fine-tune)."""
+        self.evaluations += 1
+        with torch.no_grad():
+            self.table.weight.copy_(self.supernet)
+        self.table.set_sizes(users, items)
+        if self.fine_tune:
+            tune = BPRRecipe(**{**self.recipe.__dict__, "steps": self.fine_tune, "lr": self.recipe.min_lr * 3})
+            train_bpr(self.task, self.table, self.table.parameters(), tune, self.generator, self.table.width)
+        with torch.no_grad():
+            return self.task.evaluate(self.table(), QUALITY_KS, self.table.width)
+
+    def quality(self, users: np.ndarray, items: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-user and per-item quality (CIESS Eq. 8–9) of a plan."""
+        uq = user_quality(self.metrics(users, items))
+        return uq, item_quality(self.task, uq)
+
+    @staticmethod
+    def fitness(metrics: Mapping[str, torch.Tensor]) -> float:
+        """SCALL's plan-level fitness: the mean over users of (Recall@20 + NDCG@20) / 2."""
+        per_user = 0.5 * (metrics["recall@20"] + metrics["ndcg@20"])
+        return float(per_user[~torch.isnan(per_user)].mean())
