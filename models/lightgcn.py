@@ -170,6 +170,11 @@ class GraphTask:
         self.model = LightGCN(normalized_adjacency(users, items, num_users, num_items), num_users, layers)
         self.train_users, self.train_items = torch.from_numpy(users), torch.from_numpy(items)
         self._train_keys = torch.from_numpy(np.unique(users * num_items + items))
+        # A user who trained on every item has no negative: their pairs cannot form a triple.
+        full = np.bincount(self._train_keys.numpy() // num_items, minlength=num_users) >= num_items
+        self._samplable = torch.from_numpy(np.flatnonzero(~full[users]))
+        if self._samplable.numel() == 0:
+            raise ValueError("no training pair can form a BPR triple: every user trained on every item")
         self.train_mask = torch.zeros(num_users, num_items, dtype=torch.bool)
         self.train_mask[self.train_users, self.train_items] = True
         hu, hi = (torch.from_numpy(np.asarray(a, dtype=np.int64)) for a in held_out)
@@ -183,11 +188,12 @@ class GraphTask:
 
     def sample(self, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`batch` (user, positive, negative) triples: positives uniform over training pairs, negatives uniform
-        over items the user has not trained on (rejected and redrawn, vectorised)."""
-        pick = torch.randint(0, self.train_users.numel(), (batch,), generator=generator)
+        over items the user has not trained on (rejected and redrawn, vectorised). Users who trained on every item
+        are skipped."""
+        pick = self._samplable[torch.randint(0, self._samplable.numel(), (batch,), generator=generator)]
         users, positives = self.train_users[pick], self.train_items[pick]
         negatives = torch.randint(0, self.num_items, (batch,), generator=generator)
-        for _ in range(20):
+        while True:
             keys = users * self.num_items + negatives
             hit = torch.searchsorted(self._train_keys, keys).clamp(max=self._train_keys.numel() - 1)
             bad = self._train_keys[hit] == keys
@@ -203,11 +209,21 @@ class GraphTask:
             ego = ego[:, :width]
         return self.model(ego[: self.num_users], ego[self.num_users :])
 
-    def loss(self, ego: torch.Tensor, triples: tuple[torch.Tensor, ...], decay: float, width: int | None = None):
-        users, items = self.final(ego, width)
+    def loss(
+        self,
+        ego: torch.Tensor,
+        triples: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        decay: float,
+        width: int | None = None,
+    ) -> torch.Tensor:
+        """LightGCN's BPR loss of a batch of triples (see `lightgcn_bpr_loss`)."""
         if width is not None and width < ego.shape[1]:
             ego = ego[:, :width]
-        return lightgcn_bpr_loss(users, items, ego[: self.num_users], ego[self.num_users :], *triples, decay=decay)
+        users, items = self.final(ego)
+        user, positive, negative = triples
+        return lightgcn_bpr_loss(
+            users, items, ego[: self.num_users], ego[self.num_users :], user, positive, negative, decay=decay
+        )
 
     @torch.no_grad()
     def evaluate(

@@ -110,9 +110,9 @@ def allocate(weights: np.ndarray, budget: int, d_min: int = 1, d_max: int = 128)
             f"least {n * d_min:,}"
         )
     target = min(budget, n * d_max)
-    if w.max() <= 0:
-        w = np.ones(n)
-    lo, hi = 0.0, d_max / w[w > 0].min()
+    # Rows of weight 0 get more than d_min only once every other row is at d_max.
+    w = w + (w.max() * 1e-9 if w.max() > 0 else 1.0)
+    lo, hi = 0.0, d_max / w.min()
     for _ in range(200):
         mid = 0.5 * (lo + hi)
         if np.clip(mid * w, d_min, d_max).sum() < target:
@@ -274,7 +274,9 @@ class SupernetEnv:
             self.table.sizes.copy_(torch.randint(1, d_max + 1, (n,), generator=self.generator))
 
         resample(0)
-        self.pretrain_losses = train_bpr(task, self.table, self.table.parameters(), recipe, self.generator, None, resample)
+        self.pretrain_losses = train_bpr(
+            task, self.table, self.table.parameters(), recipe, self.generator, None, resample
+        )
         self.supernet = self.table.weight.detach().clone()
         self.evaluations = 0
         full = np.full(task.num_users, d_max), np.full(task.num_items, d_max)

@@ -1,0 +1,355 @@
+"""CIESS: continuous input embedding size search with TD3 (Qu, Chen, Zhao, Cui, Zheng, Yin; SIGIR'23,
+arXiv 2304.03501; official code yorkequ98/CIESS). methods.md §5.
+
+One TD3 actor–critic per entity type (users, items). Every user and item is an agent step of its type's policy:
+
+- state `s_n = [f_n, d_n, q_n]` ∈ [−1, 1]³ (code's `RecSysEnv.get_state`): min-max normalised training frequency,
+  current size `2(d−1)/(d_max−1) − 1`, quality ratio `2·min(eval/peak, 1) − 1`, where `eval` is Eq. 8 (users: the
+  mean of Recall@k and NDCG@k, k ∈ {5, 10, 20}, on the validation split) or Eq. 9 (items: the mean eval of their
+  training users) and `peak` the same under the full-size model;
+- action: a size in `[1, d_max]` from the actor `μ(s)` (Linear 3→256→256→1, tanh; last layer U(±3e-3)), explored by
+  a 5-step random walk over sizes (neighbours within 5, transition ∝ 1/|d′ − d|; Graph.py) from the rounded actor
+  output, the walk's 6 nodes ranked by the first critic (Eq. 14), then Gaussian noise N(0, 6);
+- reward (Eq. 10) `r_n = q_n − λ (d_n/d_max)²` with the ratio `q_n` and λ = 0.4 (the paper's best on ML-1M);
+- TD3 (Fujimoto et al.): twin critics (Linear 4→256→256→1), target networks with τ = 0.005, target-policy smoothing
+  N(0, 2) clipped to ±5 size units, policy delay 2, γ = 0.99, Adam 1e-3 / 3e-3, gradient-norm clip 0.01, replay of
+  100 × #entities transitions, 4,096 per update.
+
+Each episode starts at `d_max` for everyone and runs T iterations; each iteration sizes every entity at once
+(vectorised: one actor pass, one batched walk, one batched critic pass) and evaluates the plan.
+
+Decisions (where code and paper differ, or where this implementation departs from both; methods.md §9):
+- **Environment.** The official code trains a fresh LightGCN for 2,000 batches per iteration (300 iterations): days
+  of CPU. Here a plan is evaluated by masking a supernet pretrained with random per-row sizes (`SupernetEnv`), a
+  second per iteration. The plans kept are retrained from scratch, as in the paper.
+- **Budget.** The paper's reward trades quality against size through λ only, and selective retraining keeps the
+  best plans whose sparsity meets each target (Eq. 15–16). Here every iteration's plan is projected onto the
+  budget (sizes scaled proportionally, clipped to `[1, d_max]`, summing exactly to the budget:
+  `rowlevel.allocate`), and the projected sizes are the actions stored. So every visited plan is a candidate for
+  the budget and uses all of it; the policy learns the relative allocation. One search serves one budget.
+- **Quality term:** the ratio `q_n` (paper), not the raw quality (code). **Noise:** one scalar per iteration added
+  after the walk (code), not per entity before it (paper Eq. 11). **T** = 10 (paper; the code runs 11).
+- **Updates.** The code does one TD3 update per agent per iteration; here `updates` per iteration (default 20):
+  updates are cheap next to the environment, and with 300 iterations one update each barely moves the actor.
+- **Selective retraining**: the search returns the `top_k` plans by mean validation user quality; the benchmark
+  retrains the best one (`retrain()` is missing from the official release).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from search.rowlevel import SupernetEnv, allocate, check_row_budget
+
+
+@dataclass(frozen=True)
+class CiessConfig:
+    """CIESS's search settings (methods.md §5.2; defaults as discussed in the module docstring).
+
+    Args:
+        d_max: the largest size.
+        episodes: M.
+        iterations: T, iterations per episode.
+        lam: λ, the size penalty of the reward.
+        noise_sigma: σ of the exploration noise, in size units.
+        walk_steps: random-walk steps (candidates = start + steps).
+        walk_radius: the walk's neighbourhood, in sizes.
+        hidden: width of the actor and critic layers.
+        actor_lr: Adam's lr for the actors.
+        critic_lr: Adam's lr for the critics.
+        grad_clip: gradient-norm clip of both networks.
+        gamma: the discount.
+        tau: the target networks' soft-update rate.
+        policy_delay: critic updates per actor update.
+        target_noise: σ of the target-policy smoothing, in size units.
+        target_noise_clip: its clip, in size units.
+        buffer_per_entity: replay capacity per entity.
+        batch: transitions per update.
+        updates: TD3 updates per agent per iteration.
+        top_k: plans kept for selective retraining.
+    """
+
+    d_max: int = 128
+    episodes: int = 30
+    iterations: int = 10
+    lam: float = 0.4
+    noise_sigma: float = 6.0
+    walk_steps: int = 5
+    walk_radius: int = 5
+    hidden: int = 256
+    actor_lr: float = 1e-3
+    critic_lr: float = 3e-3
+    grad_clip: float = 0.01
+    gamma: float = 0.99
+    tau: float = 0.005
+    policy_delay: int = 2
+    target_noise: float = 2.0
+    target_noise_clip: float = 5.0
+    buffer_per_entity: int = 100
+    batch: int = 4096
+    updates: int = 20
+    top_k: int = 3
+
+    def __post_init__(self) -> None:
+        positive = ("d_max", "episodes", "iterations", "walk_radius", "hidden", "buffer_per_entity", "batch", "top_k")
+        if bad := [f"{name}={getattr(self, name)}" for name in positive if getattr(self, name) < 1]:
+            raise ValueError(f"CiessConfig: {', '.join(bad)} must be >= 1")
+        if self.d_max < 2:
+            raise ValueError(f"CiessConfig: d_max is {self.d_max}; a size search needs d_max >= 2")
+        if self.walk_steps < 0 or self.updates < 0 or self.policy_delay < 1:
+            raise ValueError("CiessConfig: walk_steps and updates must be >= 0 and policy_delay >= 1")
+        if not 0.0 <= self.gamma <= 1.0 or not 0.0 < self.tau <= 1.0:
+            raise ValueError(f"CiessConfig: gamma ({self.gamma}) must be in [0, 1] and tau ({self.tau}) in (0, 1]")
+        if min(self.lam, self.noise_sigma, self.target_noise, self.target_noise_clip) < 0:
+            raise ValueError("CiessConfig: lam, noise_sigma, target_noise and target_noise_clip must be >= 0")
+
+
+def transition_matrix(d_max: int, radius: int) -> torch.Tensor:
+    """The random walk over sizes 1..d_max (Graph.py): from d, each d′ with 0 < |d′ − d| ≤ radius with probability
+    ∝ 1/|d′ − d|. Row/column i is size i + 1."""
+    sizes = torch.arange(d_max, dtype=torch.float64)
+    gap = (sizes[None, :] - sizes[:, None]).abs()
+    weight = torch.where((gap > 0) & (gap <= radius), 1.0 / gap.clamp(min=1), torch.zeros_like(gap))
+    return weight / weight.sum(1, keepdim=True)
+
+
+def random_walk(start: torch.Tensor, steps: int, matrix: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Walk `steps` steps from every start size at once; returns `[n, steps + 1]` sizes (start first)."""
+    cumulative = matrix.cumsum(1)
+    nodes = [start.long()]
+    current = start.long() - 1
+    for _ in range(steps):
+        u = torch.rand(current.numel(), 1, generator=generator, dtype=torch.float64)
+        current = torch.searchsorted(cumulative[current], u).squeeze(1).clamp(max=matrix.shape[0] - 1)
+        nodes.append(current + 1)
+    return torch.stack(nodes, 1)
+
+
+def to_size(action: torch.Tensor, d_max: int) -> torch.Tensor:
+    """Actor output in [−1, 1] → a real size in [1, d_max]."""
+    return 1.0 + (action + 1.0) * 0.5 * (d_max - 1)
+
+
+def normalize_size(size: torch.Tensor, d_max: int) -> torch.Tensor:
+    """A size in [1, d_max] → [−1, 1] (the critic's action input and the state's size term)."""
+    return (size.to(torch.float32) - 1.0) / (d_max - 1) * 2.0 - 1.0
+
+
+def _mlp(inputs: int, hidden: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+
+
+class Actor(nn.Module):
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.body = _mlp(3, hidden)
+        self.head = nn.Linear(hidden, 1)
+        nn.init.uniform_(self.head.weight, -3e-3, 3e-3)
+        nn.init.uniform_(self.head.bias, -3e-3, 3e-3)
+
+    def forward(self, state: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.head(self.body(state))).squeeze(-1)
+
+
+class Critic(nn.Module):
+    """Q(s, a) with a normalised action in [−1, 1]."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(_mlp(4, hidden), nn.Linear(hidden, 1))
+
+    def forward(self, state: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([state, action[:, None]], 1)).squeeze(-1)
+
+
+def td3_target(
+    reward: torch.Tensor,
+    done: torch.Tensor,
+    next_state: torch.Tensor,
+    target_actor: Actor,
+    target_critics: tuple[Critic, Critic],
+    noise: torch.Tensor,
+    gamma: float,
+    d_max: int,
+) -> torch.Tensor:
+    """TD3's target `y = r + γ(1 − done)·min_i Q′_i(s′, clip(μ′(s′) + noise, 1, d_max))`, with `noise` the clipped
+    smoothing noise in size units."""
+    with torch.no_grad():
+        next_size = (to_size(target_actor(next_state), d_max) + noise).clamp(1, d_max)
+        a = normalize_size(next_size, d_max)
+        q = torch.minimum(target_critics[0](next_state, a), target_critics[1](next_state, a))
+        return reward + gamma * (1.0 - done) * q
+
+
+class Td3Agent:
+    """One entity type's actor, twin critics, targets and replay buffer."""
+
+    def __init__(self, config: CiessConfig, num_entities: int) -> None:
+        self.config = config
+        self.actor = Actor(config.hidden)
+        self.critics = (Critic(config.hidden), Critic(config.hidden))
+        self.target_actor = copy.deepcopy(self.actor)
+        self.target_critics = (copy.deepcopy(self.critics[0]), copy.deepcopy(self.critics[1]))
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=config.actor_lr)
+        self.critic_optimizer = torch.optim.Adam([p for c in self.critics for p in c.parameters()], lr=config.critic_lr)
+        capacity = config.buffer_per_entity * num_entities
+        self.buffer = torch.zeros(capacity, 9)  # s(3) a(1) r(1) s'(3) done(1)
+        self.size = self.position = self.updates = 0
+
+    @torch.no_grad()
+    def choose(self, state: torch.Tensor, generator: torch.Generator, explore: bool) -> torch.Tensor:
+        """Integer sizes for every entity: the actor's, or (exploring) the best walk node by Q1 plus noise."""
+        d_max = self.config.d_max
+        start = to_size(self.actor(state), d_max).round().clamp(1, d_max)
+        if not explore:
+            return start.long()
+        matrix = transition_matrix(d_max, self.config.walk_radius)
+        nodes = random_walk(start.long(), self.config.walk_steps, matrix, generator)
+        n, k = nodes.shape
+        q = self.critics[0](state.repeat_interleave(k, 0), normalize_size(nodes.reshape(-1), d_max)).view(n, k)
+        best = nodes.gather(1, q.argmax(1, keepdim=True)).squeeze(1)
+        noise = float(torch.randn((), generator=generator)) * self.config.noise_sigma
+        return (best.to(torch.float32) + noise).round().clamp(1, d_max).long()
+
+    def store(
+        self, state: torch.Tensor, size: torch.Tensor, reward: torch.Tensor, next_state: torch.Tensor, done: bool
+    ) -> None:
+        rows = torch.cat(
+            [
+                state,
+                normalize_size(size, self.config.d_max)[:, None],
+                reward[:, None].to(torch.float32),
+                next_state,
+                torch.full((state.shape[0], 1), float(done)),
+            ],
+            1,
+        )
+        capacity = self.buffer.shape[0]
+        index = (self.position + torch.arange(rows.shape[0])) % capacity
+        self.buffer[index] = rows
+        self.position = int((self.position + rows.shape[0]) % capacity)
+        self.size = min(capacity, self.size + rows.shape[0])
+
+    def update(self, generator: torch.Generator) -> None:
+        c = self.config
+        pick = torch.randint(0, self.size, (min(c.batch, self.size),), generator=generator)
+        s, a, r, s2, done = self.buffer[pick].split([3, 1, 1, 3, 1], 1)
+        a, r, done = a.squeeze(1), r.squeeze(1), done.squeeze(1)
+        noise = (torch.randn(r.shape, generator=generator) * c.target_noise).clamp(
+            -c.target_noise_clip, c.target_noise_clip
+        )
+        y = td3_target(r, done, s2, self.target_actor, self.target_critics, noise, c.gamma, c.d_max)
+        critic_loss = ((self.critics[0](s, a) - y) ** 2).mean() + ((self.critics[1](s, a) - y) ** 2).mean()
+        self.critic_optimizer.zero_grad()
+        critic_loss.backward()
+        nn.utils.clip_grad_norm_([p for q in self.critics for p in q.parameters()], c.grad_clip)
+        self.critic_optimizer.step()
+        self.updates += 1
+        if self.updates % c.policy_delay:
+            return
+        actor_loss = -self.critics[0](s, self.actor(s)).mean()
+        self.actor_optimizer.zero_grad()
+        actor_loss.backward()
+        nn.utils.clip_grad_norm_(self.actor.parameters(), c.grad_clip)
+        self.actor_optimizer.step()
+        with torch.no_grad():
+            for net, target in ((self.actor, self.target_actor), *zip(self.critics, self.target_critics, strict=True)):
+                for p, tp in zip(net.parameters(), target.parameters(), strict=True):
+                    tp.mul_(1.0 - c.tau).add_(p, alpha=c.tau)
+
+
+@dataclass
+class CiessResult:
+    """The best plan found (by mean validation user quality), the top-k, and the search's history."""
+
+    users: np.ndarray
+    items: np.ndarray
+    quality: float
+    top: list[tuple[float, np.ndarray, np.ndarray]]
+    evaluations: int
+    seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _normalize_frequency(freq: np.ndarray) -> torch.Tensor:
+    f = torch.as_tensor(freq, dtype=torch.float32)
+    span = float(f.max() - f.min())
+    return (f - f.min()) / span * 2.0 - 1.0 if span > 0 else torch.zeros_like(f)
+
+
+def _ratio(quality: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:
+    quality = torch.nan_to_num(quality, nan=0.0)
+    return torch.where(peak > 1e-9, (quality / peak.clamp(min=1e-9)).clamp(0.0, 1.0), torch.ones_like(quality))
+
+
+def ciess_search(
+    env: SupernetEnv,
+    user_freq: np.ndarray,
+    item_freq: np.ndarray,
+    budget: int,
+    config: CiessConfig,
+    seed: int = 0,
+) -> CiessResult:
+    """Search per-row sizes for users and items under a logical-parameter budget (see the module docstring)."""
+    start_time = time.perf_counter()
+    num_users, num_items = len(user_freq), len(item_freq)
+    if (num_users, num_items) != (env.task.num_users, env.task.num_items):
+        raise ValueError(
+            f"frequencies are for {num_users} users and {num_items} items but the environment has "
+            f"{env.task.num_users} and {env.task.num_items}"
+        )
+    check_row_budget(budget, num_users + num_items, config.d_max)
+    torch.manual_seed(seed)  # the networks' init
+    generator = torch.Generator().manual_seed(seed)
+    agents = (Td3Agent(config, num_users), Td3Agent(config, num_items))
+    frequency = (_normalize_frequency(user_freq), _normalize_frequency(item_freq))
+    peak = (torch.nan_to_num(env.peak_user, nan=0.0), env.peak_item)
+    d_max = config.d_max
+
+    def state(i: int, sizes: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+        return torch.stack([frequency[i], normalize_size(sizes, d_max), ratio * 2.0 - 1.0], 1)
+
+    top: list[tuple[float, np.ndarray, np.ndarray]] = []
+    history: list[dict[str, float]] = []
+    evaluations = 0
+    for episode in range(config.episodes):
+        sizes = [torch.full((n,), d_max, dtype=torch.long) for n in (num_users, num_items)]
+        states = [state(i, sizes[i], torch.ones(len(sizes[i]))) for i in range(2)]
+        for t in range(config.iterations):
+            chosen = [agents[i].choose(states[i], generator, explore=True) for i in range(2)]
+            joint = allocate(torch.cat(chosen).numpy(), budget, 1, d_max)
+            sizes = [torch.from_numpy(joint[:num_users]), torch.from_numpy(joint[num_users:])]
+            qualities = env.quality(sizes[0].numpy(), sizes[1].numpy())
+            evaluations += 1
+            done = t == config.iterations - 1
+            rewards = []
+            for i in range(2):
+                ratio = _ratio(qualities[i], peak[i])
+                reward = ratio - config.lam * (sizes[i].to(torch.float32) / d_max) ** 2
+                next_state = state(i, sizes[i], ratio)
+                agents[i].store(states[i], sizes[i], reward, next_state, done)
+                for _ in range(config.updates):
+                    agents[i].update(generator)
+                states[i] = next_state
+                rewards.append(float(reward.mean()))
+            mean_quality = float(torch.nanmean(qualities[0]))
+            top.append((mean_quality, sizes[0].numpy().copy(), sizes[1].numpy().copy()))
+            top = sorted(top, key=lambda x: -x[0])[: config.top_k]
+            history.append(
+                {
+                    "episode": episode,
+                    "iteration": t,
+                    "quality": mean_quality,
+                    "kept": float(joint.sum()) / (d_max * (num_users + num_items)),
+                    "reward_users": rewards[0],
+                    "reward_items": rewards[1],
+                }
+            )
+    best = top[0]
+    return CiessResult(best[1], best[2], best[0], top, evaluations, time.perf_counter() - start_time, history)

@@ -1,0 +1,669 @@
+"""ESAPN: row-level embedding sizes chosen online by policy networks (hard selection, sizes only grow).
+
+Liu, Zhao, Wang, Liu, Tang. "Automated Embedding Size Search in Deep Recommender Systems" (SIGIR'20,
+pp. 2307–2316). Official code: `zgahhblhc/ESAPN` (`model/train.py`). Only the paper's abstract is accessible, so
+the algorithm follows the official code; `../shared/reference/methods.md` §4 summarises it, and the section numbers
+below are that page's.
+
+What is implemented (the official code's steps, adapted to LightGCN with BPR for the CIESS protocol, §5.5):
+
+- **Candidate sizes and tables** (§4.1). One table per candidate size d_0 < … < d_{L−1} for users and one for items
+  (`emb[i]: [rows, d_i]`), and bias-free linear transforms between consecutive sizes, `W[i]: d_i → d_{i+1}`. A row at
+  size index s is `e = emb[s][row]` chained up to d_max: `e ← W[j] e` for j = s … L−2. The chain is computed per size
+  group in one pass (rows at size ≤ i are transformed together by `W[i]`), never per row.
+- **Enlarge** (§4.1). Moving a row from index i to i + 1 initialises its row of the larger table with the transform
+  of its old embedding, `emb[i+1][row] ← W[i] emb[i][row]` (under `no_grad`, batched over all moving rows). Sizes only
+  grow; everyone starts at the smallest size.
+- **Policies** (§4.2, `Policy_Type` 1). One for users, one for items. State = BN(popularity embedding, 32-d) ⊕
+  one-hot(current size index); network `Linear(in, 512) → BN → Tanh → Linear(512, 2)` giving logits [keep, enlarge];
+  enlarge is masked at the largest size.
+- **Controller update** (§4.3, `update_controller`, `Val_Type='last_batch'`, `Reward_Base='last_loss'`). On the
+  previous batch's entities: sample actions from softmax(policy), apply them, re-predict that batch under `no_grad`,
+  reward `R = 1 − ℓ`, baseline `b = 1 − (that entity's last loss)`, policy loss `−Σ log π(a|s)(R − b)`, Adam at 1e-4;
+  users and items separately.
+- **Recommender update** (§4.3, `update_RS`). On the current batch: argmax actions, enlarge, predict, record each
+  entity's loss (prequential: before the update; it is the next baseline), one Adam step of the recommender.
+- **Stream** (§4.4). One pass over a stream of `recipe.steps` BPR batches of `recipe.batch` triples drawn from the
+  training interactions (`GraphTask.sample`: uniform over training pairs, as the official stream is a random shuffle
+  of them, §9); popularity is each entity's running count of interactions so far in the stream.
+
+Decisions (each departs from, or fills a gap in, the official code):
+
+- **Sizes {4, 8, 16, 32, 64, 128}** instead of {2, 4, 8, 16, 64, 128}: physical dims must be multiples of 4
+  (DESIGN.md decision 5), so 2 → 4; the official list then has a 16 → 64 jump, and keeping six sizes with one
+  doubling per step (…, 16, 32, 64, 128) is the natural multiple-of-4 ladder with the same d_max and count.
+- **Transforms have no bias** (the official `nn.Linear` has one). Then a row at size d reaches d_max through one
+  linear map (the product of its chain), which is what a bucketed plan's learned projection is (DESIGN.md decision
+  6): the exported plan reproduces the search's embeddings exactly. They are initialised N(0, 1/d_in), which keeps
+  the embedding scale through the chain, so every row starts at LightGCN's init scale whatever its size (the
+  official default init shrinks the variance ×3 per transform, ×243 from the smallest size).
+- **LightGCN adaptation.** The ego embeddings `[U + I, d_max]` that LightGCN propagates are the chained embeddings
+  themselves: the official `tanh(BN_128(·))` on top is left out, since LightGCN uses raw ego embeddings (a BN on the
+  ego table would make them depend on the batch). ℓ is the per-triple BPR loss of `lightgcn_bpr_loss` (ranking term
+  plus that triple's share of the L2 decay, so the mean of ℓ over a batch is the batch loss). The official stream's
+  records are (user, movie) pairs; here a triple's entities are its user and its positive item (the sampled
+  negative only enters the loss), and an entity's ℓ is the mean over the batch's triples it appears in. Model
+  learning rate and decay are the recipe's (CIESS's LightGCN recipe, Adam; the official ESAPN uses Adam 1e-3);
+  `transform_lr_scale` optionally scales the transforms' rate (default 1: the recipe's for everything).
+- **Controller every `controller_every` batches** (default 10; official: every batch). On CPU each controller update
+  re-predicts a batch through a full LightGCN propagation of all U + I nodes (an MLP re-predicts only 500 rows), so
+  doing it every batch would add a full no-grad forward to every step.
+- **The controller's trial is undone.** As in the official code (it writes `user_weights` only in `update_RS`), the
+  sampled sizes are a trial: after the re-prediction the sizes are reverted — and here also the overwritten rows of
+  the larger tables, so a trial leaves the model exactly as it was.
+- **Masking** puts −inf on the enlarge logit at the largest size, so π(keep) = 1 there and those entities add
+  nothing to the policy loss (the official code multiplies the sampled action by the mask but still back-propagates
+  CE(logits, keep) · advantage for them).
+- **Popularity buckets.** The official policy embeds the raw running count (a table of `max_popularity` rows); here
+  the count c goes to bucket ⌊log2(1 + c)⌋ (capped at `popularity_buckets − 1`), since the CIESS stream's counts run
+  to tens of thousands per entity.
+- **Policies' BatchNorm is in training mode throughout** (as in the official code, which never calls `eval()`), and
+  falls back to running statistics for a batch of a single entity.
+- Last losses start at 1 (the official `np.ones`).
+
+A consequence worth knowing: enlarging is function-preserving — `W[i..] (W[i] e) = W[i..] e`, so a row's embedding
+right after it grows equals its embedding before. Without the official BN over each candidate's batch, the
+controller's re-prediction therefore does not depend on the sampled actions, and its advantage `R − b` is the drop in
+the entities' loss since their last recommender step. In expectation the policy gradient is then zero (E_a ∇log π = 0)
+and the argmax policy that sets the sizes drifts; the official MLP version differs only through the BN batch
+statistics. This implementation keeps the algorithm as published rather than inventing a look-ahead reward.
+
+Outputs: `esapn_search` returns each row's final logical size and the kept fraction `Σ d / (d_max · (U + I))` (the
+papers' accounting, §1); `esapn_plan` turns them into a row-level `DimensionPlan` with learned linear projections (one
+map per bucket, the product of its chain: `d · d_max` parameters per bucket, counted in the plan — more than the
+chain's own `Σ d_i d_{i+1}`, and the top bucket's map is the identity); `load_esapn_weights` fills a
+`PlannedEmbedding` / `BucketedTables` built from that plan so it gives ESAPN's ego embeddings.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.lightgcn import BPRRecipe, GraphTask
+from search.rowlevel import ENTITIES, BucketedTables
+from sharding.embedding import PlannedEmbedding
+from sharding.plan import Budget, DimensionPlan, FeaturePlan, PlanError
+
+logger = logging.getLogger(__name__)
+
+KEEP, ENLARGE = 0, 1
+
+
+@dataclass(frozen=True)
+class EsapnConfig:
+    """ESAPN's hyper-parameters (official values unless the module docstring says otherwise).
+
+    The recommender's learning rate, schedule, batch size, decay and number of batches are the `BPRRecipe`'s.
+
+    Args:
+        candidate_dims: candidate sizes, strictly increasing multiples of 4; rows start at the first, the last is
+            d_max (the paper's {2, 4, 8, 16, 64, 128} mapped to multiples of 4).
+        popularity_dim: width of the policies' popularity embedding (32).
+        popularity_buckets: log2 buckets of the running interaction count.
+        hidden: the policies' hidden width (512).
+        controller_lr: the policies' Adam learning rate (1e-4).
+        controller_every: recommender batches per controller update (official: 1; 10 for CPU cost).
+        reward_base: the REINFORCE baseline: `last_loss` (b = 1 − the entity's last loss).
+        init_std: std of the entities' initial embedding at d_max (LightGCN init scale, as `MaskedTable`).
+        transform_lr_scale: the transforms' learning rate as a multiple of the recipe's (1: the same, as the
+            official single Adam). The transforms are shared by every row below d_max and chained up to five deep,
+            so at CIESS's lr 0.03 a smaller scale may steady the first batches.
+        log_every: batches between progress log lines.
+    """
+
+    candidate_dims: tuple[int, ...] = (4, 8, 16, 32, 64, 128)
+    popularity_dim: int = 32
+    popularity_buckets: int = 32
+    hidden: int = 512
+    controller_lr: float = 1e-4
+    controller_every: int = 10
+    reward_base: Literal["last_loss"] = "last_loss"
+    init_std: float = 0.1
+    transform_lr_scale: float = 1.0
+    log_every: int = 200
+
+    def __post_init__(self) -> None:
+        dims = list(self.candidate_dims)
+        if len(dims) < 2:
+            raise ValueError(
+                f"EsapnConfig.candidate_dims is {dims}; ESAPN needs at least two sizes to grow between, "
+                "e.g. (4, 8, 16, 32, 64, 128)"
+            )
+        if bad := [d for d in dims if not isinstance(d, int) or d <= 0 or d % 4]:
+            raise ValueError(
+                f"EsapnConfig.candidate_dims {bad} are not positive multiples of 4 (FBGEMM's kernels need it); "
+                f"use e.g. {[4 * max(1, math.ceil(d / 4)) for d in bad]}"
+            )
+        if dims != sorted(set(dims)):
+            raise ValueError(f"EsapnConfig.candidate_dims must be strictly increasing, got {dims}")
+        for name in ("popularity_dim", "popularity_buckets", "hidden", "controller_every", "log_every"):
+            if (value := getattr(self, name)) < 1:
+                raise ValueError(f"EsapnConfig.{name} is {value}; it must be >= 1")
+        if not self.controller_lr > 0:
+            raise ValueError(f"EsapnConfig.controller_lr is {self.controller_lr}; it must be > 0 (official: 1e-4)")
+        if self.reward_base != "last_loss":
+            raise ValueError(
+                f"EsapnConfig.reward_base is {self.reward_base!r}; only 'last_loss' is implemented "
+                "(b = 1 − the entity's last loss)"
+            )
+        if not self.init_std > 0:
+            raise ValueError(f"EsapnConfig.init_std is {self.init_std}; it must be > 0")
+        if not self.transform_lr_scale > 0:
+            raise ValueError(f"EsapnConfig.transform_lr_scale is {self.transform_lr_scale}; it must be > 0")
+
+    @property
+    def max_dim(self) -> int:
+        return self.candidate_dims[-1]
+
+    @property
+    def num_sizes(self) -> int:
+        return len(self.candidate_dims)
+
+
+@dataclass
+class EnlargeUndo:
+    """What `EsapnTables.enlarge` changed, so a controller trial can be reverted exactly.
+
+    Args:
+        rows: the rows that grew.
+        old_index: their size index before.
+        overwritten: per size index i + 1 written to, the rows and their previous contents.
+    """
+
+    rows: torch.Tensor
+    old_index: torch.Tensor
+    overwritten: list[tuple[int, torch.Tensor, torch.Tensor]]
+
+
+class EsapnTables(nn.Module):
+    """One entity type's candidate tables, transforms and per-row size index.
+
+    Args:
+        num_rows: rows (users or items).
+        config: the candidate sizes and init scale.
+        generator: seeds the init.
+    """
+
+    sizes: torch.Tensor
+
+    def __init__(self, num_rows: int, config: EsapnConfig, generator: torch.Generator) -> None:
+        super().__init__()
+        dims = config.candidate_dims
+        self.dims, self.num_rows = dims, num_rows
+        # Variance-preserving init: W[i] ~ N(0, 1/d_i) keeps each coordinate's variance through the chain, so a row
+        # at any size starts at std `init_std` per coordinate of its d_max output.
+        self.weights = nn.ParameterList(
+            nn.Parameter(torch.randn(num_rows, d, generator=generator) * config.init_std) for d in dims
+        )
+        transforms = []
+        for d_in, d_out in itertools.pairwise(dims):
+            linear = nn.Linear(d_in, d_out, bias=False)
+            with torch.no_grad():
+                linear.weight.copy_(torch.randn(d_out, d_in, generator=generator) / math.sqrt(d_in))
+            transforms.append(linear)
+        self.transforms = nn.ModuleList(transforms)
+        self.register_buffer("sizes", torch.zeros(num_rows, dtype=torch.int64))
+
+    @property
+    def row_dims(self) -> torch.Tensor:
+        """Each row's logical size."""
+        return torch.tensor(self.dims)[self.sizes]
+
+    def transform(self, i: int) -> nn.Linear:
+        t = self.transforms[i]
+        assert isinstance(t, nn.Linear)
+        return t
+
+    def forward(self) -> torch.Tensor:
+        """Every row at d_max, `[num_rows, d_max]`: rows grouped by size, chained together level by level."""
+        x = self.weights[0].new_zeros(0, self.dims[0])
+        order = []
+        for i in range(len(self.dims)):
+            rows = torch.nonzero(self.sizes == i).squeeze(1)
+            order.append(rows)
+            x = torch.cat([x, self.weights[i][rows]])
+            if i < len(self.dims) - 1:
+                x = self.transform(i)(x)
+        return x[torch.argsort(torch.cat(order))]
+
+    @torch.no_grad()
+    def enlarge(self, rows: torch.Tensor) -> EnlargeUndo:
+        """Move `rows` to the next size, each initialised as the transform of its old embedding.
+
+        Raises:
+            ValueError: if a row is already at the largest size (the policies mask that action).
+        """
+        rows = torch.unique(torch.as_tensor(rows, dtype=torch.int64))
+        old = self.sizes[rows].clone()
+        if bool((old == len(self.dims) - 1).any()):
+            top = rows[old == len(self.dims) - 1][:5].tolist()
+            raise ValueError(f"rows {top} are already at the largest size {self.dims[-1]}; they cannot grow")
+        overwritten = []
+        for i in range(len(self.dims) - 1):
+            part = rows[old == i]
+            if part.numel():
+                overwritten.append((i + 1, part, self.weights[i + 1][part].clone()))
+                self.weights[i + 1][part] = self.transform(i)(self.weights[i][part])
+        self.sizes[rows] = old + 1
+        return EnlargeUndo(rows, old, overwritten)
+
+    @torch.no_grad()
+    def restore(self, undo: EnlargeUndo) -> None:
+        """Revert an `enlarge`: sizes and the overwritten rows of the larger tables."""
+        for i, part, values in undo.overwritten:
+            self.weights[i][part] = values
+        self.sizes[undo.rows] = undo.old_index
+
+    def composed_projections(self) -> list[torch.Tensor]:
+        """Per size index s, the chain's single linear map `W[L−2] ⋯ W[s]` as a `[d_max, d_s]` matrix."""
+        out = [torch.eye(self.dims[-1])]
+        for i in reversed(range(len(self.dims) - 1)):
+            out.append(out[-1] @ self.transform(i).weight)
+        return out[::-1]
+
+
+class EsapnEmbedding(nn.Module):
+    """ESAPN's variable-size embeddings of users then items, giving LightGCN's ego embeddings `[U + I, d_max]`.
+
+    Args:
+        num_users: U.
+        num_items: I.
+        config: candidate sizes and init scale.
+        generator: seeds the init.
+    """
+
+    def __init__(self, num_users: int, num_items: int, config: EsapnConfig, generator: torch.Generator) -> None:
+        super().__init__()
+        self.config = config
+        self.num_users, self.num_items = num_users, num_items
+        self.entities = nn.ModuleDict(
+            {"user": EsapnTables(num_users, config, generator), "item": EsapnTables(num_items, config, generator)}
+        )
+
+    def __getitem__(self, entity: str) -> EsapnTables:
+        tables = self.entities[entity]
+        assert isinstance(tables, EsapnTables)
+        return tables
+
+    def forward(self) -> torch.Tensor:
+        return torch.cat([self["user"](), self["item"]()])
+
+    def enlarge(self, entity: str, rows: torch.Tensor) -> EnlargeUndo:
+        """Grow `rows` of `entity` ("user" or "item") by one size (see `EsapnTables.enlarge`)."""
+        return self[entity].enlarge(rows)
+
+    def kept_fraction(self) -> float:
+        """`Σ d / (d_max · (U + I))` over every row."""
+        total = sum(int(self[e].row_dims.sum()) for e in ENTITIES)
+        return total / (self.config.max_dim * (self.num_users + self.num_items))
+
+
+class EsapnPolicy(nn.Module):
+    """The keep/enlarge policy of one entity type (§4.2, `Policy_Type` 1).
+
+    Args:
+        config: popularity buckets and width, hidden width, number of sizes.
+    """
+
+    def __init__(self, config: EsapnConfig) -> None:
+        super().__init__()
+        self.num_sizes = config.num_sizes
+        self.popularity = nn.Embedding(config.popularity_buckets, config.popularity_dim)
+        self.popularity_norm = nn.BatchNorm1d(config.popularity_dim)
+        self.net = nn.Sequential(
+            nn.Linear(config.popularity_dim + config.num_sizes, config.hidden),
+            nn.BatchNorm1d(config.hidden),
+            nn.Tanh(),
+            nn.Linear(config.hidden, 2),
+        )
+
+    def forward(self, popularity_bucket: torch.Tensor, size_index: torch.Tensor) -> torch.Tensor:
+        """Masked logits [n, 2] (keep, enlarge): enlarge is −inf at the largest size."""
+        training = self.training
+        if training and popularity_bucket.numel() < 2:
+            self.eval()  # BatchNorm cannot take batch statistics of one entity
+        try:
+            state = torch.cat(
+                [
+                    self.popularity_norm(self.popularity(popularity_bucket)),
+                    F.one_hot(size_index, self.num_sizes).to(torch.float32),
+                ],
+                dim=1,
+            )
+            logits = self.net(state)
+        finally:
+            self.train(training)
+        return mask_logits(logits, size_index, self.num_sizes)
+
+
+def mask_logits(logits: torch.Tensor, size_index: torch.Tensor, num_sizes: int) -> torch.Tensor:
+    """Forbid enlarging at the largest size: its logit becomes −inf (π(keep) = 1 there)."""
+    at_top = size_index == num_sizes - 1
+    enlarge = logits[:, ENLARGE].masked_fill(at_top, float("-inf"))
+    return torch.stack([logits[:, KEEP], enlarge], dim=1)
+
+
+def popularity_bucket(counts: torch.Tensor, buckets: int) -> torch.Tensor:
+    """`min(⌊log2(1 + count)⌋, buckets − 1)`."""
+    return torch.floor(torch.log2(counts.to(torch.float64) + 1.0)).to(torch.int64).clamp(max=buckets - 1)
+
+
+def reinforce_loss(
+    logits: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor, baselines: torch.Tensor
+) -> torch.Tensor:
+    """REINFORCE with a baseline: `−Σ log π(a|s) (R − b)` (the official `Σ CE(logits, a) · (R − b)`).
+
+    Args:
+        logits: `[n, 2]` masked policy logits.
+        actions: `[n]` the sampled actions.
+        rewards: `[n]` R.
+        baselines: `[n]` b.
+    """
+    log_prob = torch.log_softmax(logits, dim=1).gather(1, actions[:, None]).squeeze(1)
+    # A masked action is never sampled, so its log-prob (−inf) never appears; a forced keep has log-prob 0.
+    return -(log_prob * (rewards - baselines).detach()).sum()
+
+
+def sample_actions(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Actions drawn from softmax(logits), one per row."""
+    return torch.multinomial(torch.softmax(logits.detach(), dim=1), 1, generator=generator).squeeze(1)
+
+
+def bpr_per_triple(
+    final_users: torch.Tensor,
+    final_items: torch.Tensor,
+    ego_users: torch.Tensor,
+    ego_items: torch.Tensor,
+    user: torch.Tensor,
+    positive: torch.Tensor,
+    negative: torch.Tensor,
+    decay: float,
+) -> torch.Tensor:
+    """Each triple's share of `lightgcn_bpr_loss`: `softplus(ŷ_un − ŷ_up) + decay·½(‖e_u‖² + ‖e_p‖² + ‖e_n‖²)`;
+    their mean is the batch loss."""
+    u, p, n = final_users[user], final_items[positive], final_items[negative]
+    rank = F.softplus((u * n).sum(-1) - (u * p).sum(-1))
+    reg = 0.5 * (
+        ego_users[user].pow(2).sum(-1) + ego_items[positive].pow(2).sum(-1) + ego_items[negative].pow(2).sum(-1)
+    )
+    return rank + decay * reg
+
+
+def entity_means(ids: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct ids (ascending) and the mean of `values` over each id's occurrences."""
+    unique, inverse = torch.unique(ids, return_inverse=True)
+    total = torch.zeros(unique.numel(), dtype=values.dtype).index_add_(0, inverse, values)
+    count = torch.bincount(inverse, minlength=unique.numel()).to(values.dtype)
+    return unique, total / count
+
+
+def triple_entities(triples: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A triple's entities: its user and its positive item (the sampled negative only enters the loss)."""
+    return {"user": triples[0], "item": triples[1]}
+
+
+@dataclass
+class EsapnResult:
+    """The outcome of a search.
+
+    Args:
+        config: the configuration searched with.
+        user_sizes: each user's final logical size.
+        item_sizes: each item's final logical size.
+        kept: `Σ d / (d_max · (U + I))`.
+        history: one record per batch (`step`, `loss`, `kept`, and on controller batches `reward_<e>`,
+            `advantage_<e>`, `policy_loss_<e>`, `enlarge_prob_<e>`).
+        metrics: the search model's mean held-out metrics at the end (Recall@k, NDCG@k, k ∈ {5, 20}).
+        seconds: wall time of the search.
+        embedding: the trained ESAPN embedding (its weights can be loaded into the plan's tables).
+    """
+
+    config: EsapnConfig
+    user_sizes: np.ndarray
+    item_sizes: np.ndarray
+    kept: float
+    history: list[dict[str, float]]
+    metrics: dict[str, float]
+    seconds: float
+    embedding: EsapnEmbedding = field(repr=False)
+
+
+def _states(
+    embedding: EsapnEmbedding, entity: str, rows: torch.Tensor, counts: torch.Tensor, config: EsapnConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return popularity_bucket(counts[rows], config.popularity_buckets), embedding[entity].sizes[rows]
+
+
+def _batch_losses(
+    task: GraphTask, ego: torch.Tensor, triples: tuple[torch.Tensor, torch.Tensor, torch.Tensor], decay: float
+) -> torch.Tensor:
+    users, items = task.final(ego)
+    return bpr_per_triple(users, items, ego[: task.num_users], ego[task.num_users :], *triples, decay=decay)
+
+
+def esapn_search(task: GraphTask, config: EsapnConfig, recipe: BPRRecipe, seed: int = 0) -> EsapnResult:
+    """Run ESAPN over one stream of `recipe.steps` BPR batches on a LightGCN (module docstring).
+
+    Args:
+        task: the graph task (validation mode for a search: train → valid).
+        config: ESAPN's hyper-parameters.
+        recipe: the recommender's training recipe (batches, batch size, learning-rate schedule, decay).
+        seed: seeds the init, the stream, the sampled actions and the policies.
+
+    Returns:
+        The final sizes, kept fraction, per-batch history, the model's held-out metrics and the wall time.
+    """
+    start = time.perf_counter()
+    generator = torch.Generator().manual_seed(seed)
+    embedding = EsapnEmbedding(task.num_users, task.num_items, config, generator)
+    with torch.random.fork_rng(devices=[]):  # the policies' default init, seeded without touching the global RNG
+        torch.manual_seed(seed)
+        policies = {e: EsapnPolicy(config) for e in ENTITIES}
+    tables = [w for e in ENTITIES for w in embedding[e].weights]
+    transforms = [p for e in ENTITIES for p in embedding[e].transforms.parameters()]
+    model_optimizer = torch.optim.Adam([{"params": tables}, {"params": transforms}], lr=recipe.lr)
+    lr_scales = (1.0, config.transform_lr_scale)
+    policy_optimizers = {e: torch.optim.Adam(policies[e].parameters(), lr=config.controller_lr) for e in ENTITIES}
+    sizes_of = {"user": task.num_users, "item": task.num_items}
+    counts = {e: torch.zeros(n, dtype=torch.int64) for e, n in sizes_of.items()}
+    last_loss = {e: torch.ones(n) for e, n in sizes_of.items()}
+    previous: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    history: list[dict[str, float]] = []
+
+    for step in range(recipe.steps):
+        record: dict[str, float] = {"step": float(step)}
+        triples = task.sample(recipe.batch, generator)
+
+        if previous is not None and step % config.controller_every == 0:
+            record.update(
+                _controller_update(
+                    task,
+                    embedding,
+                    policies,
+                    policy_optimizers,
+                    previous,
+                    counts,
+                    last_loss,
+                    config,
+                    recipe.decay,
+                    generator,
+                )
+            )
+
+        # Recommender update on the current batch: popularity now includes it, argmax actions, enlarge, one step.
+        entities = triple_entities(triples)
+        rows = {}
+        with torch.no_grad():
+            for e in ENTITIES:
+                counts[e] += torch.bincount(entities[e], minlength=sizes_of[e])
+                rows[e] = torch.unique(entities[e])
+                logits = policies[e](*_states(embedding, e, rows[e], counts[e], config))
+                embedding.enlarge(e, rows[e][logits.argmax(1) == ENLARGE])
+        for group, scale in zip(model_optimizer.param_groups, lr_scales, strict=True):
+            group["lr"] = recipe.lr_at(step) * scale
+        per_triple = _batch_losses(task, embedding(), triples, recipe.decay)
+        loss = per_triple.mean()
+        model_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        model_optimizer.step()
+        for e in ENTITIES:
+            ids, means = entity_means(entities[e], per_triple.detach())
+            last_loss[e][ids] = means
+        previous = triples
+
+        record["loss"] = loss.item()
+        record["kept"] = embedding.kept_fraction()
+        history.append(record)
+        if step % config.log_every == 0 or step == recipe.steps - 1:
+            logger.info(
+                "esapn step %d/%d loss %.4f kept %.4f (%.1fs)",
+                step + 1,
+                recipe.steps,
+                record["loss"],
+                record["kept"],
+                time.perf_counter() - start,
+            )
+
+    with torch.no_grad():
+        per_user = task.evaluate(embedding(), (5, 20))
+    metrics = {
+        k: float(np.nanmean(v.numpy())) if bool((~torch.isnan(v)).any()) else float("nan") for k, v in per_user.items()
+    }
+    return EsapnResult(
+        config=config,
+        user_sizes=embedding["user"].row_dims.numpy(),
+        item_sizes=embedding["item"].row_dims.numpy(),
+        kept=embedding.kept_fraction(),
+        history=history,
+        metrics=metrics,
+        seconds=time.perf_counter() - start,
+        embedding=embedding,
+    )
+
+
+def _controller_update(
+    task: GraphTask,
+    embedding: EsapnEmbedding,
+    policies: Mapping[str, EsapnPolicy],
+    optimizers: Mapping[str, torch.optim.Optimizer],
+    triples: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    counts: Mapping[str, torch.Tensor],
+    last_loss: Mapping[str, torch.Tensor],
+    config: EsapnConfig,
+    decay: float,
+    generator: torch.Generator,
+) -> dict[str, float]:
+    """One REINFORCE step of both policies on the previous batch (a trial: the model is left as it was)."""
+    entities = triple_entities(triples)
+    rows, logits, actions, undo = {}, {}, {}, {}
+    for e in ENTITIES:
+        rows[e] = torch.unique(entities[e])
+        logits[e] = policies[e](*_states(embedding, e, rows[e], counts[e], config))
+        actions[e] = sample_actions(logits[e], generator)
+        undo[e] = embedding.enlarge(e, rows[e][actions[e] == ENLARGE])
+    with torch.no_grad():
+        per_triple = _batch_losses(task, embedding(), triples, decay)
+    for e in ENTITIES:
+        embedding[e].restore(undo[e])
+    out: dict[str, float] = {}
+    for e in ENTITIES:
+        ids, mean_loss = entity_means(entities[e], per_triple)  # ids == rows[e]: both sorted and distinct
+        reward, baseline = 1.0 - mean_loss, 1.0 - last_loss[e][ids]
+        loss = reinforce_loss(logits[e], actions[e], reward, baseline)
+        optimizers[e].zero_grad(set_to_none=True)
+        loss.backward()
+        optimizers[e].step()
+        out |= {
+            f"reward_{e}": float(reward.mean()),
+            f"advantage_{e}": float((reward - baseline).mean()),
+            f"policy_loss_{e}": loss.item(),
+            f"enlarge_prob_{e}": float(torch.softmax(logits[e].detach(), 1)[:, ENLARGE].mean()),
+        }
+    return out
+
+
+def esapn_plan(
+    result: EsapnResult, budget: int | None = None, provenance: Mapping[str, Any] | None = None
+) -> DimensionPlan:
+    """The row-level plan of a search: features `user` and `item`, each row in the bucket of its final size, each
+    bucket projected to d_max by a learned linear map (the product of its chain of transforms), counted in the plan.
+
+    Args:
+        result: the search's outcome.
+        budget: a logical-parameter budget to check the plan against (ESAPN cannot target one), or None.
+        provenance: extra provenance (data, recipe, ...).
+
+    Raises:
+        PlanError: if the plan is over `budget`.
+    """
+    d_max = result.config.max_dim
+    features = tuple(
+        FeaturePlan(name, int(sizes.size), d_max, row_dims=np.asarray(sizes, dtype=np.int64), projection="linear")
+        for name, sizes in (("user", result.user_sizes), ("item", result.item_sizes))
+    )
+    plan = DimensionPlan(
+        features,
+        Budget(budget, "logical") if budget is not None else None,
+        provenance={
+            "method": "esapn",
+            "candidate_dims": list(result.config.candidate_dims),
+            "kept": result.kept,
+            "config": {k: v for k, v in result.config.__dict__.items() if k != "candidate_dims"},
+            "metrics": dict(result.metrics),
+            "seconds": result.seconds,
+            **(provenance or {}),
+        },
+    )
+    plan.check_budget()
+    return plan
+
+
+@torch.no_grad()
+def load_esapn_weights(target: PlannedEmbedding | BucketedTables, embedding: EsapnEmbedding) -> None:
+    """Copy an ESAPN embedding into the bucket tables of its plan: each row into its bucket (at its local row), each
+    bucket's projection set to the product of the chain of transforms from its size to d_max. The bucketed model
+    then gives the same ego embeddings as `embedding()`.
+
+    Raises:
+        PlanError: if the plan's features or row sizes are not the embedding's.
+    """
+    planned = target.embedding if isinstance(target, BucketedTables) else target
+    plan = planned.plan
+    for entity in ENTITIES:
+        tables = embedding[entity]
+        try:
+            f = plan[entity]
+        except KeyError as e:
+            raise PlanError(f"the plan has no feature '{entity}' (features {plan.feature_names})") from e
+        dims = tables.row_dims.numpy()
+        if f.row_dims is None or not np.array_equal(np.asarray(f.row_dims), dims):
+            raise PlanError(
+                f"feature '{entity}': the plan's row sizes are not the ESAPN embedding's current sizes. Build the "
+                "plan with esapn_plan from the same search"
+            )
+        if f.projection != "linear" or f.output_dim != embedding.config.max_dim:
+            raise PlanError(
+                f"feature '{entity}': ESAPN needs linear projections to d_max {embedding.config.max_dim}, the plan "
+                f"has projection '{f.projection}' to {f.output_dim}"
+            )
+        bucket, local = f.remap
+        maps = tables.composed_projections()
+        for b, spec in enumerate(f.tables()):
+            s = tables.dims.index(spec.logical_dim)
+            rows = torch.from_numpy(np.flatnonzero(bucket == b))
+            weight = planned.ebc.embedding_bags[spec.name].weight
+            weight[torch.from_numpy(local)[rows], : spec.logical_dim] = tables.weights[s][rows]
+            projection = planned.projections[spec.name]
+            assert isinstance(projection, nn.Linear)
+            projection.weight.copy_(maps[s])

@@ -1,0 +1,293 @@
+"""ESAPN (search/esapn.py) against slow, plainly written references."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from models.lightgcn import BPRRecipe, GraphTask, lightgcn_bpr_loss
+from search.esapn import (
+    ENLARGE,
+    KEEP,
+    EsapnConfig,
+    EsapnEmbedding,
+    EsapnPolicy,
+    EsapnResult,
+    bpr_per_triple,
+    entity_means,
+    esapn_plan,
+    esapn_search,
+    load_esapn_weights,
+    popularity_bucket,
+    reinforce_loss,
+    sample_actions,
+)
+from search.rowlevel import BucketedTables
+
+CONFIG = EsapnConfig()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny tensors: one thread avoids OpenMP spin-waiting on a shared 2-core machine (20× faster here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+DIMS = CONFIG.candidate_dims
+
+
+def _embedding(num_users: int = 9, num_items: int = 7, seed: int = 0, grow: int = 3) -> EsapnEmbedding:
+    """An embedding whose rows are spread over the sizes by `grow` rounds of random enlargements."""
+    gen = torch.Generator().manual_seed(seed)
+    emb = EsapnEmbedding(num_users, num_items, CONFIG, gen)
+    for _ in range(grow):
+        for e in ("user", "item"):
+            t = emb[e]
+            pick = torch.randperm(t.num_rows, generator=gen)[: t.num_rows // 2 + 1]
+            emb.enlarge(e, pick[t.sizes[pick] < len(DIMS) - 1])
+    return emb
+
+
+def _slow_row(emb: EsapnEmbedding, entity: str, row: int) -> torch.Tensor:
+    """One row's d_max embedding: its table row chained through the transforms, one matrix-vector product at a time."""
+    t = emb[entity]
+    s = int(t.sizes[row])
+    e = t.weights[s][row].detach().double()
+    for j in range(s, len(DIMS) - 1):
+        e = t.transform(j).weight.detach().double() @ e
+    return e.float()
+
+
+def test_forward_equals_the_per_row_reference() -> None:
+    emb = _embedding(grow=6)
+    assert len(set(emb["user"].sizes.tolist())) >= 3  # several size groups are exercised
+    out = emb()
+    ref = torch.stack([_slow_row(emb, "user", r) for r in range(9)] + [_slow_row(emb, "item", r) for r in range(7)])
+    assert out.shape == (16, 128)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_enlarge_moves_rows_to_the_next_bucket_as_the_transform_of_their_old_embedding() -> None:
+    emb = _embedding(grow=2)
+    t = emb["user"]
+    before_sizes = t.sizes.clone()
+    before_tables = [w.detach().clone() for w in t.weights]
+    before_ego = emb().detach()
+    rows = torch.tensor([r for r in range(9) if before_sizes[r] < len(DIMS) - 1][:4])
+    undo = emb.enlarge("user", torch.cat([rows, rows[:1]]))  # a repeated row grows once
+
+    others = [r for r in range(9) if r not in rows.tolist()]
+    assert t.sizes[rows].tolist() == (before_sizes[rows] + 1).tolist()
+    assert t.sizes[others].tolist() == before_sizes[others].tolist()
+    for r in rows.tolist():
+        i = int(before_sizes[r])
+        expected = torch.mv(t.transform(i).weight.detach(), before_tables[i][r])
+        torch.testing.assert_close(t.weights[i + 1][r].detach(), expected)
+    changed = {(int(before_sizes[r]) + 1, r) for r in rows.tolist()}
+    for i, w in enumerate(t.weights):
+        for r in range(9):
+            if (i, r) not in changed:
+                assert torch.equal(w.detach()[r], before_tables[i][r]), (i, r)
+    # Growing is function-preserving: every row's ego embedding is unchanged (items were not touched at all).
+    torch.testing.assert_close(emb().detach(), before_ego, rtol=1e-5, atol=1e-6)
+
+    t.restore(undo)  # a controller trial leaves the model exactly as it was
+    assert torch.equal(t.sizes, before_sizes)
+    for w, b in zip(t.weights, before_tables, strict=True):
+        assert torch.equal(w.detach(), b)
+
+
+def test_enlarging_at_the_largest_size_is_masked_and_refused() -> None:
+    emb = _embedding(num_users=4, grow=0)
+    for _ in range(len(DIMS) - 1):
+        emb.enlarge("user", torch.tensor([0]))
+    assert int(emb["user"].row_dims[0]) == 128
+    with pytest.raises(ValueError, match="largest size 128"):
+        emb.enlarge("user", torch.tensor([0, 1]))
+    assert emb["user"].sizes.tolist() == [5, 0, 0, 0]  # nothing moved
+
+    torch.manual_seed(0)
+    policy = EsapnPolicy(CONFIG)
+    head = policy.net[-1]
+    assert isinstance(head, torch.nn.Linear)
+    with torch.no_grad():
+        head.bias.copy_(torch.tensor([-20.0, 20.0]))  # the policy wants to enlarge everyone
+    sizes = torch.tensor([5, 5, 0, 3, 5, 1] * 50)
+    logits = policy(torch.zeros_like(sizes), sizes)
+    at_top = sizes == len(DIMS) - 1
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        actions = sample_actions(logits, gen)
+        assert (actions[at_top] == KEEP).all()
+        assert (actions[~at_top] == ENLARGE).all()
+    assert (logits.argmax(1)[at_top] == KEEP).all()
+    assert torch.isneginf(logits[at_top, ENLARGE]).all()
+    assert reinforce_loss(logits, sample_actions(logits, gen), torch.ones(300), torch.zeros(300)).item() < 1e-3
+
+
+def test_bucketed_plan_reproduces_the_ego_embeddings_and_counts_the_projections() -> None:
+    emb = _embedding(num_users=11, num_items=8, grow=4)
+    result = EsapnResult(
+        CONFIG,
+        emb["user"].row_dims.numpy(),
+        emb["item"].row_dims.numpy(),
+        emb.kept_fraction(),
+        [],
+        {},
+        0.0,
+        emb,
+    )
+    plan = esapn_plan(result)
+    tables = BucketedTables(plan)
+    load_esapn_weights(tables, emb)
+    with torch.no_grad():
+        torch.testing.assert_close(tables(), emb())
+
+    rows = int(result.user_sizes.sum() + result.item_sizes.sum())
+    projections = sum(sum(d * 128 for d in np.unique(s).tolist()) for s in (result.user_sizes, result.item_sizes))
+    assert plan.parameters == rows + projections  # every candidate is a multiple of 4: physical == logical
+    assert plan.logical_parameters == rows + projections
+    assert plan.parameters == sum(p.numel() for p in tables.parameters())
+    assert [f.projection for f in plan.features] == ["linear", "linear"]
+    assert result.kept == pytest.approx(rows / (128 * 19))
+
+
+def test_plan_mismatch_is_refused() -> None:
+    emb = _embedding(grow=2)
+    result = EsapnResult(
+        CONFIG, emb["user"].row_dims.numpy(), emb["item"].row_dims.numpy(), emb.kept_fraction(), [], {}, 0.0, emb
+    )
+    tables = BucketedTables(esapn_plan(result))
+    emb.enlarge("user", torch.nonzero(emb["user"].sizes < len(DIMS) - 1).squeeze(1)[:1])
+    with pytest.raises(ValueError, match="row sizes"):
+        load_esapn_weights(tables, emb)
+    with pytest.raises(ValueError, match="budget"):
+        esapn_plan(result, budget=10)
+
+
+def test_reinforce_loss_equals_the_slow_reference() -> None:
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 2, generator=gen)
+    logits[4, ENLARGE] = float("-inf")  # a masked row, forced to keep
+    actions = torch.tensor([0, 1, 1, 0, 0, 1])
+    rewards, baselines = torch.rand(6, generator=gen), torch.rand(6, generator=gen)
+    expected = 0.0
+    for n in range(6):
+        a, b = (float(x) for x in logits[n])
+        z = math.exp(a) + (math.exp(b) if math.isfinite(b) else 0.0)
+        chosen = float(logits[n, int(actions[n])])
+        expected -= (chosen - math.log(z)) * (float(rewards[n]) - float(baselines[n]))
+    leaf = logits.clone().requires_grad_(True)
+    loss = reinforce_loss(leaf, actions, rewards, baselines)
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    loss.backward()
+    assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
+    assert float(leaf.grad[4].abs().sum()) == 0.0  # a forced action carries no gradient
+
+
+def test_policy_gradient_raises_the_enlarge_probability_when_enlarging_lowers_the_loss() -> None:
+    torch.manual_seed(0)
+    config = EsapnConfig(popularity_buckets=8, hidden=64)
+    policy = EsapnPolicy(config)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(1)
+    popularity = torch.randint(0, 8, (128,), generator=gen)
+    sizes = torch.randint(0, len(DIMS) - 1, (128,), generator=gen)  # never at the top: enlarging is allowed
+
+    def enlarge_prob() -> float:
+        with torch.no_grad():
+            return float(torch.softmax(policy(popularity, sizes), 1)[:, ENLARGE].mean())
+
+    before = enlarge_prob()
+    last_loss = torch.full((128,), 0.5)
+    for _ in range(30):
+        logits = policy(popularity, sizes)
+        actions = sample_actions(logits, gen)
+        loss = torch.where(actions == ENLARGE, 0.2, 0.5)  # enlarging always lowers the loss
+        batch_loss = reinforce_loss(logits, actions, 1.0 - loss, 1.0 - last_loss)
+        optimizer.zero_grad()
+        batch_loss.backward()
+        optimizer.step()
+    after = enlarge_prob()
+    assert after > before + 0.3, (before, after)
+
+
+def test_per_triple_losses_average_to_the_lightgcn_loss_and_entity_means_match_a_loop() -> None:
+    gen = torch.Generator().manual_seed(0)
+    fu, fi, eu, ei = (torch.randn(n, 8, generator=gen) for n in (5, 6, 5, 6))
+    u, p, n = torch.randint(0, 5, (20,), generator=gen), *torch.randint(0, 6, (2, 20), generator=gen)
+    per = bpr_per_triple(fu, fi, eu, ei, u, p, n, decay=1e-2)
+    torch.testing.assert_close(per.mean(), lightgcn_bpr_loss(fu, fi, eu, ei, u, p, n, decay=1e-2))
+    ids, means = entity_means(u, per)
+    for i, m in zip(ids.tolist(), means.tolist(), strict=True):
+        assert m == pytest.approx(float(per[u == i].mean()), rel=1e-6)
+    assert ids.tolist() == sorted(set(u.tolist()))
+
+
+def test_popularity_buckets_are_log2_and_capped() -> None:
+    counts = torch.tensor([0, 1, 2, 3, 6, 7, 1000, 10**9])
+    assert popularity_bucket(counts, 12).tolist() == [0, 1, 1, 2, 2, 3, 9, 11]
+
+
+def _tiny_task(seed: int = 0) -> GraphTask:
+    rng = np.random.default_rng(seed)
+    nu, ni = 60, 40
+    users = np.concatenate([np.arange(nu), rng.integers(0, nu, 540)])
+    items = rng.integers(0, ni, users.size)
+    held = rng.integers(0, nu, 100), rng.integers(0, ni, 100)
+    return GraphTask((users, items), held, nu, ni)
+
+
+def test_esapn_search_runs_on_a_tiny_graph() -> None:
+    task = _tiny_task()
+    config = EsapnConfig(hidden=64, controller_every=3)
+    recipe = BPRRecipe(steps=30, batch=256, lr=0.01)
+    result = esapn_search(task, config, recipe, seed=0)
+    assert result.user_sizes.shape == (60,) and result.item_sizes.shape == (40,)
+    assert set(result.user_sizes.tolist()) | set(result.item_sizes.tolist()) <= set(DIMS)
+    assert 0.0 < result.kept <= 1.0
+    total = result.user_sizes.sum() + result.item_sizes.sum()
+    assert result.kept == pytest.approx(total / (128 * 100))
+    assert len(result.history) == 30
+    assert all(math.isfinite(h["loss"]) for h in result.history)
+    controller = [h for h in result.history if "policy_loss_user" in h]
+    assert len(controller) == 9  # steps 3, 6, ..., 27
+    assert all(math.isfinite(h["advantage_item"]) for h in controller)
+    kept = [h["kept"] for h in result.history]
+    assert kept == sorted(kept)  # sizes only grow
+    assert 0.0 <= result.metrics["recall@20"] <= 1.0
+    # Same seed, same search.
+    again = esapn_search(task, config, recipe, seed=0)
+    assert np.array_equal(again.user_sizes, result.user_sizes) and again.kept == result.kept
+    # The exported plan reproduces the searched model's ego embeddings.
+    tables = BucketedTables(esapn_plan(result))
+    load_esapn_weights(tables, result.embedding)
+    with torch.no_grad():
+        torch.testing.assert_close(tables(), result.embedding())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"candidate_dims": (4,)}, "candidate_dims"),
+        ({"candidate_dims": (2, 4, 8)}, "candidate_dims"),
+        ({"candidate_dims": (8, 4, 16)}, "candidate_dims"),
+        ({"popularity_dim": 0}, "popularity_dim"),
+        ({"hidden": 0}, "hidden"),
+        ({"controller_lr": 0.0}, "controller_lr"),
+        ({"controller_every": 0}, "controller_every"),
+        ({"reward_base": "ave_loss"}, "reward_base"),
+        ({"init_std": -1.0}, "init_std"),
+        ({"transform_lr_scale": 0.0}, "transform_lr_scale"),
+    ],
+)
+def test_bad_config_names_the_field(kwargs: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=f"EsapnConfig.{field}"):
+        EsapnConfig(**kwargs)
