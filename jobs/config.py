@@ -109,9 +109,13 @@ class SearchConfig:
     Args:
         method: `fixed` keeps every feature at `dim` for the whole run; `uniform-budget` uses the largest equal
             dim that fits `budget`; `autodim` searches one dim per field (search → derive → retrain, one run; needs
-            a static `data.protocol`).
-        dim: the dim of every feature for `fixed`.
-        budget: embedding parameter budget the plan must meet (None: no budget; required by `uniform-budget`).
+            a static `data.protocol`); `scall` sizes every user and item row each day by its frequency rank with
+            SCALL's budget-guaranteed sampler (row-level buckets up to `dim`; other features at `dim`).
+        dim: the dim of every feature for `fixed`; the largest row size (d_max) for `scall`.
+        budget: embedding parameter budget the plan must meet (None: no budget; required by `uniform-budget` and
+            `scall`). For `scall` it counts logical parameters (Σ of every row's dim), as the row-level papers do.
+        scall_action: SCALL's `(user share, α_U, α_V)` in (0, 1)³: the share of the budget for users and the
+            power-law parameters (rescaled to [0.1, 30]) of the size distributions.
         plan: start from this saved `DimensionPlan` directory (e.g. one a search exported) instead of `dim`; its
             features must be the dataset's and its tables large enough for the data's ids.
         candidate_dims: AutoDim's candidate dims (ascending multiples of 4).
@@ -126,9 +130,10 @@ class SearchConfig:
             from the `search` (the supernet's table prefixes and the dense weights whose shapes are unchanged).
     """
 
-    method: Literal["fixed", "uniform-budget", "autodim"] = "fixed"
+    method: Literal["fixed", "uniform-budget", "autodim", "scall"] = "fixed"
     dim: int = 16
     budget: int | None = None
+    scall_action: tuple[float, float, float] = (0.5, 0.1, 0.1)
     plan: str | None = None
     candidate_dims: tuple[int, ...] = (4, 8, 16, 24, 32)
     arch_every: int = 10
@@ -143,8 +148,10 @@ class SearchConfig:
     def __post_init__(self) -> None:
         if self.dim <= 0:
             raise ConfigError(f"search.dim must be > 0, got {self.dim}")
-        if self.method == "uniform-budget" and self.budget is None:
-            raise ConfigError("search.method=uniform-budget needs search.budget (embedding parameters)")
+        if self.method in ("uniform-budget", "scall") and self.budget is None:
+            raise ConfigError(f"search.method={self.method} needs search.budget (embedding parameters)")
+        if len(self.scall_action) != 3 or not all(0.0 < a < 1.0 for a in self.scall_action):
+            raise ConfigError(f"search.scall_action must be three numbers in (0, 1), got {list(self.scall_action)}")
         if self.budget is not None and self.budget <= 0:
             raise ConfigError(f"search.budget must be > 0, got {self.budget}")
 
@@ -197,6 +204,8 @@ class JobConfig:
                 "search.method=autodim searches on a static split: set data.protocol to random (AutoDim's 80/10/10), "
                 "per-user or given"
             )
+        if self.search.method == "scall" and self.data.protocol != "prequential":
+            raise ConfigError("search.method=scall is a streaming search: set data.protocol to prequential")
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import datetime as dt
 import itertools
 import json
@@ -32,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 import torch
 import torch.distributed as dist
@@ -43,7 +45,7 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.optim.keyed import CombinedOptimizer
 from tqdm import tqdm
 
-from jobs.config import JobConfig, load_config
+from jobs.config import ConfigError, JobConfig, load_config
 from jobs.logs import setup_logging
 from models import metrics
 from models.factory import build_model
@@ -55,6 +57,7 @@ from pipeline.stream import DayStream, StreamConfig
 from pipeline.vocab import VocabularySet
 from search.autodim import AutoDimConfig, AutoDimHead, AutoDimSearcher, UniformBudgetSearcher
 from search.base import DayStats, FixedSearcher, Searcher
+from search.scall import ScallSearcher
 from sharding.checkpoint import (
     full_tensors,
     latest_checkpoint,
@@ -108,10 +111,20 @@ def _rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def build_searcher(cfg: JobConfig) -> Searcher:
+def build_searcher(cfg: JobConfig, spec: DatasetSpec) -> Searcher:
     """The searcher `search.method` names, with the parameter budget `search.budget`."""
     s = cfg.search
     budget = Budget(s.budget) if s.budget else None
+    if s.method == "scall":
+        if spec.user_field is None or spec.item_field is None:
+            raise ConfigError(
+                f"search.method=scall sizes user and item rows, but dataset '{spec.name}' names no user_field or "
+                "item_field in its dataset.yaml. Set both, or use a field-level method"
+            )
+        assert s.budget is not None
+        return ScallSearcher(
+            Budget(s.budget, "logical"), s.dim, spec.user_field, spec.item_field, action=s.scall_action
+        )
     if s.method == "autodim":
         # The search section carries AutoDim's hyper-parameters under the same names; the seed is the run's.
         shared = {f.name: getattr(s, f.name) for f in dataclasses.fields(AutoDimConfig) if hasattr(s, f.name)}
@@ -178,6 +191,15 @@ def build_recommender(
         dims = {f: head.config.max_dim for f in dims}
     dense = build_model(cfg.model.name, dims, len(spec.dense), spec.task, spec.num_classes, **cfg.model.options)
     return Recommender(embedding, dense, spec.task, head)
+
+
+def plan_digest(plan: DimensionPlan) -> str:
+    """A digest of what a plan sizes: every feature's tables and every row's dim (provenance left out)."""
+    h = hashlib.sha256(json.dumps(plan.to_json()["features"], sort_keys=True).encode())
+    for f in plan.features:
+        if f.row_dims is not None:
+            h.update(np.ascontiguousarray(f.row_dims, dtype=np.int64).tobytes())
+    return h.hexdigest()
 
 
 def _peak_rss_mb(pg: dist.ProcessGroup) -> float:
@@ -407,6 +429,16 @@ class Trainer:
         self.head.uniform = False
         return self._finish(total, time.perf_counter() - start)
 
+    def _check_same_plan(self, plan: DimensionPlan) -> None:
+        """Every rank must propose the same plan (searches decide from identical statistics; DESIGN.md 11)."""
+        digests: list[str | None] = [None] * dist.get_world_size(self.pg)
+        dist.all_gather_object(digests, plan_digest(plan), group=self.pg)
+        if len(set(digests)) != 1:
+            raise RuntimeError(
+                f"the ranks proposed different plans (digests {digests}): the searcher '{self.searcher.name}' is not "
+                "deterministic across ranks. Decide from all-reduced statistics, or on rank 0 and broadcast"
+            )
+
     def reconfigure(self, new_plan: DimensionPlan, search: bool = False, from_scratch: bool = False) -> None:
         """Move to `new_plan`: DCP save → whole tensors → migrate rows → re-plan under the budget → new DMP.
 
@@ -473,7 +505,9 @@ class Trainer:
                 )
             )
             proposal = self.searcher.propose()
-            reconfigured = proposal is not None and proposal.to_json()["features"] != self.plan.to_json()["features"]
+            if proposal is not None:
+                self._check_same_plan(proposal)
+            reconfigured = proposal is not None and plan_digest(proposal) != plan_digest(self.plan)
             if reconfigured and proposal is not None:
                 self.reconfigure(proposal)
             day_result = DayResult(
@@ -630,7 +664,7 @@ def train(cfg: JobConfig, resume: bool = False) -> TrainResult:
     """Run the job. Data, config and plan are validated before any process group starts."""
     dataset = Dataset(cfg.data.path)
     days = dataset.days[: cfg.data.days] if cfg.data.days else dataset.days
-    searcher = build_searcher(cfg)
+    searcher = build_searcher(cfg, dataset.spec)
     plan = initial_plan(cfg, searcher, dataset.spec.feature_names, table_capacities(dataset, cfg.data.capacity))
     use_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
     if cfg.train.device == "cuda" and not torch.cuda.is_available():

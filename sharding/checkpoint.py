@@ -182,7 +182,8 @@ def migrate_weights(
             same = old_dims[rows] == d
             keep = rows[same]
             # Unchanged rows: their logical columns are copied bit for bit.
-            target[local[keep], :d] = vectors[keep, :d]
+            if keep.size:
+                target[local[keep], :d] = vectors[keep, :d]
             changed = rows[~same]
             if changed.size:
                 if transform is not None:

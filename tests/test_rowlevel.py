@@ -203,3 +203,17 @@ def test_interactions_factorise_ids_and_keep_the_split(tmp_path: Path) -> None:
     assert (inter.item_ids[items] == raw["item"].to_numpy()[order]).all()
     uf, itf = inter.frequencies("train")
     assert uf.sum() == itf.sum() == split.counts()["train"]
+
+
+def test_migration_into_a_bucket_wider_than_every_old_row_pads_them() -> None:
+    """Every row grows (6 → 7 and 3 → 7): no row keeps its dim, the new bucket is wider than the old table."""
+    from sharding.checkpoint import migrate_weights
+
+    old = row_plan({"user": np.array([6, 6, 3]), "item": np.array([3])}, 8, None)
+    new = row_plan({"user": np.array([7, 7, 7]), "item": np.array([3])}, 8, None)
+    old_model, new_model = BucketedTables(old), BucketedTables(new)
+    state = migrate_weights(old, new, old_model.state_dict(), new_model.state_dict())
+    new_model.load_state_dict(state)
+    expected = torch.nn.functional.pad(old_model()[:3, :6], (0, 2))
+    torch.testing.assert_close(new_model()[:3], expected, rtol=0, atol=0)
+    torch.testing.assert_close(new_model()[3], old_model()[3], rtol=0, atol=0)

@@ -165,3 +165,28 @@ def test_autodim_search_derive_retrain_and_resume_mid_search(data: Path, tmp_pat
         assert again[0]["probabilities"][f] == pytest.approx(p, abs=1e-6)  # type: ignore[index]
     resumed_plan = DimensionPlan.load(tmp_path / "cut" / "plan")
     assert [f.dim for f in resumed_plan.features] == [f.dim for f in plan.features]
+
+
+def test_scall_streaming_plans_meet_the_budget_every_day_on_both_ranks(data: Path, tmp_path: Path) -> None:
+    from jobs.train import table_capacities
+    from pipeline.dataset import Dataset
+    from sharding.checkpoint import full_tensors
+
+    capacity = table_capacities(Dataset(data), None)
+    others = sum(n for f, n in capacity.items() if f not in ("user", "item")) * 16
+    budget = others + (capacity["user"] + capacity["item"]) * 6
+    args = ["search.method=scall", "search.dim=16", f"search.budget={budget}", "search.scall_action=[0.5,0.1,0.1]"]
+    run = run_train_job(tiny_job_args(data, tmp_path, "scall", *args))
+    assert run.returncode == 0, run.stderr[-3000:]
+    days = _metrics(tmp_path / "scall")
+    assert [d["reconfigured"] for d in days] == [True, True, True]  # sizes follow each day's frequencies
+    plan = DimensionPlan.load(tmp_path / "scall" / "plan")
+    assert plan.budget is not None and plan.budget.unit == "logical"
+    assert plan.logical_parameters == budget  # exactly the budget
+    assert plan["user"].row_level and plan["item"].row_level and plan["f0"].dim == 16
+    assert days[-1]["embedding_parameters"] == plan.parameters
+    # Both ranks proposed the same plan (the job checks digests every day) and the last checkpoint holds exactly
+    # the plan's bucket tables.
+    weights = full_tensors(tmp_path / "scall" / "checkpoints" / "day-0002")
+    shapes = {k.split(".")[-2]: tuple(v.shape) for k, v in weights.items() if "embedding_bags" in k}
+    assert shapes == {t.name: (t.num_embeddings, t.embedding_dim) for t in plan.tables()}
