@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import datetime as dt
+import hashlib
 import itertools
 import json
 import logging

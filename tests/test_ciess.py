@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 import torch
@@ -24,7 +26,7 @@ from sharding.plan import PlanError
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
+def _one_thread() -> Iterator[None]:
     # Tiny networks: two threads on a loaded 2-core machine are many times slower than one.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -77,7 +79,9 @@ def test_td3_target_equals_per_sample_reference() -> None:
 def test_size_mapping_round_trips() -> None:
     sizes = torch.arange(1, 129).float()
     torch.testing.assert_close(to_size(normalize_size(sizes, 128), 128), sizes)
-    assert float(normalize_size(torch.tensor([1]), 128)) == -1.0 and float(normalize_size(torch.tensor([128]), 128)) == 1
+    assert (
+        float(normalize_size(torch.tensor([1]), 128)) == -1.0 and float(normalize_size(torch.tensor([128]), 128)) == 1
+    )
 
 
 def test_exploring_choice_is_the_best_walk_node_by_the_first_critic() -> None:
@@ -108,7 +112,7 @@ def test_td3_updates_learn_a_size_preference() -> None:
     before = float(agent.choose(state, generator, explore=False).float().mean())
     for _ in range(300):
         sizes = torch.randint(1, 33, (200,), generator=generator)
-        reward = -((sizes.float() - 10) / 32) ** 2
+        reward = -(((sizes.float() - 10) / 32) ** 2)
         agent.store(state, sizes, reward, state, True)
         agent.update(generator)
     after = float(agent.choose(state, generator, explore=False).float().mean())
