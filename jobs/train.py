@@ -91,6 +91,7 @@ class DayResult:
     examples_per_s: float
     embedding_bytes_per_rank: list[int]
     embedding_parameters: int
+    embedding_logical_parameters: int
     peak_rss_mb: float
     reconfigured: bool = False
 
@@ -519,6 +520,7 @@ class Trainer:
                 examples_per_s=speed,
                 embedding_bytes_per_rank=self.memory.per_rank_bytes,
                 embedding_parameters=self.plan.parameters,
+                embedding_logical_parameters=self.plan.logical_parameters,
                 peak_rss_mb=_peak_rss_mb(self.pg),
                 reconfigured=reconfigured,
             )

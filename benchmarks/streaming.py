@@ -1,0 +1,156 @@
+"""Row-level sizing on a day-partitioned stream, prequential, through the real job (2 ranks under torchrun).
+
+Run (figures go to BENCHMARKS.md)::
+
+    python -m benchmarks.streaming
+
+Streams: MovieLens latest-small (`../shared/datasets/ml-latest-small`, label rating ≥ 4, MF), re-cut into
+`SEGMENTS` segments of equal row counts in time order (each written as one day; the raw stream has a day per
+calendar date, thousands of them), and the built-in synthetic stream (DLRM, 4 days with new ids every day).
+Methods at the same logical budget: FIXED (every row the same dim) and SCALL (each day, every user and item row
+sized by that day's frequency rank with SCALL's budget-guaranteed sampler; `search.method=scall`). ESAPN is not
+in the job's day loop (its controller acts per batch; see `search/esapn.py`), so it has no row here.
+
+Per day: the prequential AUC (evaluated before training on the day), embedding parameters (logical and as
+stored), whether the budget held, and the lookups of ids unseen before the day (served by each feature's
+fallback row, whose size SCALL also assigns). The last line is `RESULT streaming: key=value ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from jobs.train import table_capacities
+from pipeline.dataset import Dataset, write_dataset
+from pipeline.ingest import read
+from pipeline.synthetic import SyntheticConfig, write_synthetic
+
+REPO = Path(__file__).resolve().parents[1]
+SEGMENTS = 8
+
+
+def datasets_root() -> Path:
+    return Path(os.environ.get("DIMSEARCH_DATASETS", REPO.parent / "shared" / "datasets"))
+
+
+def segmented_ml_latest(out: Path) -> Path:
+    """ml-latest-small in SEGMENTS equal-count time segments, each one day (2000-01-01, -02, ...)."""
+    frame, spec = read("ml-latest", datasets_root() / "ml-latest-small")
+    frame = frame.sort("ts" if "ts" in frame.columns else spec.timestamp or "day", maintain_order=True)
+    segment = (np.arange(frame.height) * SEGMENTS // frame.height).astype(np.int64)
+    days = [dt.date(2000, 1, 1) + dt.timedelta(days=int(s)) for s in segment]
+    return write_dataset(frame.with_columns(pl.Series("day", days, dtype=pl.Date)), spec, out)
+
+
+def unseen_lookups(data: Path, features: list[str]) -> list[int]:
+    """Per day, the lookups of ids no earlier day had (what the fallback rows serve in the prequential eval)."""
+    dataset = Dataset(data)
+    seen: dict[str, set[int]] = {f: set() for f in features}
+    out = []
+    for day in dataset.days:
+        frame = dataset.scan([day]).collect()
+        count = 0
+        for f in features:
+            column = dataset.spec.field(f).column
+            ids = frame.get_column(column).to_numpy()
+            known = np.isin(ids, np.fromiter(seen[f], dtype=np.int64, count=len(seen[f])))
+            count += int((~known).sum())
+            seen[f].update(np.unique(ids).tolist())
+        out.append(count)
+    return out
+
+
+def run_job(config: str, name: str, out: Path, overrides: list[str]) -> tuple[list[dict[str, Any]], float]:
+    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "jobs.train",
+        "--config", str(REPO / config), f"train.out_dir={out}", f"train.name={name}", "train.checkpoint=false",
+        *overrides,
+    ]  # fmt: skip
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"run {name} failed:\n{proc.stderr[-4000:]}")
+    records = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+    return records, time.perf_counter() - start
+
+
+def bench_stream(
+    label: str, data: Path, config: str, d_fixed: int, d_max: int, base: list[str], work: Path
+) -> list[dict[str, Any]]:
+    capacity = table_capacities(Dataset(data), None)
+    budget = sum(capacity.values()) * d_fixed  # FIXED's logical parameters: the shared budget
+    unseen = unseen_lookups(data, ["user", "item"])
+    rows = []
+    for method, overrides in (
+        (f"FIXED-{d_fixed}", ["search.method=fixed", f"search.dim={d_fixed}"]),
+        ("SCALL", ["search.method=scall", f"search.dim={d_max}", f"search.budget={budget}"]),
+    ):
+        records, seconds = run_job(config, f"{label}-{method}", work, [f"data.path={data}", *base, *overrides])
+        for r, u in zip(records, unseen, strict=True):
+            rows.append(
+                {
+                    "stream": label,
+                    "method": method,
+                    "day": r["day"],
+                    "auc": r["eval"].get("auc", float("nan")),
+                    "logical": r["embedding_logical_parameters"],
+                    "stored": r["embedding_parameters"],
+                    "budget": budget,
+                    "unseen": u,
+                    "seconds": seconds,
+                }
+            )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.streaming", description=__doc__.split("\n")[0])
+    parser.parse_args(sys.argv[1:] if argv is None else argv)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="bench-streaming-") as tmp:
+        work = Path(tmp)
+        if (datasets_root() / "ml-latest-small").is_dir():
+            data = segmented_ml_latest(work / "ml-latest")
+            rows += bench_stream("ml-latest", data, "jobs/configs/streaming.yaml", 16, 64, [], work)
+        else:
+            print(f"skip ml-latest: {datasets_root() / 'ml-latest-small'} not found")
+        synthetic = write_synthetic(
+            SyntheticConfig(days=4, rows_per_day=50_000, users=5_000, items=3_000), work / "synthetic"
+        )
+        base = ["model.name=dlrm", "data.batch_size=1000", "sharding.planner_batch_size=1000"]
+        rows += bench_stream("synthetic", synthetic, "jobs/configs/streaming.yaml", 16, 16, base, work)
+    print(f"{'stream':<10}{'method':<10}{'day':<12}{'AUC':>8}{'logical':>11}{'stored':>11}{'budget':>11}{'unseen':>8}")
+    for r in rows:
+        print(
+            f"{r['stream']:<10}{r['method']:<10}{r['day']:<12}{r['auc']:>8.4f}{r['logical']:>11,}{r['stored']:>11,}"
+            f"{r['budget']:>11,}{r['unseen']:>8,}"
+        )
+    parts = []
+    for stream in dict.fromkeys(r["stream"] for r in rows):
+        for method in dict.fromkeys(r["method"] for r in rows if r["stream"] == stream):
+            sel = [r for r in rows if r["stream"] == stream and r["method"] == method]
+            key = f"{stream}_{method.split('-')[0].lower()}"
+            parts.append(f"{key}_mean_auc={np.nanmean([r['auc'] for r in sel]):.4f}")
+            if method == "SCALL":
+                over = sum(r["logical"] > r["budget"] for r in sel)
+                exact = all(r["logical"] == r["budget"] for r in sel)
+                parts += [f"{key}_days_over_budget={over}", f"{key}_exact_every_day={exact}"]
+    print("RESULT streaming: " + " ".join(parts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
