@@ -291,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     if not (datasets_root() / "ml-1m").is_dir():
         print(f"skip: {datasets_root() / 'ml-1m'} not found (licensed data is read from ../shared/datasets)")
         return 0
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    if "OMP_NUM_THREADS" not in os.environ:  # set it to split the cores between runs
+        torch.set_num_threads(min(2, os.cpu_count() or 1))
     settings = QUICK_SETTINGS if args.quick else FULL_SETTINGS
     if args.quick:
         full = FULL_SETTINGS
