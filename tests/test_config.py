@@ -167,6 +167,8 @@ def test_wrong_type_names_key_value_and_type(override: str, message: str) -> Non
         ("train.name=a/b", r"\[train\] train.name must be a plain directory name, got 'a/b'"),
         ("sharding.sharding_types=[diagonal]", r"\[sharding\] unknown sharding types \['diagonal'\]"),
         ("sharding.budget_bytes=0", r"\[sharding\] budget_bytes must be > 0, got 0"),
+        ("search.method=scall", r"\[search\] search.method=scall needs search.budget"),
+        ("search.scall_action=[0.5,1.0,0.2]", r"\[search\] search.scall_action must be three numbers in \(0, 1\)"),
     ],
 )
 def test_invalid_value(override: str, message: str) -> None:
@@ -243,3 +245,10 @@ def test_to_dict_round_trips_through_yaml(tmp_path: Path) -> None:
         again = load_config(path)
         assert again == cfg
         assert again.to_dict() == cfg.to_dict()
+
+
+def test_unknown_method_and_scall_on_a_static_split_are_rejected() -> None:
+    with pytest.raises(ConfigError, match="search.method"):
+        load_config(None, ["search.method=ciess-typo"])
+    with pytest.raises(ConfigError, match="scall is a streaming search: set data.protocol to prequential"):
+        load_config(None, ["search.method=scall", "search.budget=1000", "data.protocol=random"])
