@@ -108,7 +108,12 @@ def retrain(plan: DimensionPlan, task: GraphTask, recipe: BPRRecipe, seed: int) 
     tables.load_from_masked(init)
     padded = all(f.projection == "pad" for f in plan.features)
     width = tables.width if padded else None
-    train_bpr(task, tables, tables.parameters(), recipe, generator, width)
+
+    def progress(step: int) -> None:
+        if (step + 1) % 500 == 0:
+            print(f"    retrain {step + 1}/{recipe.steps} batches, {time.perf_counter() - start:.0f}s", flush=True)
+
+    train_bpr(task, tables, tables.parameters(), recipe, generator, width, progress)
     with torch.no_grad():
         metrics = task.evaluate(tables(), (5, 20), width)
     return {k: float(v.nanmean()) for k, v in metrics.items()}, time.perf_counter() - start
