@@ -95,7 +95,7 @@ def bench_stream(
     unseen = unseen_lookups(data, ["user", "item"])
     rows = []
     for method, overrides in (
-        (f"FIXED-{d_fixed}", ["search.method=fixed", f"search.dim={d_fixed}"]),
+        (f"FIXED-{d_fixed}", ["search.method=fixed", f"search.dim={d_fixed}", "search.budget="]),
         ("SCALL", ["search.method=scall", f"search.dim={d_max}", f"search.budget={budget}"]),
     ):
         records, seconds = run_job(config, f"{label}-{method}", work, [f"data.path={data}", *base, *overrides])
