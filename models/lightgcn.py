@@ -22,9 +22,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from models.losses import bpr
@@ -109,15 +111,23 @@ def lightgcn_bpr_loss(
     positive: torch.Tensor,
     negative: torch.Tensor,
     decay: float = 1e-4,
+    reduction: Literal["mean", "none"] = "mean",
 ) -> torch.Tensor:
     """BPR on (user, positive, negative) triples plus L2 decay on the triple's ego embeddings (CIESS's loss).
 
-    The decay term is `decay · ½(‖e_u‖² + ‖e_p‖² + ‖e_n‖²) / batch`, as LightGCN's reference implementation.
+    Per triple: `softplus(ŷ_un − ŷ_up) + decay · ½(‖e_u‖² + ‖e_p‖² + ‖e_n‖²)`; `mean` (the batch loss, as
+    LightGCN's reference implementation) or `none` (`[B]`, each triple's share: ESAPN's per-sample loss).
     """
     u, p, n = final_users[user], final_items[positive], final_items[negative]
-    rank_loss = bpr((u * p).sum(-1), (u * n).sum(-1))
-    reg = 0.5 * (ego_users[user].pow(2).sum() + ego_items[positive].pow(2).sum() + ego_items[negative].pow(2).sum())
-    return rank_loss + decay * reg / user.numel()
+    if reduction == "mean":
+        rank_loss = bpr((u * p).sum(-1), (u * n).sum(-1))
+        reg = 0.5 * (ego_users[user].pow(2).sum() + ego_items[positive].pow(2).sum() + ego_items[negative].pow(2).sum())
+        return rank_loss + decay * reg / user.numel()
+    rank = F.softplus((u * n).sum(-1) - (u * p).sum(-1))
+    reg_each = 0.5 * (
+        ego_users[user].pow(2).sum(-1) + ego_items[positive].pow(2).sum(-1) + ego_items[negative].pow(2).sum(-1)
+    )
+    return rank + decay * reg_each
 
 
 @dataclass(frozen=True)

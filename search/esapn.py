@@ -90,7 +90,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.lightgcn import BPRRecipe, GraphTask
+from models.lightgcn import BPRRecipe, GraphTask, lightgcn_bpr_loss
 from search.rowlevel import ENTITIES, BucketedTables
 from sharding.embedding import PlannedEmbedding
 from sharding.plan import Budget, DimensionPlan, FeaturePlan, PlanError
@@ -380,26 +380,6 @@ def sample_actions(logits: torch.Tensor, generator: torch.Generator) -> torch.Te
     return torch.multinomial(torch.softmax(logits.detach(), dim=1), 1, generator=generator).squeeze(1)
 
 
-def bpr_per_triple(
-    final_users: torch.Tensor,
-    final_items: torch.Tensor,
-    ego_users: torch.Tensor,
-    ego_items: torch.Tensor,
-    user: torch.Tensor,
-    positive: torch.Tensor,
-    negative: torch.Tensor,
-    decay: float,
-) -> torch.Tensor:
-    """Each triple's share of `lightgcn_bpr_loss`: `softplus(ŷ_un − ŷ_up) + decay·½(‖e_u‖² + ‖e_p‖² + ‖e_n‖²)`;
-    their mean is the batch loss."""
-    u, p, n = final_users[user], final_items[positive], final_items[negative]
-    rank = F.softplus((u * n).sum(-1) - (u * p).sum(-1))
-    reg = 0.5 * (
-        ego_users[user].pow(2).sum(-1) + ego_items[positive].pow(2).sum(-1) + ego_items[negative].pow(2).sum(-1)
-    )
-    return rank + decay * reg
-
-
 def entity_means(ids: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The distinct ids (ascending) and the mean of `values` over each id's occurrences."""
     unique, inverse = torch.unique(ids, return_inverse=True)
@@ -449,7 +429,10 @@ def _batch_losses(
     task: GraphTask, ego: torch.Tensor, triples: tuple[torch.Tensor, torch.Tensor, torch.Tensor], decay: float
 ) -> torch.Tensor:
     users, items = task.final(ego)
-    return bpr_per_triple(users, items, ego[: task.num_users], ego[task.num_users :], *triples, decay=decay)
+    user, positive, negative = triples
+    return lightgcn_bpr_loss(
+        users, items, ego[: task.num_users], ego[task.num_users :], user, positive, negative, decay, "none"
+    )
 
 
 def esapn_search(task: GraphTask, config: EsapnConfig, recipe: BPRRecipe, seed: int = 0) -> EsapnResult:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import torch
@@ -24,14 +22,7 @@ from search.ciess import (
 from search.rowlevel import SupernetEnv, kept_budget
 from sharding.plan import PlanError
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Tiny networks: two threads on a loaded 2-core machine are many times slower than one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_transition_matrix_equals_slow_reference() -> None:

@@ -248,7 +248,7 @@ def test_to_dict_round_trips_through_yaml(tmp_path: Path) -> None:
 
 
 def test_unknown_method_and_scall_on_a_static_split_are_rejected() -> None:
-    with pytest.raises(ConfigError, match="search.method"):
+    with pytest.raises(ConfigError, match=r"search\.method"):
         load_config(None, ["search.method=ciess-typo"])
-    with pytest.raises(ConfigError, match="scall is a streaming search: set data.protocol to prequential"):
+    with pytest.raises(ConfigError, match=r"scall is a streaming search: set data\.protocol to prequential"):
         load_config(None, ["search.method=scall", "search.budget=1000", "data.protocol=random"])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -17,7 +16,6 @@ from search.esapn import (
     EsapnEmbedding,
     EsapnPolicy,
     EsapnResult,
-    bpr_per_triple,
     entity_means,
     esapn_plan,
     esapn_search,
@@ -31,13 +29,7 @@ from search.rowlevel import BucketedTables
 CONFIG = EsapnConfig()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: one thread avoids OpenMP spin-waiting on a shared 2-core machine (20× faster here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 DIMS = CONFIG.candidate_dims
@@ -223,7 +215,7 @@ def test_per_triple_losses_average_to_the_lightgcn_loss_and_entity_means_match_a
     gen = torch.Generator().manual_seed(0)
     fu, fi, eu, ei = (torch.randn(n, 8, generator=gen) for n in (5, 6, 5, 6))
     u, p, n = torch.randint(0, 5, (20,), generator=gen), *torch.randint(0, 6, (2, 20), generator=gen)
-    per = bpr_per_triple(fu, fi, eu, ei, u, p, n, decay=1e-2)
+    per = lightgcn_bpr_loss(fu, fi, eu, ei, u, p, n, decay=1e-2, reduction="none")
     torch.testing.assert_close(per.mean(), lightgcn_bpr_loss(fu, fi, eu, ei, u, p, n, decay=1e-2))
     ids, means = entity_means(u, per)
     for i, m in zip(ids.tolist(), means.tolist(), strict=True):

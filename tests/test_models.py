@@ -4,7 +4,7 @@ vectorised metric against a slow, plainly correct reference."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -25,13 +25,7 @@ NUM_DENSE = 3
 ALL_MODELS = ("mf", "ncf", "dlrm", "deepfm")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: one intra-op thread is faster and does not fight other jobs for the 2 CPU cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _inputs(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -30,14 +29,7 @@ from search.scall import (
 )
 from sharding.plan import Budget, DimensionPlan, PlanError
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Tiny networks: two intra-op threads on a shared 2-core machine cost ~15x in contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _reference_rank_order(freq: np.ndarray) -> list[int]:
