@@ -6,9 +6,10 @@ Run (figures go to BENCHMARKS.md)::
 
 Streams: MovieLens latest-small (`../shared/datasets/ml-latest-small`, label rating ≥ 4, MF), re-cut into
 `SEGMENTS` segments of equal row counts in time order (each written as one day; the raw stream has a day per
-calendar date, thousands of them), and the built-in synthetic stream (DLRM, 4 days with new ids every day).
-Methods at the same logical budget: FIXED (every row the same dim) and SCALL (each day, every user and item row
-sized by that day's frequency rank with SCALL's budget-guaranteed sampler; `search.method=scall`). ESAPN is not
+calendar date, thousands of them), and the built-in synthetic stream (DeepFM, 4 days with new ids every day).
+Methods at the same logical budget: FIXED-16 (every row 16 dims) and SCALL (each day, every user and item row
+sized in [1, d_max] by that day's frequency rank with SCALL's budget-guaranteed sampler, `search.method=scall`;
+d_max 64 on ml-latest, 32 on the synthetic stream, whose other fields stay at 16). ESAPN is not
 in the job's day loop (its controller acts per batch; see `search/esapn.py`), so it has no row here.
 
 Per day: the prequential AUC (evaluated before training on the day), embedding parameters (logical and as
@@ -130,8 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         synthetic = write_synthetic(
             SyntheticConfig(days=4, rows_per_day=50_000, users=5_000, items=3_000), work / "synthetic"
         )
-        base = ["model.name=dlrm", "data.batch_size=1000", "sharding.planner_batch_size=1000"]
-        rows += bench_stream("synthetic", synthetic, "jobs/configs/streaming.yaml", 16, 16, base, work)
+        # DeepFM projects every field to its FM width, so user/item rows of up to 32 dims sit beside 16-dim fields.
+        base = ["model.name=deepfm", "model.options={embedding_dim: 16}", "search.other_dim=16"]
+        base += ["data.batch_size=1000", "sharding.planner_batch_size=1000"]
+        rows += bench_stream("synthetic", synthetic, "jobs/configs/streaming.yaml", 16, 32, base, work)
     print(f"{'stream':<10}{'method':<10}{'day':<12}{'AUC':>8}{'logical':>11}{'stored':>11}{'budget':>11}{'unseen':>8}")
     for r in rows:
         print(

@@ -114,6 +114,8 @@ class SearchConfig:
         dim: the dim of every feature for `fixed`; the largest row size (d_max) for `scall`.
         budget: embedding parameter budget the plan must meet (None: no budget; required by `uniform-budget` and
             `scall`). For `scall` it counts logical parameters (Σ of every row's dim), as the row-level papers do.
+        other_dim: for `scall`, the field-level dim of every feature other than users and items (None: `dim`); it
+            comes off the budget first.
         scall_action: SCALL's `(user share, α_U, α_V)` in (0, 1)³: the share of the budget for users and the
             power-law parameters (rescaled to [0.1, 30]) of the size distributions.
         plan: start from this saved `DimensionPlan` directory (e.g. one a search exported) instead of `dim`; its
@@ -133,6 +135,7 @@ class SearchConfig:
     method: Literal["fixed", "uniform-budget", "autodim", "scall"] = "fixed"
     dim: int = 16
     budget: int | None = None
+    other_dim: int | None = None
     scall_action: tuple[float, float, float] = (0.5, 0.1, 0.1)
     plan: str | None = None
     candidate_dims: tuple[int, ...] = (4, 8, 16, 24, 32)
@@ -150,6 +153,8 @@ class SearchConfig:
             raise ConfigError(f"search.dim must be > 0, got {self.dim}")
         if self.method in ("uniform-budget", "scall") and self.budget is None:
             raise ConfigError(f"search.method={self.method} needs search.budget (embedding parameters)")
+        if self.other_dim is not None and self.other_dim <= 0:
+            raise ConfigError(f"search.other_dim must be > 0 or null, got {self.other_dim}")
         if len(self.scall_action) != 3 or not all(0.0 < a < 1.0 for a in self.scall_action):
             raise ConfigError(f"search.scall_action must be three numbers in (0, 1), got {list(self.scall_action)}")
         if self.budget is not None and self.budget <= 0:

@@ -124,7 +124,12 @@ def build_searcher(cfg: JobConfig, spec: DatasetSpec) -> Searcher:
             )
         assert s.budget is not None
         return ScallSearcher(
-            Budget(s.budget, "logical"), s.dim, spec.user_field, spec.item_field, action=s.scall_action
+            Budget(s.budget, "logical"),
+            s.dim,
+            spec.user_field,
+            spec.item_field,
+            action=s.scall_action,
+            other_dim=s.other_dim,
         )
     if s.method == "autodim":
         # The search section carries AutoDim's hyper-parameters under the same names; the seed is the run's.
