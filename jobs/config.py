@@ -110,10 +110,11 @@ class SearchConfig:
         method: `fixed` keeps every feature at `dim` for the whole run; `uniform-budget` uses the largest equal
             dim that fits `budget`; `autodim` searches one dim per field (search → derive → retrain, one run; needs
             a static `data.protocol`); `scall` sizes every user and item row each day by its frequency rank with
-            SCALL's budget-guaranteed sampler (row-level buckets up to `dim`; other features at `dim`).
+            SCALL's budget-guaranteed sampler (row-level buckets of multiples of 4 up to `dim`; other features at
+            `other_dim`).
         dim: the dim of every feature for `fixed`; the largest row size (d_max) for `scall`.
         budget: embedding parameter budget the plan must meet (None: no budget; required by `uniform-budget` and
-            `scall`). For `scall` it counts logical parameters (Σ of every row's dim), as the row-level papers do.
+            `scall`; for `scall` every size is a multiple of 4, so the plan's stored parameters are exactly this).
         other_dim: for `scall`, the field-level dim of every feature other than users and items (None: `dim`); it
             comes off the budget first.
         scall_action: SCALL's `(user share, α_U, α_V)` in (0, 1)³: the share of the budget for users and the
@@ -155,6 +156,11 @@ class SearchConfig:
             raise ConfigError(f"search.method={self.method} needs search.budget (embedding parameters)")
         if self.other_dim is not None and self.other_dim <= 0:
             raise ConfigError(f"search.other_dim must be > 0 or null, got {self.other_dim}")
+        if self.method == "scall" and (self.dim % 4 or (self.other_dim or self.dim) % 4):
+            raise ConfigError(
+                f"search.method=scall stores every size as it is searched: search.dim ({self.dim}) and "
+                f"search.other_dim ({self.other_dim}) must be multiples of 4"
+            )
         if len(self.scall_action) != 3 or not all(0.0 < a < 1.0 for a in self.scall_action):
             raise ConfigError(f"search.scall_action must be three numbers in (0, 1), got {list(self.scall_action)}")
         if self.budget is not None and self.budget <= 0:

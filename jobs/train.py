@@ -124,12 +124,13 @@ def build_searcher(cfg: JobConfig, spec: DatasetSpec) -> Searcher:
             )
         assert s.budget is not None
         return ScallSearcher(
-            Budget(s.budget, "logical"),
+            Budget(s.budget, "parameters"),
             s.dim,
             spec.user_field,
             spec.item_field,
             action=s.scall_action,
             other_dim=s.other_dim,
+            multiple=4,  # sizes are stored widths: the plan's parameters are exactly the budget
         )
     if s.method == "autodim":
         # The search section carries AutoDim's hyper-parameters under the same names; the seed is the run's.

@@ -80,7 +80,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -778,6 +778,8 @@ class ScallSearcher(Searcher):
             cumulative counts; `cumulative` ranks by the cumulative counts.
         other_dim: the field-level dim of every other feature (default `d_max`).
         seed: seeds a fresh agent.
+        multiple: sizes are multiples of this (4: every row's logical dim is its physical width, DESIGN.md decision
+            5, so the budget may be counted in stored `parameters`; 1: any size, `logical` budget).
     """
 
     name = "scall"
@@ -794,11 +796,17 @@ class ScallSearcher(Searcher):
         frequency: Literal["day", "cumulative"] = "day",
         other_dim: int | None = None,
         seed: int = 0,
+        multiple: int = 1,
     ) -> None:
-        if budget.unit != "logical":
+        if multiple < 1 or d_max % multiple:
+            raise ValueError(f"multiple must be >= 1 and divide d_max ({d_max}), got {multiple}")
+        physical = multiple % 4 == 0 and (other_dim is None or other_dim % 4 == 0)
+        if budget.unit != "logical" and not (budget.unit == "parameters" and physical):
             raise PlanError(
-                f"SCALL counts kept parameters (Σ d per row); its budget unit must be 'logical', got '{budget.unit}'"
+                f"SCALL counts kept parameters (Σ d per row): its budget unit must be 'logical', or 'parameters' when "
+                f"every size is a multiple of 4 (multiple={multiple}, other_dim={other_dim}); got '{budget.unit}'"
             )
+        self.multiple = multiple
         if user_feature == item_feature:
             raise ValueError(f"user_feature and item_feature must differ, both are '{user_feature}'")
         self.config = config if config is not None else ScallConfig(d_max=d_max)
@@ -836,7 +844,9 @@ class ScallSearcher(Searcher):
         self.features = list(features)
         self.num_embeddings = {f: int(num_embeddings[f]) for f in features}
         n_users, n_items = self._rows()
-        sizes = allocate(np.ones(n_users + n_items), self._row_budget(), self.config.d_min, self.d_max)
+        m = self.multiple
+        units = allocate(np.ones(n_users + n_items), self._row_budget() // m, 1, self.d_max // m)
+        sizes = units * m
         return self._plan(sizes[:n_users], sizes[n_users:], {"method": "scall", "day_index": None})
 
     def observe(self, stats: DayStats) -> None:
@@ -864,7 +874,10 @@ class ScallSearcher(Searcher):
         self.pending = False
         users_key, items_key = (self._ranking_key(f) for f in (self.user_feature, self.item_feature))
         action = self.action if self.action is not None else self._policy_action(users_key, items_key)
-        users, items = sample_sizes(action, users_key, items_key, self._row_budget(), self.config)
+        m = self.multiple
+        coarse = replace(self.config, d_max=self.d_max // m, d_min=1) if m > 1 else self.config
+        users, items = sample_sizes(action, users_key, items_key, self._row_budget() // m, coarse)
+        users, items = users * m, items * m
         self.spreads = (
             size_spread(users, self.config.d_min, self.d_max),
             size_spread(items, self.config.d_min, self.d_max),
@@ -914,6 +927,12 @@ class ScallSearcher(Searcher):
                     f"budget to at least {need:,} or lower other_dim"
                 )
         check_row_budget(rows, n_users + n_items, self.d_max)
+        if rows // self.multiple < n_users + n_items:
+            raise PlanError(
+                f"the budget leaves {rows:,} parameters for {n_users + n_items:,} user and item rows, below "
+                f"{self.multiple} (the size multiple) per row. Raise the budget to at least "
+                f"{self.budget.value - rows + self.multiple * (n_users + n_items):,}"
+            )
         return rows
 
     def _ranking_key(self, feature: str) -> np.ndarray:

@@ -454,3 +454,25 @@ def test_searcher_errors() -> None:
         ScallSearcher(Budget(250, "logical"), 16, action=(0.5, 0.5, 0.5), other_dim=8).initial_plan(
             ["user", "item", "tags"], CAPACITY
         )
+
+
+def test_searcher_with_sizes_in_multiples_of_4_spends_exactly_the_stored_budget() -> None:
+    budget = Budget(10 * 8 + 200 * 12, "parameters")  # stored parameters: tags at 8, user and item rows ~12
+    searcher = ScallSearcher(budget, d_max=32, action=(0.45, 0.3, 0.5), other_dim=8, multiple=4)
+    plans = [searcher.initial_plan(["user", "item", "tags"], CAPACITY)]
+    for stats in _days(3):
+        searcher.observe(stats)
+        proposal = searcher.propose()
+        assert proposal is not None
+        plans.append(proposal)
+    for plan in plans:
+        assert plan.parameters == plan.logical_parameters == budget.value  # stored exactly as searched
+        for f in ("user", "item"):
+            dims = np.asarray(plan[f].row_dims)
+            assert (dims % 4 == 0).all() and dims.min() >= 4 and dims.max() <= 32
+    with pytest.raises(PlanError, match=r"below 4 .*per row"):
+        ScallSearcher(
+            Budget(10 * 8 + 200 * 3, "parameters"), 32, action=(0.5, 0.5, 0.5), other_dim=8, multiple=4
+        ).initial_plan(["user", "item", "tags"], CAPACITY)
+    with pytest.raises(ValueError, match="divide d_max"):
+        ScallSearcher(budget, 30, action=(0.5, 0.5, 0.5), multiple=4)

@@ -174,15 +174,16 @@ def test_scall_streaming_plans_meet_the_budget_every_day_on_both_ranks(data: Pat
 
     capacity = table_capacities(Dataset(data), None)
     others = sum(n for f, n in capacity.items() if f not in ("user", "item")) * 16
-    budget = others + (capacity["user"] + capacity["item"]) * 6
+    budget = others + (capacity["user"] + capacity["item"]) * 8
     args = ["search.method=scall", "search.dim=16", f"search.budget={budget}", "search.scall_action=[0.5,0.1,0.1]"]
     run = run_train_job(tiny_job_args(data, tmp_path, "scall", *args))
     assert run.returncode == 0, run.stderr[-3000:]
     days = _metrics(tmp_path / "scall")
     assert [d["reconfigured"] for d in days] == [True, True, True]  # sizes follow each day's frequencies
     plan = DimensionPlan.load(tmp_path / "scall" / "plan")
-    assert plan.budget is not None and plan.budget.unit == "logical"
-    assert plan.logical_parameters == budget  # exactly the budget
+    assert plan.budget is not None and plan.budget.unit == "parameters"
+    assert plan.parameters == plan.logical_parameters == budget  # exactly the budget, stored as searched
+    assert all(int(d) % 4 == 0 for f in ("user", "item") for d in plan[f].row_dims)  # type: ignore[union-attr]
     assert plan["user"].row_level and plan["item"].row_level and plan["f0"].dim == 16
     assert days[-1]["embedding_parameters"] == plan.parameters
     # Both ranks proposed the same plan (the job checks digests every day) and the last checkpoint holds exactly
