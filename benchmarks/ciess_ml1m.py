@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -308,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{full.ciess_iterations}), SCALL {settings.scall_steps} steps (full: {full.scall_steps}), ESAPN "
             f"{settings.esapn_steps} batches (full: {full.esapn_steps}) — figures are not comparable with the paper's"
         )
+    logging.basicConfig(level=logging.INFO, format="  %(message)s")
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-ciess-") as tmp:
         bench = Bench(load_ml1m(Path(tmp)), settings, args.cache)

@@ -38,6 +38,7 @@ Decisions (where code and paper differ, or where this implementation departs fro
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -46,6 +47,8 @@ import torch
 from torch import nn
 
 from search.rowlevel import SupernetEnv, allocate, check_row_budget
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -351,5 +354,13 @@ def ciess_search(
                     "reward_items": rewards[1],
                 }
             )
+        logger.info(
+            "CIESS episode %d/%d: best valid quality %.4f, last %.4f, %.0fs",
+            episode + 1,
+            config.episodes,
+            top[0][0],
+            history[-1]["quality"],
+            time.perf_counter() - start_time,
+        )
     best = top[0]
     return CiessResult(best[1], best[2], best[0], top, evaluations, time.perf_counter() - start_time, history)
