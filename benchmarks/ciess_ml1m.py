@@ -8,8 +8,8 @@ Run (figures go to BENCHMARKS.md)::
 
 Protocol: ML-1M (`../shared/datasets/ml-1m`, every rating an implicit positive), per-user stratified 50/25/25
 split (seed 0), LightGCN (3 layers, BPR, decay 1e-4), d_max 128, kept parameters ≤ (1 − c)·128·(|U| + |V|).
-Searches see only the validation mode (train → valid): CIESS 20 episodes × 10 iterations and SCALL up to 40 steps on
-a supernet pretrained for 1,000 batches (`search.rowlevel.SupernetEnv`), ESAPN one streaming pass of 500 batches
+Searches see only the validation mode (train → valid): CIESS 10 episodes × 10 iterations and SCALL up to 40 steps on
+a supernet pretrained for 600 batches (`search.rowlevel.SupernetEnv`), ESAPN one streaming pass of 500 batches
 (its controller re-predicts through the whole graph, so each batch costs several LightGCN steps). Every final plan
 is materialised as bucket tables (a TorchRec `EmbeddingBagCollection`) and retrained from scratch in test mode
 (train ∪ valid → test) with CIESS's official recipe (2,000 BPR batches of 10,000 triples, Adam 0.03 ×0.9 every
@@ -81,7 +81,7 @@ class Settings:
     esapn_steps: int
 
 
-FULL_SETTINGS = Settings(SPARSITIES, BPRRecipe(), BPRRecipe(steps=1000, decay_every=100), 20, 10, 40, 500)
+FULL_SETTINGS = Settings(SPARSITIES, BPRRecipe(), BPRRecipe(steps=600, decay_every=60), 10, 10, 40, 500)
 QUICK_SETTINGS = Settings(
     (0.9,), BPRRecipe(steps=200, decay_every=20), BPRRecipe(steps=150, decay_every=15), 2, 4, 6, 40
 )
@@ -172,11 +172,21 @@ class Bench:
         return self.inter.num_users + self.inter.num_items
 
     def env(self) -> SupernetEnv:
+        """The searches' environment; its supernet is saved beside the cache and reused by later runs."""
         if self._env is None:
             start = time.perf_counter()
-            self._env = SupernetEnv(self.valid, D_MAX, self.settings.supernet, seed=0)
-            self.env_seconds = time.perf_counter() - start
-            print(f"  supernet pretrained in {self.env_seconds:.0f}s", flush=True)
+            saved = None if self.cache is None else self.cache.with_suffix(".supernet.pt")
+            if saved is not None and saved.is_file():
+                state = torch.load(saved)
+                self._env = SupernetEnv(self.valid, D_MAX, self.settings.supernet, seed=0, weights=state["weights"])
+                self.env_seconds = float(state["seconds"])
+                print(f"  supernet loaded from {saved} (pretrained in {self.env_seconds:.0f}s)", flush=True)
+            else:
+                self._env = SupernetEnv(self.valid, D_MAX, self.settings.supernet, seed=0)
+                self.env_seconds = time.perf_counter() - start
+                print(f"  supernet pretrained in {self.env_seconds:.0f}s", flush=True)
+                if saved is not None:
+                    torch.save({"weights": self._env.supernet, "seconds": self.env_seconds}, saved)
         return self._env
 
     def budget(self, sparsity: float) -> int:

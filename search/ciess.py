@@ -29,8 +29,9 @@ Decisions (where code and paper differ, or where this implementation departs fro
   the budget and uses all of it; the policy learns the relative allocation. One search serves one budget.
 - **Quality term:** the ratio `q_n` (paper), not the raw quality (code). **Noise:** one scalar per iteration added
   after the walk (code), not per entity before it (paper Eq. 11). **T** = 10 (paper; the code runs 11).
-- **Updates.** The code does one TD3 update per agent per iteration; here `updates` per iteration (default 20):
-  updates are cheap next to the environment, and with 300 iterations one update each barely moves the actor.
+- **Updates.** The code does one TD3 update per agent per iteration; here `updates` per iteration (default 5): with
+  a one-second environment step the updates are the search's main cost (20 per agent at batch 4,096 took longer
+  than the environment), and one update per iteration barely moves the actor in a few hundred iterations.
 - **Selective retraining**: the search returns the `top_k` plans by mean validation user quality; the benchmark
   retrains the best one (`retrain()` is missing from the official release).
 """
@@ -96,7 +97,7 @@ class CiessConfig:
     target_noise_clip: float = 5.0
     buffer_per_entity: int = 100
     batch: int = 4096
-    updates: int = 20
+    updates: int = 5
     top_k: int = 3
 
     def __post_init__(self) -> None:

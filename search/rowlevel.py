@@ -37,11 +37,12 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
 from models.lightgcn import BPRRecipe, GraphTask, train_bpr
-from sharding.embedding import PlannedEmbedding, RowRemap
+from sharding.embedding import PlannedEmbedding
 from sharding.plan import Budget, DimensionPlan, FeaturePlan, PlanError
 
 ENTITIES = ("user", "item")
@@ -192,10 +193,16 @@ class MaskedTable(nn.Module):
 
 class BucketedTables(nn.Module):
     """The ego embeddings of a row-level plan over `user` and `item` from its bucket tables (a TorchRec EBC via
-    `PlannedEmbedding`), each row looked up as a single-id bag: what a graph model trains on after the search.
+    `PlannedEmbedding`): what a graph model trains on after the search.
+
+    Every row is looked up as a single-id bag of its bucket's key (bag i of key `f__d<dim>` = local row i; the KJT's
+    stride is the largest bucket, so a key's pooled output is no taller than that), then projected to the
+    feature's output width as the plan says (zero padding or its learned linear map) and put back in row order.
+    Looking every row up through the feature keys instead would pool `[U + I, d]` per bucket — with a hundred buckets
+    most of a training step.
 
     Args:
-        plan: a row-level plan with features `user` and `item` (zero-padding projections).
+        plan: a row-level plan with features `user` and `item`.
     """
 
     def __init__(self, plan: DimensionPlan) -> None:
@@ -203,23 +210,34 @@ class BucketedTables(nn.Module):
         if plan.feature_names != list(ENTITIES):
             raise PlanError(f"a graph plan has features {list(ENTITIES)}, got {plan.feature_names}")
         self.embedding = PlannedEmbedding(plan)
-        counts = [plan[f].num_embeddings for f in ENTITIES]
-        # One bag per row: user rows are bags 0..U-1 of key `user`, item rows bags U..U+I-1 of key `item`.
-        lengths = torch.cat(
-            [
-                torch.cat([torch.ones(counts[0]), torch.zeros(counts[1])]),
-                torch.cat([torch.zeros(counts[0]), torch.ones(counts[1])]),
-            ]
-        ).to(torch.int32)
-        values = torch.cat([torch.arange(n) for n in counts])
-        every_row = KeyedJaggedTensor(keys=list(ENTITIES), values=values, lengths=lengths, stride=sum(counts))
-        self._kjt = RowRemap(plan)(every_row)
-        self._split = counts[0]
+        tables = plan.tables()
+        sizes = [t.num_embeddings for t in tables]
+        stride = max(sizes)
+        lengths = torch.cat([torch.cat([torch.ones(n), torch.zeros(stride - n)]) for n in sizes]).to(torch.int32)
+        values = torch.cat([torch.arange(n) for n in sizes])
+        self._kjt = KeyedJaggedTensor(keys=[t.key for t in tables], values=values, lengths=lengths, stride=stride)
+        # Rows in (feature, bucket, local) order → their position among users then items.
+        order, offset = [], 0
+        for f in plan.features:
+            bucket, local = f.remap
+            position = np.empty(f.num_embeddings, dtype=np.int64)
+            position[np.lexsort((local, bucket))] = np.arange(f.num_embeddings)
+            order.append(position + offset)
+            offset += f.num_embeddings
+        self._gather = torch.from_numpy(np.concatenate(order))  # row → its index in the stacked bucket outputs
+        self._layout = [(t, plan[t.feature].projection, plan[t.feature].output_dim) for t in tables]
         self.width = max(max(f.bucket_dims) for f in plan.features)
 
     def forward(self) -> torch.Tensor:
-        out = self.embedding(self._kjt)
-        return torch.cat([out["user"][: self._split], out["item"][self._split :]])
+        pooled = self.embedding.ebc(self._kjt).to_dict()
+        pieces = []
+        for t, projection, output_dim in self._layout:
+            x = pooled[t.key][: t.num_embeddings, : t.logical_dim]
+            if projection == "linear":
+                pieces.append(self.embedding.projections[t.name](x))
+            else:
+                pieces.append(F.pad(x, (0, output_dim - t.logical_dim)))
+        return torch.cat(pieces)[self._gather]
 
     @torch.no_grad()
     def load_from_masked(self, table: MaskedTable) -> None:
@@ -262,9 +280,18 @@ class SupernetEnv:
         recipe: how the supernet is pretrained (every row's size redrawn uniformly in [1, d_max] per batch).
         fine_tune: batches of warm-started training under the plan's masks before each evaluation (0: none).
         seed: seeds the supernet's init and sampling.
+        weights: a supernet pretrained before (`env.supernet`, `[U + I, d_max]`) instead of pretraining one.
     """
 
-    def __init__(self, task: GraphTask, d_max: int, recipe: BPRRecipe, fine_tune: int = 0, seed: int = 0) -> None:
+    def __init__(
+        self,
+        task: GraphTask,
+        d_max: int,
+        recipe: BPRRecipe,
+        fine_tune: int = 0,
+        seed: int = 0,
+        weights: torch.Tensor | None = None,
+    ) -> None:
         self.task, self.d_max, self.recipe, self.fine_tune = task, d_max, recipe, fine_tune
         self.generator = torch.Generator().manual_seed(seed)
         self.table = MaskedTable(task.num_users, task.num_items, d_max, self.generator)
@@ -273,10 +300,17 @@ class SupernetEnv:
         def resample(_: int) -> None:
             self.table.sizes.copy_(torch.randint(1, d_max + 1, (n,), generator=self.generator))
 
-        resample(0)
-        self.pretrain_losses = train_bpr(
-            task, self.table, self.table.parameters(), recipe, self.generator, None, resample
-        )
+        self.pretrain_losses: list[float] = []
+        if weights is None:
+            resample(0)
+            self.pretrain_losses = train_bpr(
+                task, self.table, self.table.parameters(), recipe, self.generator, None, resample
+            )
+        elif tuple(weights.shape) != (n, d_max):
+            raise PlanError(f"supernet weights have shape {tuple(weights.shape)}, expected ({n}, {d_max})")
+        else:
+            with torch.no_grad():
+                self.table.weight.copy_(weights)
         self.supernet = self.table.weight.detach().clone()
         self.evaluations = 0
         full = np.full(task.num_users, d_max), np.full(task.num_items, d_max)
