@@ -58,17 +58,15 @@ def segmented_ml_latest(out: Path) -> Path:
 def unseen_lookups(data: Path, features: list[str]) -> list[int]:
     """Per day, the lookups of ids no earlier day had (what the fallback rows serve in the prequential eval)."""
     dataset = Dataset(data)
-    seen: dict[str, set[int]] = {f: set() for f in features}
+    seen = {f: np.empty(0, dtype=np.int64) for f in features}  # sorted distinct ids of the earlier days
     out = []
     for day in dataset.days:
         frame = dataset.scan([day]).collect()
         count = 0
         for f in features:
-            column = dataset.spec.field(f).column
-            ids = frame.get_column(column).to_numpy()
-            known = np.isin(ids, np.fromiter(seen[f], dtype=np.int64, count=len(seen[f])))
-            count += int((~known).sum())
-            seen[f].update(np.unique(ids).tolist())
+            ids = frame.get_column(dataset.spec.field(f).column).to_numpy()
+            count += int((~np.isin(ids, seen[f], assume_unique=False)).sum())
+            seen[f] = np.union1d(seen[f], ids)
         out.append(count)
     return out
 
