@@ -111,12 +111,14 @@ class SearchConfig:
             dim that fits `budget`; `autodim` searches one dim per field (search → derive → retrain, one run; needs
             a static `data.protocol`); `scall` sizes every user and item row each day by its frequency rank with
             SCALL's budget-guaranteed sampler (row-level buckets of multiples of 4 up to `dim`; other features at
-            `other_dim`).
-        dim: the dim of every feature for `fixed`; the largest row size (d_max) for `scall`.
+            `other_dim`); `esapn` grows user and item rows day by day by ESAPN's keep/enlarge policies (sizes 4, 8,
+            16, … up to `dim`, everyone starting at 4; other features at `other_dim`; rows stop growing at `budget`).
+        dim: the dim of every feature for `fixed`; the largest row size (d_max) for `scall` and `esapn`.
         budget: embedding parameter budget the plan must meet (None: no budget; required by `uniform-budget` and
-            `scall`; for `scall` every size is a multiple of 4, so the plan's stored parameters are exactly this).
-        other_dim: for `scall`, the field-level dim of every feature other than users and items (None: `dim`); it
-            comes off the budget first.
+            `scall`; for `scall` every size is a multiple of 4, so the plan's stored parameters are exactly this;
+            optional for `esapn`, which cannot target a budget but stops growing at one).
+        other_dim: for `scall` and `esapn`, the field-level dim of every feature other than users and items (None:
+            `dim`); it comes off the budget first.
         scall_action: SCALL's `(user share, α_U, α_V)` in (0, 1)³: the share of the budget for users and the
             power-law parameters (rescaled to [0.1, 30]) of the size distributions.
         plan: start from this saved `DimensionPlan` directory (e.g. one a search exported) instead of `dim`; its
@@ -133,7 +135,7 @@ class SearchConfig:
             from the `search` (the supernet's table prefixes and the dense weights whose shapes are unchanged).
     """
 
-    method: Literal["fixed", "uniform-budget", "autodim", "scall"] = "fixed"
+    method: Literal["fixed", "uniform-budget", "autodim", "scall", "esapn"] = "fixed"
     dim: int = 16
     budget: int | None = None
     other_dim: int | None = None
@@ -156,9 +158,9 @@ class SearchConfig:
             raise ConfigError(f"search.method={self.method} needs search.budget (embedding parameters)")
         if self.other_dim is not None and self.other_dim <= 0:
             raise ConfigError(f"search.other_dim must be > 0 or null, got {self.other_dim}")
-        if self.method == "scall" and (self.dim % 4 or (self.other_dim or self.dim) % 4):
+        if self.method in ("scall", "esapn") and (self.dim % 4 or (self.other_dim or self.dim) % 4):
             raise ConfigError(
-                f"search.method=scall stores every size as it is searched: search.dim ({self.dim}) and "
+                f"search.method={self.method} stores every size as it is searched: search.dim ({self.dim}) and "
                 f"search.other_dim ({self.other_dim}) must be multiples of 4"
             )
         if len(self.scall_action) != 3 or not all(0.0 < a < 1.0 for a in self.scall_action):
@@ -215,8 +217,10 @@ class JobConfig:
                 "search.method=autodim searches on a static split: set data.protocol to random (AutoDim's 80/10/10), "
                 "per-user or given"
             )
-        if self.search.method == "scall" and self.data.protocol != "prequential":
-            raise ConfigError("search.method=scall is a streaming search: set data.protocol to prequential")
+        if self.search.method in ("scall", "esapn") and self.data.protocol != "prequential":
+            raise ConfigError(
+                f"search.method={self.search.method} is a streaming search: set data.protocol to prequential"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))

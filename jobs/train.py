@@ -43,12 +43,14 @@ from torchrec.datasets.utils import Batch
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.optim.keyed import CombinedOptimizer
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from tqdm import tqdm
 
 from jobs.config import ConfigError, JobConfig, load_config
 from jobs.logs import setup_logging
 from models import metrics
 from models.factory import build_model
+from models.losses import example_losses
 from models.recommender import Recommender
 from pipeline.dataset import Dataset, Day
 from pipeline.spec import DatasetSpec
@@ -57,6 +59,7 @@ from pipeline.stream import DayStream, StreamConfig
 from pipeline.vocab import VocabularySet
 from search.autodim import AutoDimConfig, AutoDimHead, AutoDimSearcher, UniformBudgetSearcher
 from search.base import DayStats, FixedSearcher, Searcher
+from search.esapn import EsapnConfig, EsapnSearcher, size_ladder
 from search.scall import ScallSearcher
 from sharding.checkpoint import (
     full_tensors,
@@ -112,17 +115,37 @@ def _rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+def add_row_losses(totals: dict[str, torch.Tensor], rows: KeyedJaggedTensor, losses: torch.Tensor) -> None:
+    """Add each example's loss to every row it looks up: `totals[f]` is `[2, num_rows]` (loss sum, examples) for
+    each feature `f` it names; `rows` holds the batch's vocabulary rows, `losses` its per-example losses `[B]`."""
+    for f, total in totals.items():
+        jt = rows[f]
+        ids = jt.values().long()
+        total[0].index_add_(0, ids, losses.to(torch.float64).repeat_interleave(jt.lengths().long()))
+        total[1].index_add_(0, ids, torch.ones(ids.numel(), dtype=torch.float64))
+
+
 def build_searcher(cfg: JobConfig, spec: DatasetSpec) -> Searcher:
     """The searcher `search.method` names, with the parameter budget `search.budget`."""
     s = cfg.search
     budget = Budget(s.budget) if s.budget else None
+    if s.method in ("scall", "esapn") and (spec.user_field is None or spec.item_field is None):
+        raise ConfigError(
+            f"search.method={s.method} sizes user and item rows, but dataset '{spec.name}' names no user_field or "
+            "item_field in its dataset.yaml. Set both, or use a field-level method"
+        )
+    if s.method == "esapn":
+        assert spec.user_field is not None and spec.item_field is not None
+        return EsapnSearcher(
+            Budget(s.budget, "parameters") if s.budget else None,
+            spec.user_field,
+            spec.item_field,
+            EsapnConfig(candidate_dims=size_ladder(s.dim)),
+            other_dim=s.other_dim,
+            seed=cfg.train.seed,
+        )
     if s.method == "scall":
-        if spec.user_field is None or spec.item_field is None:
-            raise ConfigError(
-                f"search.method=scall sizes user and item rows, but dataset '{spec.name}' names no user_field or "
-                "item_field in its dataset.yaml. Set both, or use a field-level method"
-            )
-        assert s.budget is not None
+        assert s.budget is not None and spec.user_field is not None and spec.item_field is not None
         return ScallSearcher(
             Budget(s.budget, "parameters"),
             s.dim,
@@ -335,24 +358,44 @@ class Trainer:
 
     # ---- data ----------------------------------------------------------------------------------------------
     def _batches(self, split: str, days: list[Day], grow: bool) -> Iterator[Batch]:
+        for _, batch in self._batches_with_rows(split, days, grow):
+            yield batch
+
+    def _batches_with_rows(self, split: str, days: list[Day], grow: bool) -> Iterator[tuple[KeyedJaggedTensor, Batch]]:
+        """Each batch with its sparse features as vocabulary rows (before the plan's remap to bucket keys)."""
         stream = self.streams[split]
         for day in days:
             for batch in stream.batches(day, grow=grow):
+                rows = batch.sparse_features
                 if not self.remap.identity:
-                    batch.sparse_features = self.remap(batch.sparse_features)
-                yield batch.to(self.device)
+                    batch.sparse_features = self.remap(rows)
+                yield rows, batch.to(self.device)
 
     # ---- evaluation and training ---------------------------------------------------------------------------
-    def evaluate(self, split: str, days: list[Day]) -> dict[str, float]:
-        """Metrics over `days` of `split`; ids are looked up without growing the vocabularies."""
+    def evaluate(
+        self, split: str, days: list[Day], row_losses: dict[str, np.ndarray] | None = None
+    ) -> dict[str, float]:
+        """Metrics over `days` of `split`; ids are looked up without growing the vocabularies.
+
+        `row_losses`, if given, receives for each of the searcher's `row_loss_features` every row's mean example loss
+        over all ranks (nan for rows with no example), for searchers rewarded per row (ESAPN).
+        """
         self.dmp.eval()
         logits, labels, losses = [], [], []
+        wanted = list(self.searcher.row_loss_features) if row_losses is not None else []
+        totals = {f: torch.zeros(2, self.plan[f].num_embeddings, dtype=torch.float64) for f in wanted}
         with torch.no_grad():
-            for batch in self._batches(split, days, grow=False):
+            for rows, batch in self._batches_with_rows(split, days, grow=False):
                 loss, (_, out, y) = self.dmp(batch)
                 logits.append(out.cpu())
                 labels.append(y.cpu())
                 losses.append(float(loss) * y.numel())
+                if wanted:
+                    add_row_losses(totals, rows, example_losses(self.dataset.spec.task, out.cpu(), y.cpu()))
+        if row_losses is not None:
+            for f, total in totals.items():
+                dist.all_reduce(total, group=self.pg)
+                row_losses[f] = (total[0] / total[1]).numpy()  # 0/0 = nan: no example
         gathered: list[Any] = [None] * self.world_size
         local = (torch.cat(logits) if logits else torch.zeros(0), torch.cat(labels) if labels else torch.zeros(0))
         dist.all_gather_object(gathered, (*local, sum(losses)))
@@ -500,7 +543,8 @@ class Trainer:
     def run_prequential(self) -> TrainResult:
         for index in range(self.position[2], len(self.days)):
             day = self.days[index]
-            evaluation = self.evaluate("all", [day])
+            row_losses: dict[str, np.ndarray] = {}
+            evaluation = self.evaluate("all", [day], row_losses)
             loss, examples, speed = self.train_day("all", day, grow=True)
             self.searcher.observe(
                 DayStats(
@@ -509,6 +553,7 @@ class Trainer:
                     {f: self.vocab[f].num_rows for f in self.features},
                     {f: self.vocab[f].counts for f in self.features},
                     evaluation,
+                    row_losses,
                 )
             )
             proposal = self.searcher.propose()

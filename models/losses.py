@@ -107,6 +107,26 @@ LOSSES: dict[str, LossFn] = {
 }
 
 
+def example_losses(task: str, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each example's loss `[B]` under the task's loss (their mean is `loss_for_task(task)(output, labels)`).
+
+    Args:
+        task: ``binary``, ``regression`` or ``multiclass`` (``bpr`` scores pairs, not examples).
+        output: the model's output for the batch.
+        labels: the batch's labels.
+
+    Raises:
+        ModelConfigError: if the task has no per-example loss.
+    """
+    if task == "binary":
+        return F.binary_cross_entropy_with_logits(output, labels.to(output.dtype), reduction="none")
+    if task == "regression":
+        return (output - labels.to(output.dtype)) ** 2
+    if task == "multiclass":
+        return F.cross_entropy(output, labels.long(), reduction="none")
+    raise ModelConfigError(f"task '{task}' has no per-example loss; expected binary, regression or multiclass")
+
+
 def loss_for_task(task: str) -> LossFn:
     """The loss of a task.
 

@@ -28,6 +28,8 @@ class DayStats:
         num_rows: per feature, the rows its vocabulary uses (fallback included).
         row_counts: per feature, each row's training frequency so far (identical on every rank).
         metrics: the day's prequential metrics (e.g. auc, loss).
+        row_losses: for each of the searcher's `row_loss_features`, every row's mean example loss in the day's
+            prequential evaluation (before training on the day; nan for rows without an example), over all ranks.
     """
 
     day: str
@@ -35,12 +37,14 @@ class DayStats:
     num_rows: Mapping[str, int]
     row_counts: Mapping[str, np.ndarray] = field(default_factory=dict)
     metrics: Mapping[str, float] = field(default_factory=dict)
+    row_losses: Mapping[str, np.ndarray] = field(default_factory=dict)
 
 
 class Searcher(ABC):
     """Proposes `DimensionPlan`s under a budget from training statistics."""
 
     name: str = "base"
+    row_loss_features: tuple[str, ...] = ()  # features whose per-row losses the job reports in `DayStats`
 
     @abstractmethod
     def initial_plan(self, features: list[str], num_embeddings: Mapping[str, int]) -> DimensionPlan:

@@ -77,6 +77,8 @@ chain's own `Σ d_i d_{i+1}`, and the top bucket's map is the identity); `load_e
 
 from __future__ import annotations
 
+import base64
+import io
 import itertools
 import logging
 import math
@@ -91,6 +93,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.lightgcn import BPRRecipe, GraphTask, lightgcn_bpr_loss
+from search.base import DayStats, Searcher
 from search.rowlevel import ENTITIES, BucketedTables
 from sharding.embedding import PlannedEmbedding
 from sharding.plan import Budget, DimensionPlan, FeaturePlan, PlanError
@@ -650,3 +653,277 @@ def load_esapn_weights(target: PlannedEmbedding | BucketedTables, embedding: Esa
             projection = planned.projections[spec.name]
             assert isinstance(projection, nn.Linear)
             projection.weight.copy_(maps[s])
+
+
+def size_ladder(d_max: int) -> tuple[int, ...]:
+    """The job's candidate sizes up to `d_max` (a multiple of 4): 4, 8, 16, … doubling below d_max, then d_max."""
+    if d_max < 8 or d_max % 4:
+        raise ValueError(f"ESAPN's d_max must be a multiple of 4 and >= 8 (two sizes to grow between), got {d_max}")
+    dims = [4]
+    while dims[-1] * 2 < d_max:
+        dims.append(dims[-1] * 2)
+    return (*dims, d_max)
+
+
+def _tensor_blob(obj: Any) -> str:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _from_blob(blob: str) -> Any:
+    return torch.load(io.BytesIO(base64.b64decode(blob)), weights_only=False)
+
+
+class EsapnSearcher(Searcher):
+    """ESAPN in the training job's day loop (module docstring, "In the training job"): each day every user and item
+    row seen that day keeps or enlarges its size by its policy; rows move between bucket tables once per day.
+
+    Args:
+        budget: the budget over every table (`parameters`: sizes are multiples of 4 and padded, so stored = searched;
+            or `logical`), or None: rows grow wherever the policies say (ESAPN as published).
+        user_feature: the feature whose rows are users.
+        item_feature: the feature whose rows are items.
+        config: candidate sizes (the last is d_max) and the policies' settings; default `size_ladder(128)`.
+        other_dim: the field-level dim of every other feature (default d_max).
+        seed: seeds the policies' initialisation and the action sampling.
+    """
+
+    name = "esapn"
+
+    def __init__(
+        self,
+        budget: Budget | None,
+        user_feature: str = "user",
+        item_feature: str = "item",
+        config: EsapnConfig | None = None,
+        other_dim: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        if budget is not None and budget.unit not in ("parameters", "logical"):
+            raise PlanError(
+                f"ESAPN counts row sizes: its budget unit must be 'parameters' or 'logical', got '{budget.unit}'"
+            )
+        if user_feature == item_feature:
+            raise ValueError(f"user_feature and item_feature must differ, both are '{user_feature}'")
+        self.config = config if config is not None else EsapnConfig(candidate_dims=size_ladder(128))
+        self.dims = np.asarray(self.config.candidate_dims, dtype=np.int64)
+        self.d_max = self.config.max_dim
+        self.other_dim = self.d_max if other_dim is None else other_dim
+        if self.other_dim < 1:
+            raise ValueError(f"other_dim must be >= 1, got {self.other_dim}")
+        self.budget = budget
+        self.entities = (user_feature, item_feature)
+        self.row_loss_features = self.entities
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            self.policies = {f: EsapnPolicy(self.config) for f in self.entities}
+        self.optimizers = {
+            f: torch.optim.Adam(p.parameters(), lr=self.config.controller_lr) for f, p in self.policies.items()
+        }
+        self.generator = torch.Generator().manual_seed(seed)
+        self.features: list[str] = []
+        self.num_embeddings: dict[str, int] = {}
+        self.size_index: dict[str, np.ndarray] = {}  # each row's index into the candidate sizes
+        self.counts: dict[str, np.ndarray] = {}  # cumulative interaction counts after the last observed day
+        self.day_counts: dict[str, np.ndarray] = {}  # the last observed day's counts
+        self.last_loss: dict[str, np.ndarray] = {}  # each row's last prequential loss (1 before any: official)
+        self.trial: dict[str, dict[str, np.ndarray]] = {}  # the last proposal's rows, states and executed actions
+        self.pending = False
+        self.day_index: int | None = None
+        self.history: list[dict[str, float]] = []
+
+    # -- the interface --
+
+    def initial_plan(self, features: list[str], num_embeddings: Mapping[str, int]) -> DimensionPlan:
+        """Every user and item row at the smallest size (ESAPN's start), the other features at `other_dim`."""
+        missing = [f for f in self.entities if f not in features]
+        if missing:
+            raise PlanError(f"ESAPN sizes the features {missing}, which are not among the job's features {features}")
+        self.features = list(features)
+        self.num_embeddings = {f: int(num_embeddings[f]) for f in features}
+        for f in self.entities:
+            n = self.num_embeddings[f]
+            self.size_index[f] = np.zeros(n, dtype=np.int64)
+            self.counts[f] = np.zeros(n, dtype=np.int64)
+            self.day_counts[f] = np.zeros(n, dtype=np.int64)
+            self.last_loss[f] = np.ones(n)
+        if self.budget is not None and (need := self._parameters()) > self.budget.value:
+            raise PlanError(
+                f"the budget of {self.budget.value:,} parameters is below ESAPN's starting plan ({need:,}: every user "
+                f"and item row at {self.dims[0]}, the other features at {self.other_dim}). Raise the budget to at "
+                f"least {need:,} or lower other_dim"
+            )
+        return self._plan({"method": "esapn", "day_index": None})
+
+    def observe(self, stats: DayStats) -> None:
+        """Reward the last proposal's actions with each row's loss drop since its last loss (REINFORCE with the
+        last-loss baseline), then record the day's counts and losses."""
+        if not self.features:
+            raise PlanError("EsapnSearcher.observe before initial_plan: the searcher does not know the tables yet")
+        for f in self.entities:
+            n = self.num_embeddings[f]
+            for what, table in (("row_counts", stats.row_counts), ("row_losses", stats.row_losses)):
+                if f not in table:
+                    raise PlanError(f"the day's statistics have no {what} for feature '{f}' (ESAPN needs both)")
+                if np.asarray(table[f]).size > n:
+                    raise PlanError(
+                        f"feature '{f}' has {np.asarray(table[f]).size:,} rows of {what} but its table has {n:,}; "
+                        "raise the table capacity"
+                    )
+            counts = np.zeros(n, dtype=np.int64)
+            raw_counts = np.asarray(stats.row_counts[f], dtype=np.int64).reshape(-1)
+            counts[: raw_counts.size] = raw_counts
+            losses = np.full(n, np.nan)
+            raw_losses = np.asarray(stats.row_losses[f], dtype=np.float64).reshape(-1)
+            losses[: raw_losses.size] = raw_losses
+            if f in self.trial:
+                self._reinforce(f, losses, stats.day_index)
+            self.last_loss[f] = np.where(np.isfinite(losses), losses, self.last_loss[f])
+            self.day_counts[f] = counts - self.counts[f]
+            self.counts[f] = counts
+        self.day_index = stats.day_index
+        self.pending = True
+
+    def propose(self) -> DimensionPlan | None:
+        """Sample keep/enlarge for every row seen on the last day; under a budget, enlarge the rows most likely to
+        (π(enlarge) descending) while the plan fits. None if no row grows."""
+        if not self.pending:
+            return None
+        self.pending = False
+        chosen: dict[str, dict[str, np.ndarray]] = {}
+        for f in self.entities:
+            rows = np.flatnonzero(self.day_counts[f] > 0)
+            if rows.size == 0:
+                continue
+            bucket = popularity_bucket(torch.from_numpy(self.counts[f][rows]), self.config.popularity_buckets)
+            size = torch.from_numpy(self.size_index[f][rows])
+            with torch.no_grad():
+                logits = self.policies[f](bucket, size)
+            actions = sample_actions(logits, self.generator)
+            chosen[f] = {
+                "rows": rows,
+                "bucket": bucket.numpy(),
+                "size": size.numpy(),
+                "action": actions.numpy(),
+                "p_enlarge": torch.softmax(logits, dim=1)[:, ENLARGE].numpy(),
+            }
+        self._fit_budget(chosen)
+        grew = 0
+        for f, t in chosen.items():
+            grow = t["rows"][t["action"] == ENLARGE]
+            self.size_index[f][grow] += 1
+            grew += grow.size
+            self.trial[f] = {k: v for k, v in t.items() if k != "p_enlarge"}
+        if grew == 0:
+            return None
+        return self._plan({"method": "esapn", "day_index": self.day_index, "enlarged": grew})
+
+    def state_dict(self) -> dict[str, Any]:
+        arrays = {
+            name: {f: a.tolist() for f, a in getattr(self, name).items()}
+            for name in ("size_index", "counts", "day_counts", "last_loss")
+        }
+        return {
+            "features": self.features,
+            "num_embeddings": self.num_embeddings,
+            **arrays,
+            "trial": {f: {k: v.tolist() for k, v in t.items()} for f, t in self.trial.items()},
+            "pending": self.pending,
+            "day_index": self.day_index,
+            "history": self.history,
+            "torch": _tensor_blob(
+                {
+                    "policies": {f: p.state_dict() for f, p in self.policies.items()},
+                    "optimizers": {f: o.state_dict() for f, o in self.optimizers.items()},
+                    "generator": self.generator.get_state(),
+                }
+            ),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.features = list(state.get("features", []))
+        self.num_embeddings = {f: int(n) for f, n in state.get("num_embeddings", {}).items()}
+        for name, dtype in (("size_index", np.int64), ("counts", np.int64), ("day_counts", np.int64)):
+            setattr(self, name, {f: np.asarray(a, dtype=dtype) for f, a in state.get(name, {}).items()})
+        self.last_loss = {f: np.asarray(a, dtype=np.float64) for f, a in state.get("last_loss", {}).items()}
+        self.trial = {
+            f: {k: np.asarray(v, dtype=np.int64) for k, v in t.items()} for f, t in state.get("trial", {}).items()
+        }
+        self.pending = bool(state.get("pending", False))
+        self.day_index = state.get("day_index")
+        self.history = list(state.get("history", []))
+        if "torch" in state:
+            blob = _from_blob(state["torch"])
+            for f in self.entities:
+                self.policies[f].load_state_dict(blob["policies"][f])
+                self.optimizers[f].load_state_dict(blob["optimizers"][f])
+            self.generator.set_state(blob["generator"])
+
+    # -- helpers --
+
+    def _reinforce(self, f: str, losses: np.ndarray, day_index: int) -> None:
+        """One policy step on the last proposal's rows seen again today: R = 1 − ℓ_today, b = 1 − ℓ_last, centred
+        by the mean advantage over those rows (a constant baseline: lower variance, same expected gradient)."""
+        t = self.trial.pop(f)
+        now = losses[t["rows"]]
+        seen = np.isfinite(now)
+        if seen.sum() < 2:
+            return
+        reward = torch.from_numpy(1.0 - now[seen]).float()
+        baseline = torch.from_numpy(1.0 - self.last_loss[f][t["rows"][seen]]).float()
+        advantage = reward - baseline
+        policy = self.policies[f]
+        policy.train()
+        logits = policy(torch.from_numpy(t["bucket"][seen]), torch.from_numpy(t["size"][seen]))
+        actions = torch.from_numpy(t["action"][seen])
+        loss = reinforce_loss(logits, actions, reward, baseline + advantage.mean())
+        self.optimizers[f].zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizers[f].step()
+        enlarged = actions == ENLARGE
+        self.history.append(
+            {
+                "day_index": float(day_index),
+                f"rows_{f}": float(seen.sum()),
+                f"enlarged_{f}": float(enlarged.sum()),
+                f"advantage_enlarged_{f}": float(advantage[enlarged].mean()) if enlarged.any() else math.nan,
+                f"advantage_kept_{f}": float(advantage[~enlarged].mean()) if (~enlarged).any() else math.nan,
+                f"policy_loss_{f}": float(loss.detach()),
+            }
+        )
+
+    def _fit_budget(self, chosen: dict[str, dict[str, np.ndarray]]) -> None:
+        """Under a budget, turn the sampled enlargements that do not fit into keeps, keeping those with the highest
+        π(enlarge) (ties: users first, then by row)."""
+        if self.budget is None or not chosen:
+            return
+        names = list(chosen)
+        want = [np.flatnonzero(chosen[f]["action"] == ENLARGE) for f in names]
+        sizes = [chosen[f]["size"][w] for f, w in zip(names, want, strict=True)]
+        cost = np.concatenate([self.dims[s + 1] - self.dims[s] for s in sizes])
+        prob = np.concatenate([chosen[f]["p_enlarge"][w] for f, w in zip(names, want, strict=True)])
+        owner = np.concatenate([np.full(w.size, k) for k, w in enumerate(want)])
+        position = np.concatenate(want)
+        order = np.lexsort((position, owner, -prob))
+        room = self.budget.value - self._parameters()
+        refused = order[np.cumsum(cost[order]) > room]
+        for k, f in enumerate(names):
+            chosen[f]["action"][position[refused[owner[refused] == k]]] = KEEP
+
+    def _parameters(self) -> int:
+        rows = sum(int(self.dims[self.size_index[f]].sum()) for f in self.entities)
+        others = sum(self.num_embeddings[f] * self.other_dim for f in self.features if f not in self.entities)
+        return rows + others
+
+    def _plan(self, provenance: Mapping[str, Any]) -> DimensionPlan:
+        features = []
+        for f in self.features:
+            if f in self.entities:
+                sizes = self.dims[self.size_index[f]]
+                features.append(FeaturePlan(f, sizes.size, self.d_max, row_dims=sizes, projection="pad"))
+            else:
+                features.append(FeaturePlan(f, self.num_embeddings[f], self.other_dim, dim=self.other_dim))
+        plan = DimensionPlan(tuple(features), self.budget, provenance=dict(provenance))
+        plan.check_budget()
+        return plan

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import math
 
 import numpy as np
@@ -9,6 +11,7 @@ import pytest
 import torch
 
 from models.lightgcn import BPRRecipe, GraphTask, lightgcn_bpr_loss
+from search.base import DayStats
 from search.esapn import (
     ENLARGE,
     KEEP,
@@ -16,6 +19,7 @@ from search.esapn import (
     EsapnEmbedding,
     EsapnPolicy,
     EsapnResult,
+    EsapnSearcher,
     entity_means,
     esapn_plan,
     esapn_search,
@@ -23,8 +27,10 @@ from search.esapn import (
     popularity_bucket,
     reinforce_loss,
     sample_actions,
+    size_ladder,
 )
 from search.rowlevel import BucketedTables
+from sharding.plan import Budget, PlanError
 
 CONFIG = EsapnConfig()
 
@@ -283,3 +289,144 @@ def test_esapn_search_runs_on_a_tiny_graph() -> None:
 def test_bad_config_names_the_field(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=f"EsapnConfig.{field}"):
         EsapnConfig(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- in the job's day loop
+
+JOB_CAPACITY = {"user": 60, "item": 40, "tags": 5}
+
+
+def _job_day(
+    index: int,
+    searcher: EsapnSearcher,
+    rng: np.random.Generator,
+    counts: dict[str, np.ndarray],
+    capacity: dict[str, int] = JOB_CAPACITY,
+) -> DayStats:
+    """A day on which a third of the rows appear (rows 0-9, 'popular', every day 50 times); a row's loss falls as it
+    grows up to the third size and rises beyond."""
+    losses = {}
+    for f in ("user", "item"):
+        n = capacity[f] - 3  # the last rows are never seen (unused capacity)
+        day = np.where(rng.random(n) < 0.33, rng.integers(1, 3, n), 0)
+        day[:10] = 50
+        counts[f] = counts.get(f, np.zeros(n, dtype=np.int64)) + day
+        size = searcher.size_index[f][:n]
+        loss = 0.7 - 0.05 * np.minimum(size, 2) + 0.05 * np.maximum(size - 2, 0) + rng.normal(0, 0.005, n)
+        losses[f] = np.where(day > 0, loss, np.nan)
+    return DayStats(
+        f"2024-01-{index + 1:02d}",
+        index,
+        {f: c.size for f, c in counts.items()},
+        {f: c.copy() for f, c in counts.items()},
+        {},
+        losses,
+    )
+
+
+def test_searcher_grows_only_seen_rows_one_size_a_day_and_never_over_the_budget() -> None:
+    config = EsapnConfig(candidate_dims=size_ladder(32))  # 4, 8, 16, 32
+    budget = Budget(5 * 8 + 100 * 12, "parameters")  # tags at 8; on average 12 per user and item row
+    searcher = EsapnSearcher(budget, config=config, other_dim=8, seed=0)
+    plan = searcher.initial_plan(["user", "item", "tags"], JOB_CAPACITY)
+    assert {int(d) for f in ("user", "item") for d in plan[f].row_dims} == {4} and plan["tags"].dim == 8  # type: ignore[union-attr]
+    assert plan.parameters == 5 * 8 + 100 * 4 and searcher.propose() is None  # nothing observed yet
+    rng, counts = np.random.default_rng(0), {}
+    for index in range(8):
+        before = {f: np.asarray(plan[f].row_dims) for f in ("user", "item")}
+        stats = _job_day(index, searcher, rng, counts)
+        searcher.observe(stats)
+        proposal = searcher.propose()
+        if proposal is None:
+            continue
+        plan = proposal
+        assert plan.parameters <= budget.value and plan.parameters == plan.logical_parameters
+        for f in ("user", "item"):
+            after = np.asarray(plan[f].row_dims)
+            grew = after != before[f]
+            seen = np.zeros(JOB_CAPACITY[f], dtype=bool)
+            seen[: stats.row_counts[f].size] = stats.row_counts[f] - (counts[f] * 0) > 0
+            day = np.zeros(JOB_CAPACITY[f], dtype=np.int64)
+            day[: stats.row_counts[f].size] = np.isfinite(stats.row_losses[f])
+            assert not (grew & (day == 0)).any()  # only rows seen on the day act
+            assert (after[grew] == 2 * before[f][grew]).all()  # one step up the ladder (4 → 8 → 16 → 32)
+            assert (after >= before[f]).all()  # sizes only grow
+    assert budget.value - plan.parameters < 32  # the budget binds: no single enlargement fits any more
+    assert np.asarray(plan["user"].row_dims)[-3:].tolist() == [4, 4, 4]  # never-seen rows stay at the smallest size
+
+
+def test_searcher_policy_step_raises_the_log_probability_of_actions_with_a_positive_advantage() -> None:
+    capacity = {"user": 1000, "item": 800, "tags": 5}
+    config = EsapnConfig(candidate_dims=size_ladder(128), controller_lr=1e-2, hidden=32)
+    searcher = EsapnSearcher(None, config=config, other_dim=8, seed=0)
+    searcher.initial_plan(["user", "item", "tags"], capacity)
+    rng, counts = np.random.default_rng(1), {}
+    last: dict[str, np.ndarray] = {}
+    correlations = []
+    for index in range(5):
+        stats = _job_day(index, searcher, rng, counts, capacity)
+        trial = {f: dict(t) for f, t in searcher.trial.items()}
+        before = {f: copy.deepcopy(p) for f, p in searcher.policies.items()}
+        searcher.observe(stats)
+        for f, t in trial.items():
+            # The rows acted on yesterday and seen again today: R − b = their loss drop, centred over them.
+            now = np.asarray(stats.row_losses[f])[t["rows"]]
+            seen = np.isfinite(now)
+            gain = last[f][t["rows"][seen]] - now[seen]
+            inputs = (torch.from_numpy(t["bucket"][seen]), torch.from_numpy(t["size"][seen]))
+            actions = torch.from_numpy(t["action"][seen])[:, None]
+            with torch.no_grad():
+                delta = [torch.log_softmax(p(*inputs), 1).gather(1, actions) for p in (searcher.policies[f], before[f])]
+            # REINFORCE moves log π(a|s) up where the advantage is positive and down where it is negative.
+            correlations.append(np.corrcoef(gain - gain.mean(), (delta[0] - delta[1]).squeeze(1).numpy())[0, 1])
+        last = {f: searcher.last_loss[f].copy() for f in ("user", "item")}
+        searcher.propose()
+    # One Adam step per day (per-parameter normalised, so not exactly along the gradient): both policies, days 2-5.
+    assert len(correlations) == 8 and min(correlations) > 0.2 and np.mean(correlations) > 0.4, correlations
+
+
+def test_searcher_state_dict_round_trip_through_json_gives_the_same_plans() -> None:
+    config = EsapnConfig(candidate_dims=size_ladder(32), hidden=16)
+    budget = Budget(5 * 8 + 100 * 12, "parameters")
+    rng, counts = np.random.default_rng(2), {}
+    first = EsapnSearcher(budget, config=config, other_dim=8, seed=3)
+    first.initial_plan(["user", "item", "tags"], JOB_CAPACITY)
+    days = []
+    for index in range(2):
+        days.append(_job_day(index, first, rng, counts))
+        first.observe(days[-1])
+        first.propose()
+    second = EsapnSearcher(budget, config=config, other_dim=8, seed=99)  # the state carries the seed's effects
+    second.load_state_dict(json.loads(json.dumps(first.state_dict())))  # the job saves it as JSON
+    for index in range(2, 5):
+        stats = _job_day(index, first, rng, counts)
+        first.observe(stats)
+        second.observe(stats)
+        a, b = first.propose(), second.propose()
+        assert (a is None) == (b is None)
+        if a is not None and b is not None:
+            for f in ("user", "item"):
+                np.testing.assert_array_equal(a[f].row_dims, b[f].row_dims)
+    for f in ("user", "item"):
+        for p, q in zip(first.policies[f].parameters(), second.policies[f].parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_searcher_errors() -> None:
+    config = EsapnConfig(candidate_dims=size_ladder(32))
+    with pytest.raises(PlanError, match="'parameters' or 'logical'"):
+        EsapnSearcher(Budget(1000, "bytes"), config=config)
+    with pytest.raises(PlanError, match=r"below ESAPN's starting plan \(440: every user and item row at 4"):
+        EsapnSearcher(Budget(400, "parameters"), config=config, other_dim=8).initial_plan(
+            ["user", "item", "tags"], JOB_CAPACITY
+        )
+    with pytest.raises(PlanError, match=r"\['item'\]"):
+        EsapnSearcher(None, config=config).initial_plan(["user", "tags"], JOB_CAPACITY)
+    searcher = EsapnSearcher(None, config=config)
+    searcher.initial_plan(["user", "item"], JOB_CAPACITY)
+    counts = {"user": np.ones(60, dtype=np.int64), "item": np.ones(40, dtype=np.int64)}
+    with pytest.raises(PlanError, match="no row_losses for feature 'user'"):
+        searcher.observe(DayStats("2024-01-01", 0, {"user": 60, "item": 40}, counts))
+    with pytest.raises(ValueError, match="multiple of 4 and >= 8"):
+        size_ladder(6)
+    assert size_ladder(8) == (4, 8) and size_ladder(64) == (4, 8, 16, 32, 64) and size_ladder(48) == (4, 8, 16, 32, 48)

@@ -14,7 +14,7 @@ from torch import nn
 from models.dlrm import DLRM, DeepFM, DeepFMConfig, DLRMConfig
 from models.errors import ModelConfigError
 from models.factory import build_model
-from models.losses import bce, bpr, cross_entropy, loss_for_task, mse
+from models.losses import bce, bpr, cross_entropy, example_losses, loss_for_task, mse
 from models.metrics import accuracy, auc, log_loss, ndcg_at_k, recall_at_k
 from models.metrics import mse as mse_metric
 from models.mf import NCF, MatrixFactorization, MFConfig, NCFConfig
@@ -75,6 +75,23 @@ def test_loss_for_task() -> None:
         loss_for_task("ctr")
     with pytest.raises(ModelConfigError, match="shapes"):
         bpr(torch.zeros(3), torch.zeros(2))
+
+
+def test_example_losses_average_to_the_task_loss() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(7, generator=g), (torch.rand(7, generator=g) > 0.5).float()
+    class_logits, classes = torch.randn(7, 3, generator=g), torch.tensor([0.0, 1, 2, 2, 1, 0, 0])
+    for task, out, y in [
+        ("binary", logits, labels),
+        ("regression", logits, labels * 3),
+        ("multiclass", class_logits, classes),
+    ]:
+        each = example_losses(task, out, y)
+        assert each.shape == (7,)
+        torch.testing.assert_close(each.mean(), loss_for_task(task)(out, y))
+        torch.testing.assert_close(each[2], loss_for_task(task)(out[2:3], y[2:3]))
+    with pytest.raises(ModelConfigError, match="task 'bpr' has no per-example loss"):
+        example_losses("bpr", logits, labels)
 
 
 # ---------------------------------------------------------------------------------------------- metrics

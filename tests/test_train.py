@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from jobs.config import load_config
@@ -191,3 +192,46 @@ def test_scall_streaming_plans_meet_the_budget_every_day_on_both_ranks(data: Pat
     weights = full_tensors(tmp_path / "scall" / "checkpoints" / "day-0002")
     shapes = {k.split(".")[-2]: tuple(v.shape) for k, v in weights.items() if "embedding_bags" in k}
     assert shapes == {t.name: (t.num_embeddings, t.embedding_dim) for t in plan.tables()}
+
+
+def test_esapn_streaming_grows_rows_under_the_budget_on_both_ranks_and_resumes(data: Path, tmp_path: Path) -> None:
+    from jobs.train import table_capacities
+    from pipeline.dataset import Dataset
+    from sharding.checkpoint import full_tensors
+
+    capacity = table_capacities(Dataset(data), None)
+    others = sum(n for f, n in capacity.items() if f not in ("user", "item")) * 16
+    budget = others + (capacity["user"] + capacity["item"]) * 6
+    args = ["search.method=esapn", "search.dim=16", f"search.budget={budget}"]
+    run = run_train_job(tiny_job_args(data, tmp_path, "esapn", *args))
+    assert run.returncode == 0, run.stderr[-3000:]
+    days = _metrics(tmp_path / "esapn")
+    assert days[0]["reconfigured"] and days[1]["reconfigured"]  # rows grow until the budget binds
+    assert all(d["embedding_parameters"] <= budget for d in days)  # type: ignore[operator]
+    plan = DimensionPlan.load(tmp_path / "esapn" / "plan")
+    assert plan.parameters == plan.logical_parameters == days[-1]["embedding_parameters"]
+    assert budget - plan.parameters < 8  # the budget binds: no row's next size fits
+    for f in ("user", "item"):
+        dims = np.asarray(plan[f].row_dims)
+        assert set(np.unique(dims).tolist()) == {4, 8, 16}  # ESAPN's ladder up to search.dim
+    weights = full_tensors(tmp_path / "esapn" / "checkpoints" / "day-0002")
+    shapes = {k.split(".")[-2]: tuple(v.shape) for k, v in weights.items() if "embedding_bags" in k}
+    assert shapes == {t.name: (t.num_embeddings, t.embedding_dim) for t in plan.tables()}
+    # The policies were rewarded with the job's per-row losses (both ranks' examples) on days 2 and 3.
+    progress = json.loads((tmp_path / "esapn" / "checkpoints" / "day-0002" / "progress.json").read_text())
+    history = progress["searcher"]["history"]
+    assert [h["day_index"] for h in history] == [1, 1, 2, 2]
+    assert all(h[k] > 0 for h in history for k in h if k.startswith("rows_"))
+
+    # Cut after two days and resumed: the same plan and metrics as the uninterrupted run.
+    cut = run_train_job(tiny_job_args(data, tmp_path, "esapn-cut", *args, "data.days=2"))
+    assert cut.returncode == 0, cut.stderr[-3000:]
+    resumed = run_train_job(tiny_job_args(data, tmp_path, "esapn-cut", *args, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    again = _metrics(tmp_path / "esapn-cut")
+    for a, b in zip(again, days, strict=True):
+        assert a["eval"] == pytest.approx(b["eval"], rel=1e-6)
+        assert a["embedding_parameters"] == b["embedding_parameters"]
+    resumed_plan = DimensionPlan.load(tmp_path / "esapn-cut" / "plan")
+    for f in ("user", "item"):
+        np.testing.assert_array_equal(resumed_plan[f].row_dims, plan[f].row_dims)
