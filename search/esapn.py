@@ -68,6 +68,27 @@ the entities' loss since their last recommender step. In expectation the policy 
 and the argmax policy that sets the sizes drifts; the official MLP version differs only through the BN batch
 statistics. This implementation keeps the algorithm as published rather than inventing a look-ahead reward.
 
+In the training job (`EsapnSearcher`, `search.method=esapn`): the same policies, state and REINFORCE update, acting
+once per day of a prequential stream instead of once per batch (the issue's "batched, e.g. once per day"):
+
+- The job evaluates each day before training on it and reports every user and item row's mean example loss in that
+  evaluation, all-reduced over the ranks (`DayStats.row_losses`). After the day's training, `observe` rewards the
+  previous proposal's actions of the rows seen again with `R = 1 − ℓ_today`, `b = 1 − ℓ_last` (ESAPN's last-loss
+  baseline: the drop in the row's loss across a day of training at its new size), centred by the mean advantage
+  over those rows (an action-independent constant: less variance, the same expected gradient); then `propose`
+  samples keep/enlarge for every row seen that day (ESAPN acts on the entities of the current data) from the
+  policy in training mode, as the official controller samples. The trial is real here, not undone: the sampled
+  sizes are trained on for a day, which is what makes the reward depend on the action (the per-batch version's
+  function-preserving trial cannot, see above).
+- Sizes are a ladder of multiples of 4 (`size_ladder`: 4, 8, 16, … doubling up to `search.dim`) in bucket tables
+  with zero-padding projections, so the stored parameters are the searched ones; a row's growth goes through the
+  job's reconfiguration path, whose default migration copies the row and zero-pads it — the function-preserving
+  enlarge of ESAPN with the identity transform (the learned per-size transforms of the batch version have no
+  counterpart in a padded bucket plan).
+- A budget is a cap, not a target (ESAPN cannot target one): when the sampled enlargements do not all fit, those
+  with the highest π(enlarge) are kept and the rest become keeps (and are not rewarded as enlargements). Unseen ids
+  and never-seen rows stay at the smallest size.
+
 Outputs: `esapn_search` returns each row's final logical size and the kept fraction `Σ d / (d_max · (U + I))` (the
 papers' accounting, §1); `esapn_plan` turns them into a row-level `DimensionPlan` with learned linear projections (one
 map per bucket, the product of its chain: `d · d_max` parameters per bucket, counted in the plan — more than the

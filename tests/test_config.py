@@ -252,3 +252,8 @@ def test_unknown_method_and_scall_on_a_static_split_are_rejected() -> None:
         load_config(None, ["search.method=ciess-typo"])
     with pytest.raises(ConfigError, match=r"scall is a streaming search: set data\.protocol to prequential"):
         load_config(None, ["search.method=scall", "search.budget=1000", "data.protocol=random"])
+    with pytest.raises(ConfigError, match=r"esapn is a streaming search: set data\.protocol to prequential"):
+        load_config(None, ["search.method=esapn", "data.protocol=random"])
+    with pytest.raises(ConfigError, match=r"method=esapn stores every size as it is searched: search\.dim \(18\)"):
+        load_config(None, ["search.method=esapn", "search.dim=18"])
+    assert load_config(None, ["search.method=esapn"]).search.budget is None  # ESAPN runs without a budget too

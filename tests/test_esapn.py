@@ -430,3 +430,30 @@ def test_searcher_errors() -> None:
     with pytest.raises(ValueError, match="multiple of 4 and >= 8"):
         size_ladder(6)
     assert size_ladder(8) == (4, 8) and size_ladder(64) == (4, 8, 16, 32, 64) and size_ladder(48) == (4, 8, 16, 32, 48)
+
+
+def test_job_row_losses_equal_a_per_example_loop() -> None:
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from jobs.train import add_row_losses
+
+    # Three examples: user rows [2], [0], [2]; item rows [1, 3] (a two-id bag), [], [3].
+    rows = KeyedJaggedTensor.from_lengths_sync(
+        keys=["user", "item"],
+        values=torch.tensor([2, 0, 2, 1, 3, 3]),
+        lengths=torch.tensor([1, 1, 1, 2, 0, 1]),
+    )
+    losses = torch.tensor([0.5, 1.0, 0.25])
+    totals = {f: torch.zeros(2, 5, dtype=torch.float64) for f in ("user", "item")}
+    add_row_losses(totals, rows, losses)
+    add_row_losses(totals, rows, 2 * losses)  # a second batch adds up
+    expected = {f: np.zeros((2, 5)) for f in ("user", "item")}
+    bags = {"user": [[2], [0], [2]], "item": [[1, 3], [], [3]]}
+    for scale in (1, 2):
+        for f, per_example in bags.items():
+            for example, ids in enumerate(per_example):
+                for row in ids:
+                    expected[f][0, row] += scale * float(losses[example])
+                    expected[f][1, row] += 1
+    for f in ("user", "item"):
+        np.testing.assert_allclose(totals[f].numpy(), expected[f])
