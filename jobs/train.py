@@ -137,7 +137,7 @@ def build_searcher(cfg: JobConfig, spec: DatasetSpec) -> Searcher:
     if s.method == "esapn":
         assert spec.user_field is not None and spec.item_field is not None
         return EsapnSearcher(
-            Budget(s.budget, "parameters") if s.budget else None,
+            budget,
             spec.user_field,
             spec.item_field,
             EsapnConfig(candidate_dims=size_ladder(s.dim)),
