@@ -125,7 +125,12 @@ class SearchConfig:
             features must be the dataset's and its tables large enough for the data's ids.
         candidate_dims: AutoDim's candidate dims (ascending multiples of 4).
         arch_every: AutoDim's model steps per architecture step.
-        arch_lr: AutoDim's architecture learning rate (Adam).
+        arch_lr: AutoDim's architecture learning rate.
+        arch_optimizer: AutoDim's architecture optimizer: `adam` (the paper's) or `sgd`. Adam scales every
+            logit's step to about `arch_lr` however weak its gradient, so a field whose validation gradient is
+            only noise (a field with no signal) can end up confidently on any candidate; with SGD such a field's
+            weights stay near uniform, its choice is the least certain, and the budget rule shrinks it first (a
+            few times larger `arch_lr` is needed: e.g. 10).
         warmup_steps: AutoDim's warm-up steps with uniform architecture weights.
         temperature_decay: AutoDim's τ = max(min_temperature, 1 − decay · step).
         min_temperature: AutoDim's temperature floor.
@@ -144,6 +149,7 @@ class SearchConfig:
     candidate_dims: tuple[int, ...] = (4, 8, 16, 24, 32)
     arch_every: int = 10
     arch_lr: float = 1e-3
+    arch_optimizer: Literal["adam", "sgd"] = "adam"
     warmup_steps: int = 0
     temperature_decay: float = 5e-5
     min_temperature: float = 0.01

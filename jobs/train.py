@@ -125,6 +125,14 @@ def add_row_losses(totals: dict[str, torch.Tensor], rows: KeyedJaggedTensor, los
         total[1].index_add_(0, ids, torch.ones(ids.numel(), dtype=torch.float64))
 
 
+def arch_optimizer(name: str, logits: torch.nn.Parameter, lr: float) -> torch.optim.Optimizer:
+    """AutoDim's architecture optimizer: `adam` (the paper's) or `sgd` (a step proportional to the gradient, so
+    fields whose validation gradient is weak keep near-uniform, uncertain weights; see `SearchConfig`)."""
+    if name == "sgd":
+        return torch.optim.SGD([logits], lr=lr)
+    return torch.optim.Adam([logits], lr=lr)
+
+
 def build_searcher(cfg: JobConfig, spec: DatasetSpec) -> Searcher:
     """The searcher `search.method` names, with the parameter budget `search.budget`."""
     s = cfg.search
@@ -301,7 +309,9 @@ class Trainer:
         self.head = next((m for m in self.dmp.modules() if isinstance(m, AutoDimHead)), None)
         self.recommender = next(m for m in self.dmp.modules() if isinstance(m, Recommender))
         self.arch_optimizer = (
-            torch.optim.Adam([self.head.arch_logits], lr=self.cfg.search.arch_lr) if self.head is not None else None
+            arch_optimizer(self.cfg.search.arch_optimizer, self.head.arch_logits, self.cfg.search.arch_lr)
+            if self.head is not None
+            else None
         )
         self.plan, self.memory = plan, report
         self.remap = RowRemap(plan)

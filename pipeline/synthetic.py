@@ -41,7 +41,7 @@ import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import polars as pl
@@ -96,6 +96,10 @@ class SyntheticConfig:
         drift: each day after the first, this fraction of every pool's popularity ranks is shuffled.
         dense: number of dense float columns `d0..d{dense-1}`.
         latent_dim: dimension of the user and item latent vectors.
+        field_latent_dim: the dim k of the most important field's signal (see `field_dims`; 1: a scalar per id).
+        field_partner: what a k-dim field latent is dotted with: a per-field item latent (`item`), or the row's
+            first k dense values (`dense`: the partner costs no embedding capacity, so a model needs k dims for
+            that field and nothing more elsewhere — DLRM's dense·field interaction can express it).
         interaction_weight: standard deviation of the user–item dot-product term of the logit.
         informative_fraction: the first `ceil(fraction * fields)` fields carry signal; the rest are noise.
         tag_weight: standard deviation of the tags' term of the logit.
@@ -119,6 +123,7 @@ class SyntheticConfig:
     dense: int = 4
     latent_dim: int = 8
     field_latent_dim: int = 1
+    field_partner: Literal["item", "dense"] = "item"
     interaction_weight: float = 1.5
     informative_fraction: float = 0.5
     tag_weight: float = 0.5
@@ -156,6 +161,13 @@ class SyntheticConfig:
             value = getattr(self, name)
             if not _is_real(value) or not 0.0 <= value < math.inf:
                 problems.append(f"{name} is {value!r}, expected a finite number >= 0: pass e.g. 1.1 (0 turns it off)")
+        if self.field_partner not in ("item", "dense"):
+            problems.append(f"field_partner is {self.field_partner!r}, expected 'item' or 'dense'")
+        elif self.field_partner == "dense" and self.field_latent_dim > self.dense:
+            problems.append(
+                f"field_partner 'dense' with field_latent_dim {self.field_latent_dim} needs at least that many dense "
+                f"columns, got dense={self.dense}: raise dense or lower field_latent_dim"
+            )
         if not _is_real(self.target_ctr) or not 0.0 < self.target_ctr < 1.0:
             problems.append(f"target_ctr is {self.target_ctr!r}, expected a probability in (0, 1): e.g. 0.3")
         if not isinstance(self.start_date, dt.date) or isinstance(self.start_date, dt.datetime):
@@ -410,10 +422,15 @@ def _planted_model(cfg: SyntheticConfig) -> _PlantedModel:
 
 
 def _field_terms(
-    cfg: SyntheticConfig, field_ids: list[np.ndarray], item_ids: np.ndarray, scalar: list[np.ndarray]
+    cfg: SyntheticConfig,
+    field_ids: list[np.ndarray],
+    item_ids: np.ndarray,
+    scalar: list[np.ndarray],
+    dense: np.ndarray,
 ) -> list[np.ndarray]:
     """Each single-hot field's unit-variance signal per row: its scalar latent, or (`field_latent_dim` > 1) the
-    dot product of a k-dim field latent with a k-dim per-field item latent, over sqrt(k)."""
+    dot product of a k-dim field latent with a k-dim partner — a per-field item latent, or (`field_partner`
+    `dense`) the row's first k dense values —, over sqrt(k)."""
     if cfg.field_latent_dim == 1:
         return scalar
     terms = []
@@ -423,7 +440,10 @@ def _field_terms(
             continue
         name = field_name(i)
         z = _latents_by_unique(cfg.seed, name, ids, k)
-        y = _latents_by_unique(cfg.seed, f"{ITEM}~{name}", item_ids, k)
+        if cfg.field_partner == "dense":
+            y = dense[:, :k].astype(np.float64)
+        else:
+            y = _latents_by_unique(cfg.seed, f"{ITEM}~{name}", item_ids, k)
         terms.append(np.einsum("ij,ij->i", z, y) / np.sqrt(k))
     return terms
 
@@ -474,18 +494,19 @@ def planted_logit(cfg: SyntheticConfig, df: pl.DataFrame) -> np.ndarray:
     user = latents(USER, df.get_column(USER).to_numpy(), cfg.latent_dim)
     item = latents(ITEM, df.get_column(ITEM).to_numpy(), cfg.latent_dim)
     fields = [latents(f, df.get_column(f).to_numpy(), 1)[:, 0] for f in map(field_name, range(cfg.fields))]
+    dense = df.select([dense_name(j) for j in range(cfg.dense)]).to_numpy() if cfg.dense else np.zeros((df.height, 0))
     fields = _field_terms(
         cfg,
         [df.get_column(field_name(i)).to_numpy() for i in range(cfg.fields)],
         df.get_column(ITEM).to_numpy(),
         fields,
+        dense,
     )
     tags = df.get_column(TAGS)
     count = tags.list.len().to_numpy().astype(np.int64)
     values = tags.explode().drop_nulls().to_numpy()
     tag_z = latents(TAGS, values, 1)[:, 0] if len(values) else np.zeros(0)
     tag_sum = np.bincount(np.repeat(np.arange(df.height), count), weights=tag_z, minlength=df.height)
-    dense = df.select([dense_name(j) for j in range(cfg.dense)]).to_numpy() if cfg.dense else np.zeros((df.height, 0))
     return _combine(cfg, model, user, item, fields, tag_sum, count, dense)
 
 
@@ -557,7 +578,7 @@ def _sample_day(cfg: SyntheticConfig, pools: dict[str, _Pool], day_index: int) -
 
     dense = _row_rng(cfg, day_index, "dense").standard_normal((n, cfg.dense), dtype=np.float32)
     fields = [standardised[field_name(i)][:, 0] for i in range(cfg.fields)]
-    fields = _field_terms(cfg, [columns[field_name(i)] for i in range(cfg.fields)], columns[ITEM], fields)
+    fields = _field_terms(cfg, [columns[field_name(i)] for i in range(cfg.fields)], columns[ITEM], fields, dense)
     logit = _combine(cfg, model, standardised[USER], standardised[ITEM], fields, tag_sum, count, dense)
     outcome = _row_rng(cfg, day_index, "label")
     noisy = logit + outcome.normal(0.0, cfg.noise, size=n) if cfg.noise else logit
@@ -654,6 +675,7 @@ def main(argv: list[str] | None = None) -> None:
         ("drift", float),
         ("dense", int),
         ("field_latent_dim", int),
+        ("field_partner", str),
         ("seed", int),
     ]
     for name, kind in flags:

@@ -16,6 +16,7 @@ from pipeline.dataset import Dataset
 from pipeline.errors import DatasetError
 from pipeline.synthetic import (
     SyntheticConfig,
+    _planted_model,
     _pools_on,
     _sample_day,
     generate,
@@ -23,6 +24,7 @@ from pipeline.synthetic import (
     main,
     planted_logit,
     raw_ids,
+    raw_latents,
     synthetic_spec,
     write_synthetic,
 )
@@ -186,6 +188,31 @@ def test_labels_follow_the_planted_logit(small: pl.DataFrame) -> None:
     assert _auc(logit, label) >= 0.75
     p = 1 / (1 + np.exp(-logit))
     assert abs(p.mean() - label.mean()) < 0.03
+
+
+def test_dense_partner_fields_act_through_the_first_dense_columns() -> None:
+    cfg = SyntheticConfig(
+        days=1, rows_per_day=4000, users=50, items=40, fields=4, field_cardinality=30, dense=6,
+        field_latent_dim=6, field_partner="dense", interaction_weight=0.0, tag_weight=0.0, noise=0.0,
+    )  # fmt: skip
+    assert cfg.field_dims == (6, 4, 0, 0)  # two informative fields of four
+    day = generate_day(cfg, 0)
+    logit = planted_logit(cfg, day)
+    _, drawn_from = _sample_day(cfg, _pools_on(cfg, 0), 0)
+    np.testing.assert_allclose(logit, drawn_from, rtol=0, atol=1e-9)
+    # A plainly written reference: bias + Σ_i w_i <z_i[id], dense[:k_i]> / sqrt(k_i) + the dense term.
+    dense = day.select([f"d{j}" for j in range(6)]).to_numpy().astype(np.float64)
+    expected = dense @ np.asarray(cfg.dense_weights) + _planted_model(cfg).bias
+    for i, (w, k) in enumerate(zip(cfg.field_weights, cfg.field_dims, strict=True)):
+        if w:
+            ids = day.get_column(f"f{i}").to_numpy()
+            z = raw_latents(cfg.seed, f"f{i}", ids, k)
+            expected += w * (z * dense[:, :k]).sum(1) / np.sqrt(k)
+    np.testing.assert_allclose(logit, expected, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="needs at least that many dense columns, got dense=4"):
+        SyntheticConfig(dense=4, field_latent_dim=6, field_partner="dense")
+    with pytest.raises(ValueError, match="field_partner is 'user', expected 'item' or 'dense'"):
+        SyntheticConfig(field_partner="user")  # type: ignore[arg-type]
 
 
 def _target_encoding_auc(train: pl.DataFrame, test: pl.DataFrame, feature: str) -> float:

@@ -235,3 +235,48 @@ def test_esapn_streaming_grows_rows_under_the_budget_on_both_ranks_and_resumes(d
     resumed_plan = DimensionPlan.load(tmp_path / "esapn-cut" / "plan")
     for f in ("user", "item"):
         np.testing.assert_array_equal(resumed_plan[f].row_dims, plan[f].row_dims)
+
+
+def _spearman(a: list[float], b: list[float]) -> float:
+    """Rank correlation, ties sharing their mean rank."""
+
+    def ranks(x: list[float]) -> np.ndarray:
+        order = sorted(x)
+        return np.array([np.mean([i for i, v in enumerate(order) if v == value]) for value in x])
+
+    return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
+
+
+def test_autodim_gives_the_planted_informative_fields_larger_dims_than_the_noise_fields(tmp_path: Path) -> None:
+    # Eight fields; the first four carry signal through a k-dim latent dotted with the row's dense values (k = 16,
+    # 12, 9, 7 with their weight), the last four none. DLRM's dense·field interaction can use exactly k dims.
+    cfg = SyntheticConfig(
+        days=3, rows_per_day=50_000, users=1000, items=500, fields=8, field_cardinality=200, dense=16,
+        field_latent_dim=16, field_partner="dense", interaction_weight=0.5, tag_weight=0.0, new_ids_per_day=0.0,
+        drift=0.0,
+    )  # fmt: skip
+    data = write_synthetic(cfg, tmp_path / "planted")
+    from jobs.train import table_capacities
+    from pipeline.dataset import Dataset
+
+    capacity = table_capacities(Dataset(data), None)
+    fields = [f"f{i}" for i in range(8)]
+    # Every table at the smallest candidate plus 16 more dims for as many fields as carry signal: the searched
+    # argmax plan is over it, and the budget rule shrinks the least certain fields first.
+    budget = 4 * sum(capacity.values()) + 16 * sum(capacity[f] for f in fields[:4])
+    args = tiny_job_args(
+        data, tmp_path, "planted",
+        "data.batch_size=1000", "sharding.planner_batch_size=1000", "data.protocol=random", "model.name=dlrm",
+        "model.options={embedding_dim: 32}", "search.method=autodim", "search.candidate_dims=[4,8,16,24,32]",
+        "search.arch_every=2", "search.warmup_steps=50", "search.temperature_decay=0.005", "search.search_epochs=4",
+        "search.arch_noise=false", "search.arch_optimizer=sgd", "search.arch_lr=10", f"search.budget={budget}",
+        "train.epochs=1", "train.checkpoint=false",
+    )  # fmt: skip
+    run = run_train_job(args)
+    assert run.returncode == 0, run.stderr[-3000:]
+    plan = DimensionPlan.load(tmp_path / "planted" / "plan")
+    assert plan.parameters <= budget
+    dims = [plan[f].dim for f in fields]
+    importance = [cfg.field_importance[f] for f in fields]
+    assert _spearman(importance, dims) >= 0.8, (dims, plan.provenance["probabilities"])
+    assert min(dims[:4]) > max(dims[4:]) or sorted(dims[4:]) == [4, 4, 4, 4], dims
