@@ -169,6 +169,10 @@ class SearchConfig:
                 f"search.method={self.method} stores every size as it is searched: search.dim ({self.dim}) and "
                 f"search.other_dim ({self.other_dim}) must be multiples of 4"
             )
+        if self.method == "esapn" and self.dim < 8:
+            raise ConfigError(
+                f"search.method=esapn grows rows from 4 up to search.dim: it must be >= 8, got {self.dim}"
+            )
         if len(self.scall_action) != 3 or not all(0.0 < a < 1.0 for a in self.scall_action):
             raise ConfigError(f"search.scall_action must be three numbers in (0, 1), got {list(self.scall_action)}")
         if self.budget is not None and self.budget <= 0:

@@ -72,22 +72,24 @@ In the training job (`EsapnSearcher`, `search.method=esapn`): the same policies,
 once per day of a prequential stream instead of once per batch (the issue's "batched, e.g. once per day"):
 
 - The job evaluates each day before training on it and reports every user and item row's mean example loss in that
-  evaluation, all-reduced over the ranks (`DayStats.row_losses`). After the day's training, `observe` rewards the
-  previous proposal's actions of the rows seen again with `R = 1 − ℓ_today`, `b = 1 − ℓ_last` (ESAPN's last-loss
-  baseline: the drop in the row's loss across a day of training at its new size), centred by the mean advantage
-  over those rows (an action-independent constant: less variance, the same expected gradient); then `propose`
-  samples keep/enlarge for every row seen that day (ESAPN acts on the entities of the current data) from the
-  policy in training mode, as the official controller samples. The trial is real here, not undone: the sampled
-  sizes are trained on for a day, which is what makes the reward depend on the action (the per-batch version's
-  function-preserving trial cannot, see above).
+  evaluation, all-reduced over the ranks (`DayStats.row_losses`). After day t−1's training, `propose` samples
+  keep/enlarge for every row seen that day (ESAPN acts on the entities of the current data; not the fallback row,
+  which serves unseen ids) from the policy in training mode, as the official controller samples. The trial is
+  real here, not undone, and it is rewarded when its effect can show: growing a row zero-pads it (the same
+  function), so day t's evaluation still measures the old size — it is the baseline, `b = 1 − ℓ_t` — and day
+  t + 1's, after a day of training at the new size, gives `R = 1 − ℓ_{t+1}`. So each `observe` rewards the proposal
+  of two days before (REINFORCE with ESAPN's last-loss baseline, on the rows evaluated on both days), centred by
+  the mean advantage over those rows (less variance; the centre includes each row's own advantage, an O(1/n)
+  bias), with the policy re-run on the proposal's whole batch so its BatchNorm statistics are those the actions
+  were sampled under (the policy itself has taken one step since: a one-step-old π).
 - Sizes are a ladder of multiples of 4 (`size_ladder`: 4, 8, 16, … doubling up to `search.dim`) in bucket tables
   with zero-padding projections, so the stored parameters are the searched ones; a row's growth goes through the
   job's reconfiguration path, whose default migration copies the row and zero-pads it — the function-preserving
   enlarge of ESAPN with the identity transform (the learned per-size transforms of the batch version have no
   counterpart in a padded bucket plan).
-- A budget is a cap, not a target (ESAPN cannot target one): when the sampled enlargements do not all fit, those
-  with the highest π(enlarge) are kept and the rest become keeps (and are not rewarded as enlargements). Unseen ids
-  and never-seen rows stay at the smallest size.
+- A budget is a cap, not a target (ESAPN cannot target one): the sampled enlargements are carried out by
+  π(enlarge), highest first, each one that still fits; the others are not executed and not rewarded. Unseen ids
+  (the fallback row) and never-seen rows stay at the smallest size.
 
 Outputs: `esapn_search` returns each row's final logical size and the kept fraction `Σ d / (d_max · (U + I))` (the
 papers' accounting, §1); `esapn_plan` turns them into a row-level `DimensionPlan` with learned linear projections (one
@@ -686,6 +688,13 @@ def size_ladder(d_max: int) -> tuple[int, ...]:
     return (*dims, d_max)
 
 
+def _json_list(a: np.ndarray) -> list[Any]:
+    """`a` as a list for strict JSON: nan (a row with no loss that day) becomes None (read back as nan)."""
+    if a.dtype.kind == "f":
+        return [None if not math.isfinite(x) else x for x in a.tolist()]
+    return a.tolist()
+
+
 def _tensor_blob(obj: Any) -> str:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
@@ -693,7 +702,7 @@ def _tensor_blob(obj: Any) -> str:
 
 
 def _from_blob(blob: str) -> Any:
-    return torch.load(io.BytesIO(base64.b64decode(blob)), weights_only=False)
+    return torch.load(io.BytesIO(base64.b64decode(blob)), weights_only=True)
 
 
 class EsapnSearcher(Searcher):
@@ -701,8 +710,8 @@ class EsapnSearcher(Searcher):
     row seen that day keeps or enlarges its size by its policy; rows move between bucket tables once per day.
 
     Args:
-        budget: the budget over every table (`parameters`: sizes are multiples of 4 and padded, so stored = searched;
-            or `logical`), or None: rows grow wherever the policies say (ESAPN as published).
+        budget: the budget over every table (`parameters`: row sizes are multiples of 4 and padded, so stored =
+            searched; or `logical`), or None: rows grow wherever the policies say (ESAPN as published).
         user_feature: the feature whose rows are users.
         item_feature: the feature whose rows are items.
         config: candidate sizes (the last is d_max) and the policies' settings; default `size_ladder(128)`.
@@ -748,11 +757,12 @@ class EsapnSearcher(Searcher):
         self.size_index: dict[str, np.ndarray] = {}  # each row's index into the candidate sizes
         self.counts: dict[str, np.ndarray] = {}  # cumulative interaction counts after the last observed day
         self.day_counts: dict[str, np.ndarray] = {}  # the last observed day's counts
-        self.last_loss: dict[str, np.ndarray] = {}  # each row's last prequential loss (1 before any: official)
-        self.trial: dict[str, dict[str, np.ndarray]] = {}  # the last proposal's rows, states and executed actions
+        # Proposals not yet rewarded, oldest first: rows, states, executed actions (+ `before`, their losses on the
+        # day after the proposal, once known).
+        self.trials: dict[str, list[dict[str, np.ndarray]]] = {}
         self.pending = False
         self.day_index: int | None = None
-        self.history: list[dict[str, float]] = []
+        self.history: list[dict[str, float | None]] = []
 
     # -- the interface --
 
@@ -768,18 +778,18 @@ class EsapnSearcher(Searcher):
             self.size_index[f] = np.zeros(n, dtype=np.int64)
             self.counts[f] = np.zeros(n, dtype=np.int64)
             self.day_counts[f] = np.zeros(n, dtype=np.int64)
-            self.last_loss[f] = np.ones(n)
-        if self.budget is not None and (need := self._parameters()) > self.budget.value:
+            self.trials[f] = []
+        if self.budget is not None and (need := self._spent(self._plan({}, check=False))) > self.budget.value:
             raise PlanError(
-                f"the budget of {self.budget.value:,} parameters is below ESAPN's starting plan ({need:,}: every user "
-                f"and item row at {self.dims[0]}, the other features at {self.other_dim}). Raise the budget to at "
-                f"least {need:,} or lower other_dim"
+                f"the budget of {self.budget.value:,} {self.budget.unit} is below ESAPN's starting plan ({need:,}: "
+                f"every user and item row at {self.dims[0]}, the other features at {self.other_dim}). Raise the "
+                f"budget to at least {need:,} or lower other_dim"
             )
         return self._plan({"method": "esapn", "day_index": None})
 
     def observe(self, stats: DayStats) -> None:
-        """Reward the last proposal's actions with each row's loss drop since its last loss (REINFORCE with the
-        last-loss baseline), then record the day's counts and losses."""
+        """Reward the proposal made two days ago with each row's loss drop over the last day, the first it trained at
+        its new size (REINFORCE, the last-loss baseline), then record the day's counts and losses."""
         if not self.features:
             raise PlanError("EsapnSearcher.observe before initial_plan: the searcher does not know the tables yet")
         for f in self.entities:
@@ -798,24 +808,31 @@ class EsapnSearcher(Searcher):
             losses = np.full(n, np.nan)
             raw_losses = np.asarray(stats.row_losses[f], dtype=np.float64).reshape(-1)
             losses[: raw_losses.size] = raw_losses
-            if f in self.trial:
-                self._reinforce(f, losses, stats.day_index)
-            self.last_loss[f] = np.where(np.isfinite(losses), losses, self.last_loss[f])
+            waiting = []
+            for trial in self.trials[f]:
+                if "before" in trial:
+                    self._reinforce(f, trial, losses[trial["rows"]], stats.day_index)
+                else:
+                    # The day after a proposal is evaluated before any training at the new sizes (growing a row
+                    # zero-pads it: the same function), so its losses are the baseline the next day is rewarded on.
+                    waiting.append({**trial, "before": losses[trial["rows"]]})
+            self.trials[f] = waiting
             self.day_counts[f] = counts - self.counts[f]
             self.counts[f] = counts
         self.day_index = stats.day_index
         self.pending = True
 
     def propose(self) -> DimensionPlan | None:
-        """Sample keep/enlarge for every row seen on the last day; under a budget, enlarge the rows most likely to
-        (π(enlarge) descending) while the plan fits. None if no row grows."""
+        """Sample keep/enlarge for every row seen on the last day (not the fallback row 0, which serves unseen ids);
+        under a budget, enlarge the rows most likely to (π(enlarge) descending) that fit. None if no row grows."""
         if not self.pending:
             return None
         self.pending = False
         chosen: dict[str, dict[str, np.ndarray]] = {}
         for f in self.entities:
             rows = np.flatnonzero(self.day_counts[f] > 0)
-            if rows.size == 0:
+            rows = rows[rows > 0]
+            if rows.size < 2:  # the policies' BatchNorm needs two rows
                 continue
             bucket = popularity_bucket(torch.from_numpy(self.counts[f][rows]), self.config.popularity_buckets)
             size = torch.from_numpy(self.size_index[f][rows])
@@ -827,15 +844,16 @@ class EsapnSearcher(Searcher):
                 "bucket": bucket.numpy(),
                 "size": size.numpy(),
                 "action": actions.numpy(),
+                "executed": np.ones(rows.size, dtype=bool),
                 "p_enlarge": torch.softmax(logits, dim=1)[:, ENLARGE].numpy(),
             }
         self._fit_budget(chosen)
         grew = 0
         for f, t in chosen.items():
-            grow = t["rows"][t["action"] == ENLARGE]
+            grow = t["rows"][(t["action"] == ENLARGE) & t["executed"]]
             self.size_index[f][grow] += 1
             grew += grow.size
-            self.trial[f] = {k: v for k, v in t.items() if k != "p_enlarge"}
+            self.trials[f].append({k: v for k, v in t.items() if k != "p_enlarge"})
         if grew == 0:
             return None
         return self._plan({"method": "esapn", "day_index": self.day_index, "enlarged": grew})
@@ -843,13 +861,13 @@ class EsapnSearcher(Searcher):
     def state_dict(self) -> dict[str, Any]:
         arrays = {
             name: {f: a.tolist() for f, a in getattr(self, name).items()}
-            for name in ("size_index", "counts", "day_counts", "last_loss")
+            for name in ("size_index", "counts", "day_counts")
         }
         return {
             "features": self.features,
             "num_embeddings": self.num_embeddings,
             **arrays,
-            "trial": {f: {k: v.tolist() for k, v in t.items()} for f, t in self.trial.items()},
+            "trials": {f: [{k: _json_list(v) for k, v in t.items()} for t in ts] for f, ts in self.trials.items()},
             "pending": self.pending,
             "day_index": self.day_index,
             "history": self.history,
@@ -865,11 +883,12 @@ class EsapnSearcher(Searcher):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.features = list(state.get("features", []))
         self.num_embeddings = {f: int(n) for f, n in state.get("num_embeddings", {}).items()}
-        for name, dtype in (("size_index", np.int64), ("counts", np.int64), ("day_counts", np.int64)):
-            setattr(self, name, {f: np.asarray(a, dtype=dtype) for f, a in state.get(name, {}).items()})
-        self.last_loss = {f: np.asarray(a, dtype=np.float64) for f, a in state.get("last_loss", {}).items()}
-        self.trial = {
-            f: {k: np.asarray(v, dtype=np.int64) for k, v in t.items()} for f, t in state.get("trial", {}).items()
+        for name in ("size_index", "counts", "day_counts"):
+            setattr(self, name, {f: np.asarray(a, dtype=np.int64) for f, a in state.get(name, {}).items()})
+        dtypes = {"before": np.float64, "executed": bool}
+        self.trials = {
+            f: [{k: np.asarray(v, dtype=dtypes.get(k, np.int64)) for k, v in t.items()} for t in ts]
+            for f, ts in state.get("trials", {}).items()
         }
         self.pending = bool(state.get("pending", False))
         self.day_index = state.get("day_index")
@@ -883,21 +902,21 @@ class EsapnSearcher(Searcher):
 
     # -- helpers --
 
-    def _reinforce(self, f: str, losses: np.ndarray, day_index: int) -> None:
-        """One policy step on the last proposal's rows seen again today: R = 1 − ℓ_today, b = 1 − ℓ_last, centred
-        by the mean advantage over those rows (a constant baseline: lower variance, same expected gradient)."""
-        t = self.trial.pop(f)
-        now = losses[t["rows"]]
-        seen = np.isfinite(now)
-        if seen.sum() < 2:
+    def _reinforce(self, f: str, trial: Mapping[str, np.ndarray], now: np.ndarray, day_index: int) -> None:
+        """One policy step on a proposal's executed actions of the rows evaluated on both days after it:
+        R = 1 − ℓ_now, b = 1 − ℓ_before (the loss drop over the day trained at the new size), centred by the mean
+        advantage over those rows (less variance). The policy is re-run on the proposal's whole batch, so its
+        BatchNorm statistics, and π, are those the actions were sampled from."""
+        use = trial["executed"] & np.isfinite(now) & np.isfinite(trial["before"])
+        if use.sum() < 2:
             return
-        reward = torch.from_numpy(1.0 - now[seen]).float()
-        baseline = torch.from_numpy(1.0 - self.last_loss[f][t["rows"][seen]]).float()
+        reward = torch.from_numpy(1.0 - now[use]).float()
+        baseline = torch.from_numpy(1.0 - trial["before"][use]).float()
         advantage = reward - baseline
         policy = self.policies[f]
         policy.train()
-        logits = policy(torch.from_numpy(t["bucket"][seen]), torch.from_numpy(t["size"][seen]))
-        actions = torch.from_numpy(t["action"][seen])
+        logits = policy(torch.from_numpy(trial["bucket"]), torch.from_numpy(trial["size"]))[torch.from_numpy(use)]
+        actions = torch.from_numpy(trial["action"][use])
         loss = reinforce_loss(logits, actions, reward, baseline + advantage.mean())
         self.optimizers[f].zero_grad(set_to_none=True)
         loss.backward()
@@ -906,17 +925,17 @@ class EsapnSearcher(Searcher):
         self.history.append(
             {
                 "day_index": float(day_index),
-                f"rows_{f}": float(seen.sum()),
+                f"rows_{f}": float(use.sum()),
                 f"enlarged_{f}": float(enlarged.sum()),
-                f"advantage_enlarged_{f}": float(advantage[enlarged].mean()) if enlarged.any() else math.nan,
-                f"advantage_kept_{f}": float(advantage[~enlarged].mean()) if (~enlarged).any() else math.nan,
+                f"advantage_enlarged_{f}": float(advantage[enlarged].mean()) if enlarged.any() else None,
+                f"advantage_kept_{f}": float(advantage[~enlarged].mean()) if (~enlarged).any() else None,
                 f"policy_loss_{f}": float(loss.detach()),
             }
         )
 
     def _fit_budget(self, chosen: dict[str, dict[str, np.ndarray]]) -> None:
-        """Under a budget, turn the sampled enlargements that do not fit into keeps, keeping those with the highest
-        π(enlarge) (ties: users first, then by row)."""
+        """Under a budget, go through the sampled enlargements by π(enlarge), highest first (ties: users first, then
+        by row), and carry out each that still fits; the others are not executed (and not rewarded)."""
         if self.budget is None or not chosen:
             return
         names = list(chosen)
@@ -926,18 +945,19 @@ class EsapnSearcher(Searcher):
         prob = np.concatenate([chosen[f]["p_enlarge"][w] for f, w in zip(names, want, strict=True)])
         owner = np.concatenate([np.full(w.size, k) for k, w in enumerate(want)])
         position = np.concatenate(want)
-        order = np.lexsort((position, owner, -prob))
-        room = self.budget.value - self._parameters()
-        refused = order[np.cumsum(cost[order]) > room]
-        for k, f in enumerate(names):
-            chosen[f]["action"][position[refused[owner[refused] == k]]] = KEEP
+        room = self.budget.value - self._spent(self._plan({}, check=False))
+        for i in np.lexsort((position, owner, -prob)):
+            if cost[i] <= room:
+                room -= cost[i]
+            else:
+                chosen[names[owner[i]]]["executed"][position[i]] = False
 
-    def _parameters(self) -> int:
-        rows = sum(int(self.dims[self.size_index[f]].sum()) for f in self.entities)
-        others = sum(self.num_embeddings[f] * self.other_dim for f in self.features if f not in self.entities)
-        return rows + others
+    def _spent(self, plan: DimensionPlan) -> int:
+        """What `plan` counts against the budget (its stored or its logical parameters)."""
+        assert self.budget is not None
+        return plan.parameters if self.budget.unit == "parameters" else plan.logical_parameters
 
-    def _plan(self, provenance: Mapping[str, Any]) -> DimensionPlan:
+    def _plan(self, provenance: Mapping[str, Any], check: bool = True) -> DimensionPlan:
         features = []
         for f in self.features:
             if f in self.entities:
@@ -946,5 +966,6 @@ class EsapnSearcher(Searcher):
             else:
                 features.append(FeaturePlan(f, self.num_embeddings[f], self.other_dim, dim=self.other_dim))
         plan = DimensionPlan(tuple(features), self.budget, provenance=dict(provenance))
-        plan.check_budget()
+        if check:
+            plan.check_budget()
         return plan

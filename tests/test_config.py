@@ -256,4 +256,6 @@ def test_unknown_method_and_scall_on_a_static_split_are_rejected() -> None:
         load_config(None, ["search.method=esapn", "data.protocol=random"])
     with pytest.raises(ConfigError, match=r"method=esapn stores every size as it is searched: search\.dim \(18\)"):
         load_config(None, ["search.method=esapn", "search.dim=18"])
+    with pytest.raises(ConfigError, match=r"search.method=esapn grows rows from 4 up to search\.dim: it must be >= 8"):
+        load_config(None, ["search.method=esapn", "search.dim=4"])
     assert load_config(None, ["search.method=esapn"]).search.budget is None  # ESAPN runs without a budget too

@@ -296,32 +296,39 @@ def test_bad_config_names_the_field(kwargs: dict, field: str) -> None:
 JOB_CAPACITY = {"user": 60, "item": 40, "tags": 5}
 
 
-def _job_day(
-    index: int,
-    searcher: EsapnSearcher,
-    rng: np.random.Generator,
-    counts: dict[str, np.ndarray],
-    capacity: dict[str, int] = JOB_CAPACITY,
-) -> DayStats:
-    """A day on which a third of the rows appear (rows 0-9, 'popular', every day 50 times); a row's loss falls as it
-    grows up to the third size and rises beyond."""
-    losses = {}
-    for f in ("user", "item"):
-        n = capacity[f] - 3  # the last rows are never seen (unused capacity)
-        day = np.where(rng.random(n) < 0.33, rng.integers(1, 3, n), 0)
-        day[:10] = 50
-        counts[f] = counts.get(f, np.zeros(n, dtype=np.int64)) + day
-        size = searcher.size_index[f][:n]
-        loss = 0.7 - 0.05 * np.minimum(size, 2) + 0.05 * np.maximum(size - 2, 0) + rng.normal(0, 0.005, n)
-        losses[f] = np.where(day > 0, loss, np.nan)
-    return DayStats(
-        f"2024-01-{index + 1:02d}",
-        index,
-        {f: c.size for f, c in counts.items()},
-        {f: c.copy() for f, c in counts.items()},
-        {},
-        losses,
-    )
+class _Stream:
+    """Days as the job reports them to the searcher. A third of the rows appear each day (rows 1-10, 'popular', and
+    the fallback row 0 every day); a row's loss in a day's evaluation depends on the size it had while the previous
+    day was trained (as in the job, where growing zero-pads a row): it falls up to the third size, then rises."""
+
+    def __init__(self, searcher: EsapnSearcher, capacity: dict[str, int], seed: int) -> None:
+        self.searcher, self.capacity = searcher, capacity
+        self.rng = np.random.default_rng(seed)
+        self.counts = {f: np.zeros(capacity[f] - 3, dtype=np.int64) for f in ("user", "item")}  # 3 rows never seen
+        self.trained = {f: np.zeros(capacity[f], dtype=np.int64) for f in ("user", "item")}
+        self.index = 0
+
+    def next_day(self) -> DayStats:
+        losses = {}
+        for f, counts in self.counts.items():
+            n = counts.size
+            day = np.where(self.rng.random(n) < 0.33, self.rng.integers(1, 3, n), 0)
+            day[:11] = 50
+            counts += day
+            size = self.trained[f][:n]
+            loss = 0.7 - 0.05 * np.minimum(size, 2) + 0.05 * np.maximum(size - 2, 0) + self.rng.normal(0, 0.005, n)
+            losses[f] = np.where(day > 0, loss, np.nan)
+            self.trained[f] = self.searcher.size_index[f].copy()  # what the job trains this day with
+        stats = DayStats(
+            f"2024-01-{self.index + 1:02d}",
+            self.index,
+            {f: c.size for f, c in self.counts.items()},
+            {f: c.copy() for f, c in self.counts.items()},
+            {},
+            losses,
+        )
+        self.index += 1
+        return stats
 
 
 def test_searcher_grows_only_seen_rows_one_size_a_day_and_never_over_the_budget() -> None:
@@ -331,10 +338,10 @@ def test_searcher_grows_only_seen_rows_one_size_a_day_and_never_over_the_budget(
     plan = searcher.initial_plan(["user", "item", "tags"], JOB_CAPACITY)
     assert {int(d) for f in ("user", "item") for d in plan[f].row_dims} == {4} and plan["tags"].dim == 8  # type: ignore[union-attr]
     assert plan.parameters == 5 * 8 + 100 * 4 and searcher.propose() is None  # nothing observed yet
-    rng, counts = np.random.default_rng(0), {}
-    for index in range(8):
+    stream = _Stream(searcher, JOB_CAPACITY, seed=0)
+    for _ in range(8):
         before = {f: np.asarray(plan[f].row_dims) for f in ("user", "item")}
-        stats = _job_day(index, searcher, rng, counts)
+        stats = stream.next_day()
         searcher.observe(stats)
         proposal = searcher.propose()
         if proposal is None:
@@ -345,14 +352,43 @@ def test_searcher_grows_only_seen_rows_one_size_a_day_and_never_over_the_budget(
             after = np.asarray(plan[f].row_dims)
             grew = after != before[f]
             seen = np.zeros(JOB_CAPACITY[f], dtype=bool)
-            seen[: stats.row_counts[f].size] = stats.row_counts[f] - (counts[f] * 0) > 0
-            day = np.zeros(JOB_CAPACITY[f], dtype=np.int64)
-            day[: stats.row_counts[f].size] = np.isfinite(stats.row_losses[f])
-            assert not (grew & (day == 0)).any()  # only rows seen on the day act
+            seen[: stats.row_losses[f].size] = np.isfinite(stats.row_losses[f])
+            assert not (grew & ~seen).any()  # only rows seen on the day act
+            assert not grew[0]  # nor the fallback row, which serves unseen ids
             assert (after[grew] == 2 * before[f][grew]).all()  # one step up the ladder (4 → 8 → 16 → 32)
             assert (after >= before[f]).all()  # sizes only grow
-    assert budget.value - plan.parameters < 32  # the budget binds: no single enlargement fits any more
-    assert np.asarray(plan["user"].row_dims)[-3:].tolist() == [4, 4, 4]  # never-seen rows stay at the smallest size
+    assert budget.value - plan.parameters < 4  # the budget binds: no enlargement fits any more
+    for f in ("user", "item"):
+        assert np.asarray(plan[f].row_dims)[[0, -3, -2, -1]].tolist() == [4, 4, 4, 4]  # fallback, never seen
+
+
+def test_searcher_carries_out_the_most_likely_enlargements_that_fit() -> None:
+    config = EsapnConfig(candidate_dims=size_ladder(32))
+    searcher = EsapnSearcher(Budget(20 * 4 + 5, "parameters"), config=config, seed=0)
+    searcher.initial_plan(["user", "item"], {"user": 10, "item": 10})  # 80 parameters: 5 left
+
+    def chosen(sizes: list[int], probs: list[float]) -> dict[str, np.ndarray]:
+        n = len(sizes)
+        return {
+            "rows": np.arange(1, n + 1),
+            "size": np.asarray(sizes),
+            "action": np.full(n, ENLARGE),
+            "executed": np.ones(n, dtype=bool),
+            "p_enlarge": np.asarray(probs),
+        }
+
+    # The likeliest costs 8 (8 → 16) and does not fit; the next, 4 → 8 for 4, does: first fit, not first refusal.
+    trial = {"user": chosen([1, 0], [0.9, 0.1])}
+    searcher._fit_budget(trial)
+    assert trial["user"]["executed"].tolist() == [False, True]
+    # Two enlargements of 4 and room for one: the likelier, whichever feature it is in.
+    trial = {"user": chosen([0], [0.3]), "item": chosen([0], [0.6])}
+    searcher._fit_budget(trial)
+    assert trial["user"]["executed"].tolist() == [False] and trial["item"]["executed"].tolist() == [True]
+    # A tie goes to users, then to the lower row.
+    trial = {"user": chosen([0, 0], [0.5, 0.5]), "item": chosen([0], [0.5])}
+    searcher._fit_budget(trial)
+    assert trial["user"]["executed"].tolist() == [True, False] and trial["item"]["executed"].tolist() == [False]
 
 
 def test_searcher_policy_step_raises_the_log_probability_of_actions_with_a_positive_advantage() -> None:
@@ -360,46 +396,47 @@ def test_searcher_policy_step_raises_the_log_probability_of_actions_with_a_posit
     config = EsapnConfig(candidate_dims=size_ladder(128), controller_lr=1e-2, hidden=32)
     searcher = EsapnSearcher(None, config=config, other_dim=8, seed=0)
     searcher.initial_plan(["user", "item", "tags"], capacity)
-    rng, counts = np.random.default_rng(1), {}
-    last: dict[str, np.ndarray] = {}
+    stream = _Stream(searcher, capacity, seed=1)
     correlations = []
-    for index in range(5):
-        stats = _job_day(index, searcher, rng, counts, capacity)
-        trial = {f: dict(t) for f, t in searcher.trial.items()}
+    for _ in range(6):
+        stats = stream.next_day()
+        due = {f: ts[0] for f, ts in searcher.trials.items() if ts and "before" in ts[0]}
         before = {f: copy.deepcopy(p) for f, p in searcher.policies.items()}
         searcher.observe(stats)
-        for f, t in trial.items():
-            # The rows acted on yesterday and seen again today: R − b = their loss drop, centred over them.
-            now = np.asarray(stats.row_losses[f])[t["rows"]]
-            seen = np.isfinite(now)
-            gain = last[f][t["rows"][seen]] - now[seen]
-            inputs = (torch.from_numpy(t["bucket"][seen]), torch.from_numpy(t["size"][seen]))
-            actions = torch.from_numpy(t["action"][seen])[:, None]
+        for f, trial in due.items():
+            # The proposal of two days ago, on the rows evaluated on both days since: R − b = their loss drop over
+            # the day they trained at the new size.
+            now = np.asarray(stats.row_losses[f])[trial["rows"]]
+            use = np.isfinite(now) & np.isfinite(trial["before"])
+            gain = trial["before"][use] - now[use]
+            inputs = (torch.from_numpy(trial["bucket"]), torch.from_numpy(trial["size"]))
+            actions = torch.from_numpy(trial["action"])[:, None]
             with torch.no_grad():
                 delta = [torch.log_softmax(p(*inputs), 1).gather(1, actions) for p in (searcher.policies[f], before[f])]
+            step = (delta[0] - delta[1]).squeeze(1).numpy()[use]
             # REINFORCE moves log π(a|s) up where the advantage is positive and down where it is negative.
-            correlations.append(np.corrcoef(gain - gain.mean(), (delta[0] - delta[1]).squeeze(1).numpy())[0, 1])
-        last = {f: searcher.last_loss[f].copy() for f in ("user", "item")}
+            correlations.append(np.corrcoef(gain - gain.mean(), step)[0, 1])
         searcher.propose()
-    # One Adam step per day (per-parameter normalised, so not exactly along the gradient): both policies, days 2-5.
-    assert len(correlations) == 8 and min(correlations) > 0.2 and np.mean(correlations) > 0.4, correlations
+    # One Adam step per day (per-parameter normalised, the first one sign-like, so not exactly along the gradient):
+    # both policies, days 3-6. (Were the reward taken a day early, before any training at the new sizes, the
+    # advantage would not depend on the action and these would scatter around 0.)
+    assert len(correlations) == 8 and min(correlations) > 0.05 and np.mean(correlations) > 0.35, correlations
+    assert all(h[k] is not None for h in searcher.history for k in h if k.startswith("policy_loss"))
 
 
 def test_searcher_state_dict_round_trip_through_json_gives_the_same_plans() -> None:
     config = EsapnConfig(candidate_dims=size_ladder(32), hidden=16)
     budget = Budget(5 * 8 + 100 * 12, "parameters")
-    rng, counts = np.random.default_rng(2), {}
     first = EsapnSearcher(budget, config=config, other_dim=8, seed=3)
     first.initial_plan(["user", "item", "tags"], JOB_CAPACITY)
-    days = []
-    for index in range(2):
-        days.append(_job_day(index, first, rng, counts))
-        first.observe(days[-1])
+    stream = _Stream(first, JOB_CAPACITY, seed=2)
+    for _ in range(3):
+        first.observe(stream.next_day())
         first.propose()
     second = EsapnSearcher(budget, config=config, other_dim=8, seed=99)  # the state carries the seed's effects
-    second.load_state_dict(json.loads(json.dumps(first.state_dict())))  # the job saves it as JSON
-    for index in range(2, 5):
-        stats = _job_day(index, first, rng, counts)
+    second.load_state_dict(json.loads(json.dumps(first.state_dict(), allow_nan=False)))  # the job saves JSON
+    for _ in range(3):
+        stats = stream.next_day()
         first.observe(stats)
         second.observe(stats)
         a, b = first.propose(), second.propose()
@@ -407,6 +444,7 @@ def test_searcher_state_dict_round_trip_through_json_gives_the_same_plans() -> N
         if a is not None and b is not None:
             for f in ("user", "item"):
                 np.testing.assert_array_equal(a[f].row_dims, b[f].row_dims)
+    assert first.history == second.history and len(first.history) == 8  # rewarded on days 3-6, both policies
     for f in ("user", "item"):
         for p, q in zip(first.policies[f].parameters(), second.policies[f].parameters(), strict=True):
             torch.testing.assert_close(p, q, rtol=0, atol=0)
