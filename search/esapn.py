@@ -117,7 +117,7 @@ from torch import nn
 
 from models.lightgcn import BPRRecipe, GraphTask, lightgcn_bpr_loss
 from search.base import DayStats, Searcher
-from search.rowlevel import ENTITIES, BucketedTables
+from search.rowlevel import ENTITIES, BucketedTables, job_plan, table_rows
 from sharding.embedding import PlannedEmbedding
 from sharding.plan import Budget, DimensionPlan, FeaturePlan, PlanError
 
@@ -797,17 +797,8 @@ class EsapnSearcher(Searcher):
             for what, table in (("row_counts", stats.row_counts), ("row_losses", stats.row_losses)):
                 if f not in table:
                     raise PlanError(f"the day's statistics have no {what} for feature '{f}' (ESAPN needs both)")
-                if np.asarray(table[f]).size > n:
-                    raise PlanError(
-                        f"feature '{f}' has {np.asarray(table[f]).size:,} rows of {what} but its table has {n:,}; "
-                        "raise the table capacity"
-                    )
-            counts = np.zeros(n, dtype=np.int64)
-            raw_counts = np.asarray(stats.row_counts[f], dtype=np.int64).reshape(-1)
-            counts[: raw_counts.size] = raw_counts
-            losses = np.full(n, np.nan)
-            raw_losses = np.asarray(stats.row_losses[f], dtype=np.float64).reshape(-1)
-            losses[: raw_losses.size] = raw_losses
+            counts = table_rows(stats.row_counts[f], n, f, "row_counts", 0, np.int64)
+            losses = table_rows(stats.row_losses[f], n, f, "row_losses", np.nan, np.float64)
             waiting = []
             for trial in self.trials[f]:
                 if "before" in trial:
@@ -958,14 +949,7 @@ class EsapnSearcher(Searcher):
         return plan.parameters if self.budget.unit == "parameters" else plan.logical_parameters
 
     def _plan(self, provenance: Mapping[str, Any], check: bool = True) -> DimensionPlan:
-        features = []
-        for f in self.features:
-            if f in self.entities:
-                sizes = self.dims[self.size_index[f]]
-                features.append(FeaturePlan(f, sizes.size, self.d_max, row_dims=sizes, projection="pad"))
-            else:
-                features.append(FeaturePlan(f, self.num_embeddings[f], self.other_dim, dim=self.other_dim))
-        plan = DimensionPlan(tuple(features), self.budget, provenance=dict(provenance))
-        if check:
-            plan.check_budget()
-        return plan
+        rows = {f: self.dims[self.size_index[f]] for f in self.entities}
+        return job_plan(
+            self.features, self.num_embeddings, rows, self.d_max, self.other_dim, self.budget, provenance, check
+        )

@@ -151,6 +151,47 @@ def row_plan(
     return plan
 
 
+def job_plan(
+    features: list[str],
+    num_embeddings: Mapping[str, int],
+    rows: Mapping[str, np.ndarray],
+    d_max: int,
+    other_dim: int,
+    budget: Budget | None,
+    provenance: Mapping[str, Any],
+    check: bool = True,
+) -> DimensionPlan:
+    """A training job's plan: the features in `rows` row-level at those sizes (zero-padded to `d_max`), every other
+    feature field-level at `other_dim`; checked against `budget` unless `check` is false."""
+    plans = [
+        FeaturePlan(f, rows[f].size, d_max, row_dims=rows[f].astype(np.int64), projection="pad")
+        if f in rows
+        else FeaturePlan(f, num_embeddings[f], other_dim, dim=other_dim)
+        for f in features
+    ]
+    plan = DimensionPlan(tuple(plans), budget, provenance=dict(provenance))
+    if check:
+        plan.check_budget()
+    return plan
+
+
+def table_rows(values: Any, num_rows: int, feature: str, what: str, fill: float, dtype: Any) -> np.ndarray:
+    """A per-row statistic of a day (`DayStats`) padded with `fill` to the feature's table of `num_rows` rows.
+
+    Raises:
+        PlanError: more rows than the table has.
+    """
+    flat = np.asarray(values, dtype=dtype).reshape(-1)
+    if flat.size > num_rows:
+        raise PlanError(
+            f"feature '{feature}' has {flat.size:,} rows of {what} but its table has {num_rows:,}; raise the table "
+            "capacity"
+        )
+    out = np.full(num_rows, fill, dtype=dtype)
+    out[: flat.size] = flat
+    return out
+
+
 def prefix_mask(sizes: torch.Tensor, d_max: int) -> torch.Tensor:
     """`[n, d_max]` float mask with the first `sizes[i]` columns of row i set (methods.md §1)."""
     return (torch.arange(d_max) < sizes[:, None]).to(torch.float32)

@@ -89,8 +89,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from search.base import DayStats, Searcher
-from search.rowlevel import SupernetEnv, allocate, check_row_budget, row_plan, uniform_sizes
-from sharding.plan import Budget, DimensionPlan, FeaturePlan, PlanError
+from search.rowlevel import SupernetEnv, allocate, check_row_budget, job_plan, row_plan, table_rows, uniform_sizes
+from sharding.plan import Budget, DimensionPlan, PlanError
 
 logger = logging.getLogger(__name__)
 
@@ -855,14 +855,7 @@ class ScallSearcher(Searcher):
         for f in (self.user_feature, self.item_feature):
             if f not in stats.row_counts:
                 raise PlanError(f"the day's statistics have no row_counts for feature '{f}'")
-            counts = np.asarray(stats.row_counts[f], dtype=np.int64).reshape(-1)
-            if counts.size > self.num_embeddings[f]:
-                raise PlanError(
-                    f"feature '{f}' counts {counts.size:,} rows but its table has {self.num_embeddings[f]:,}; "
-                    "raise the table capacity"
-                )
-            padded = np.zeros(self.num_embeddings[f], dtype=np.int64)
-            padded[: counts.size] = counts
+            padded = table_rows(stats.row_counts[f], self.num_embeddings[f], f, "row_counts", 0, np.int64)
             self.previous[f] = self.current.get(f, np.zeros_like(padded))
             self.current[f] = padded
         self.day_index = stats.day_index
@@ -951,14 +944,4 @@ class ScallSearcher(Searcher):
 
     def _plan(self, users: np.ndarray, items: np.ndarray, provenance: Mapping[str, Any]) -> DimensionPlan:
         rows = {self.user_feature: users, self.item_feature: items}
-        features = []
-        for f in self.features:
-            if f in rows:
-                features.append(
-                    FeaturePlan(f, rows[f].size, self.d_max, row_dims=rows[f].astype(np.int64), projection="pad")
-                )
-            else:
-                features.append(FeaturePlan(f, self.num_embeddings[f], self.other_dim, dim=self.other_dim))
-        plan = DimensionPlan(tuple(features), self.budget, provenance=dict(provenance))
-        plan.check_budget()
-        return plan
+        return job_plan(self.features, self.num_embeddings, rows, self.d_max, self.other_dim, self.budget, provenance)
