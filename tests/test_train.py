@@ -248,7 +248,7 @@ def _spearman(a: list[float], b: list[float]) -> float:
     return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
 
 
-def test_autodim_gives_the_planted_informative_fields_larger_dims_than_the_noise_fields(tmp_path: Path) -> None:
+def test_autodim_derived_dims_follow_the_planted_field_importance(tmp_path: Path) -> None:
     # Eight fields; the first four carry signal through a k-dim latent dotted with the row's dense values (k = 16,
     # 12, 9, 7 with their weight), the last four none. DLRM's dense·field interaction can use exactly k dims.
     cfg = SyntheticConfig(
@@ -280,4 +280,4 @@ def test_autodim_gives_the_planted_informative_fields_larger_dims_than_the_noise
     dims = [plan[f].dim for f in fields]
     importance = [cfg.field_importance[f] for f in fields]
     assert _spearman(importance, dims) >= 0.8, (dims, plan.provenance["probabilities"])
-    assert min(dims[:4]) > max(dims[4:]) or sorted(dims[4:]) == [4, 4, 4, 4], dims
+    assert sorted(dims[4:]) == [4, 4, 4, 4] and sorted(dims[:4])[-2] > 4, dims  # noise at 4; most signal above
