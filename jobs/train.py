@@ -130,7 +130,9 @@ def arch_optimizer(name: str, logits: torch.nn.Parameter, lr: float) -> torch.op
     fields whose validation gradient is weak keep near-uniform, uncertain weights; see `SearchConfig`)."""
     if name == "sgd":
         return torch.optim.SGD([logits], lr=lr)
-    return torch.optim.Adam([logits], lr=lr)
+    if name == "adam":
+        return torch.optim.Adam([logits], lr=lr)
+    raise ConfigError(f"search.arch_optimizer is '{name}', expected 'adam' or 'sgd'")
 
 
 def build_searcher(cfg: JobConfig, spec: DatasetSpec) -> Searcher:
