@@ -194,6 +194,9 @@ class TrainConfig:
         epochs: epochs over the train split under a static `data.protocol` (the retrain phase for a search).
         max_units: stop after this many units of work (a day of one epoch) under a static protocol, as if the job
             were preempted; `--resume` continues (for drills and tests). None runs to the end.
+        resume: `never` refuses to start when the run already exists (pass `--resume` or `--replace`); `auto`
+            continues it after its last complete checkpoint, or starts it when there is none (what a restarted
+            torchrun worker group does anyway, so use it with `--max-restarts`). `--resume` means `auto`.
     """
 
     name: str = "demo"
@@ -205,6 +208,7 @@ class TrainConfig:
     checkpoint: bool = True
     epochs: int = 1
     max_units: int | None = None
+    resume: Literal["never", "auto"] = "never"
 
     def __post_init__(self) -> None:
         if self.epochs < 1:

@@ -7,8 +7,12 @@ Per day (DESIGN.md decision 12): evaluate on the day before training on it (preq
 `TrainPipelineSparseDist`, let the searcher look at the day's statistics, reconfigure the tables if it proposes a
 new plan, and checkpoint (DCP, atomic). Everything lands in `<train.out_dir>/<train.name>/`: the resolved
 `config.yaml`, `metrics.jsonl` (one record per day: loss, AUC/accuracy/MSE, examples/s, embedding bytes per rank,
-peak RSS), `plan/` (the current dimension plan) and `checkpoints/day-NNNN/`. `--resume` continues after the last
-complete checkpoint; the metrics then match an uninterrupted run's.
+peak RSS), `plan/` (the current dimension plan) and `checkpoints/day-NNNN/`. `--resume` (or `train.resume=auto`)
+continues after the last intact checkpoint, and `metrics.jsonl` is rewritten from it, so it holds exactly one record
+per day after any kill, restart or resume; the metrics then match an uninterrupted run's. An existing run is never
+trained over without `--resume` or `--replace`, and a resumed run's config must equal its own (`jobs/rundir.py`).
+Under `torchrun --max-restarts=K` a restarted worker group resumes by itself; a worker whose agent dies exits.
+`python -m jobs.launch` runs the same checks once before any worker starts (`jobs/launch.py`).
 
 Runs on gloo/CPU here and NCCL/GPU where present (`train.device=auto`).
 """
@@ -27,6 +31,7 @@ import resource
 import shutil
 import socket
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -46,8 +51,10 @@ from torchrec.optim.keyed import CombinedOptimizer
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from tqdm import tqdm
 
+from jobs import faults
 from jobs.config import ConfigError, JobConfig, load_config
 from jobs.logs import setup_logging
+from jobs.rundir import RunDecision, RunLock, clear_run, decide
 from models import metrics
 from models.factory import build_model
 from models.losses import example_losses
@@ -285,6 +292,7 @@ class Trainer:
         self.autodim = isinstance(searcher, AutoDimSearcher)
         # Position of the next unit of work: (phase, epoch, day) for the static protocol; (0, 0, day) otherwise.
         self.position: tuple[int, ...] = (0, 0, 0)
+        self.fault = faults.from_env()
         self.epoch_acc = {"loss": 0.0, "examples": 0, "seconds": 0.0}
 
     # ---- setup ---------------------------------------------------------------------------------------------
@@ -333,9 +341,15 @@ class Trainer:
         return report
 
     def setup(self, resume: bool) -> None:
-        ckpt = latest_checkpoint(self.run_dir / "checkpoints") if resume else None
-        if resume and ckpt is None:
-            logger.warning("--resume: no complete checkpoint in %s; starting from the beginning", self.run_dir)
+        # Rank 0 picks the checkpoint (skipping damaged ones, by name) and every rank loads that one.
+        choice: list[str | None] = [None]
+        if resume and self.rank == 0:
+            found = latest_checkpoint(self.run_dir / "checkpoints")
+            choice[0] = str(found) if found is not None else None
+        dist.broadcast_object_list(choice, src=0, group=self.pg)
+        ckpt = Path(choice[0]) if choice[0] is not None else None
+        if resume and ckpt is None and _rank0():
+            logger.warning("resume: no complete checkpoint in %s; starting from the beginning", self.run_dir)
         if ckpt is not None:
             progress = json.loads((ckpt / "progress.json").read_text())
             self.vocab = VocabularySet.load(ckpt / "vocab")
@@ -358,7 +372,11 @@ class Trainer:
             self.build(self.plan, search=self._in_search())
         if _rank0():
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+            _write_text_atomic(self.run_dir / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+            # The metrics are the checkpoint's records, no more: a record appended after the checkpoint a resume
+            # starts from (or of a day a kill cut short) is dropped here and written again when its work is redone.
+            records = [asdict(d) for d in self.result.days] + list(self.result.epochs)
+            _write_text_atomic(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
             logger.info("dimension plan:\n%s", self.plan.summary())
             logger.info("%s", self.memory.summary())
 
@@ -434,13 +452,14 @@ class Trainer:
         total = torch.zeros(2, dtype=torch.float64)
         bar = tqdm(total=steps, desc=f"train {day.name}", disable=not _rank0(), leave=False)
         start = time.perf_counter()
-        while True:
+        for step in itertools.count(1):
             try:
                 loss, _, labels = pipeline.progress(batches)
             except StopIteration:
                 break
             total += torch.tensor([float(loss) * labels.numel(), labels.numel()], dtype=torch.float64)
             bar.update(1)
+            self.fault.hit("mid-day", self.rank, self.position[2], step)
             if bar.n % self.cfg.train.log_every == 0:
                 bar.set_postfix(loss=f"{float(loss):.4f}")
         elapsed = time.perf_counter() - start
@@ -514,6 +533,7 @@ class Trainer:
             fresh = self._model(new_plan, "cpu", search).state_dict()
             scratch = self.run_dir / "reconfigure"
             save_checkpoint(scratch, {"model": self.dmp.state_dict()}, pg=self.pg)
+            self.fault.hit("reconfigure", self.rank, self.position[2])
             migrated = migrate_weights(self.plan, new_plan, full_tensors(scratch), fresh)
             self.build(new_plan, search)
             load_full_weights(self.dmp, migrated)
@@ -538,7 +558,12 @@ class Trainer:
             }
             (tmp / "progress.json").write_text(json.dumps(progress))
 
-        save_checkpoint(self.run_dir / "checkpoints" / name, self._state(), extra, self.pg)
+        day = self.position[2] - 1
+
+        def stage(name: str) -> None:
+            self.fault.hit("checkpoint" if name == "written" else "checkpoint-replace", self.rank, day)
+
+        save_checkpoint(self.run_dir / "checkpoints" / name, self._state(), extra, self.pg, stage)
 
     def _log(self, record_: dict[str, Any]) -> None:
         if _rank0():
@@ -588,7 +613,6 @@ class Trainer:
                 reconfigured=reconfigured,
             )
             self.result.days.append(day_result)
-            self._log(asdict(day_result))
             if _rank0():
                 logger.info(
                     "day %s: eval %s | train loss %.4f | %.0f examples/s",
@@ -600,6 +624,7 @@ class Trainer:
             self.position = (0, 0, index + 1)
             if self.cfg.train.checkpoint:
                 self.checkpoint(f"day-{index:04d}")
+            self._log(asdict(day_result))  # after its checkpoint: the metrics never name a day a resume would redo
         return self.result
 
     def run_static(self) -> TrainResult:
@@ -725,25 +750,95 @@ def _init_process_group(device_type: str) -> None:
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, timeout=timeout)
 
 
-def train(cfg: JobConfig, resume: bool = False) -> TrainResult:
-    """Run the job. Data, config and plan are validated before any process group starts."""
+def _write_text_atomic(path: Path, text: str) -> None:
+    part = path.with_name(f".{path.name}.part")
+    part.write_text(text)
+    part.replace(path)
+
+
+def _restart_count() -> int:
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+@dataclass
+class Preflight:
+    """Everything checked before a process group starts: the data, its days, the searcher, the starting plan and
+    how the run directory is used."""
+
+    dataset: Dataset
+    days: list[Day]
+    searcher: Searcher
+    plan: DimensionPlan
+    decision: RunDecision
+
+
+def preflight(cfg: JobConfig, *, resume: bool = False, replace: bool = False, check_values: bool = True) -> Preflight:
+    """Check the config against the data and the run directory, reading only: nothing on disk changes.
+
+    The dataset's layout and every file's schema are checked on open, and (with `check_values`) every value of the
+    days the run trains on (labels, ids, dense values) in one vectorised pass, so bad data is refused before any
+    day trains rather than when its day is reached.
+
+    Raises:
+        ConfigError, DatasetError, PlanError, RunError: what is wrong, naming the key, file or column, and the fix.
+    """
+    faults.from_env()  # a malformed drill is a config error too
     dataset = Dataset(cfg.data.path)
     days = dataset.days[: cfg.data.days] if cfg.data.days else dataset.days
     searcher = build_searcher(cfg, dataset.spec)
     plan = initial_plan(cfg, searcher, dataset.spec.feature_names, table_capacities(dataset, cfg.data.capacity))
-    use_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    decision = decide(cfg, resume=resume or cfg.train.resume == "auto", replace=replace, restart_count=_restart_count())
     if cfg.train.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no GPU is visible; use train.device=cpu or auto")
+        raise ConfigError("train.device=cuda but no GPU is visible; use train.device=cpu or auto")
+    if check_values:
+        dataset.check_values(days)
+    return Preflight(dataset, days, searcher, plan, decision)
+
+
+def _watch_parent() -> None:
+    """Under torchrun, die with the agent: a watchdog thread polls the parent pid and ends this worker once the agent
+    is gone (reparented). Not `PR_SET_PDEATHSIG`: it fires when the agent's *thread* that spawned the worker ends,
+    which kills restarted workers of a live agent."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        logger.error("the torchrun agent (pid %d) is gone; stopping this worker", parent)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
+def train(cfg: JobConfig, resume: bool = False, replace: bool = False) -> TrainResult:
+    """Run the job. Data, config, plan and the run directory are checked before any process group starts.
+
+    Args:
+        cfg: the job's config.
+        resume: continue the run after its last intact checkpoint (`train.resume=auto` does the same).
+        replace: start an existing run over, deleting its checkpoints and metrics.
+    """
+    rank = int(os.environ.get("RANK", "0"))
+    # Under `jobs.launch` the launcher has checked every value already; under plain torchrun rank 0 does.
+    checked = os.environ.get("DIMSEARCH_PREFLIGHT") == "done"
+    ready = preflight(cfg, resume=resume, replace=replace, check_values=rank == 0 and not checked)
+    lock = RunLock(cfg.run_dir).acquire() if rank == 0 else None
+    use_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
     _init_process_group("cuda" if use_cuda else "cpu")
     try:
+        # Every rank decided from the same untouched directory before rank 0 changes anything in it.
+        dist.barrier()
+        if rank == 0 and ready.decision.clear:
+            clear_run(cfg.run_dir)
+            logger.info("--replace: started %s over", cfg.run_dir)
         if use_cuda:
             local = int(os.environ.get("LOCAL_RANK", "0"))
             torch.cuda.set_device(local)
             device = torch.device("cuda", local)
         else:
             device = torch.device("cpu")
-        trainer = Trainer(cfg, dataset, days, device, searcher, plan)
-        trainer.setup(resume)
+        trainer = Trainer(cfg, ready.dataset, ready.days, device, ready.searcher, ready.plan)
+        trainer.setup(ready.decision.start == "resume")
         result = trainer.run()
         if _rank0():
             print_summary(result, cfg.sharding.budget_bytes)
@@ -753,21 +848,38 @@ def train(cfg: JobConfig, resume: bool = False) -> TrainResult:
         return result
     finally:
         dist.destroy_process_group()
+        if lock is not None:
+            lock.release()
+
+
+def job_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="torchrun ... -m jobs.train", description="dimsearch streaming training")
+    parser.add_argument("--config", type=Path, default=None, help="YAML config (see jobs/configs/)")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the run after its last intact checkpoint (= train.resume=auto)"
+    )
+    parser.add_argument(
+        "--replace", action="store_true", help="start an existing run over (its checkpoints and metrics are deleted)"
+    )
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    return parser
+
+
+BAD_INPUT = (ValueError, PlanError)  # ConfigError, DatasetError, RunError, BudgetError are ValueErrors
 
 
 @record
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="torchrun ... -m jobs.train", description="dimsearch streaming training")
-    parser.add_argument("--config", type=Path, default=None, help="YAML config (see jobs/configs/)")
-    parser.add_argument("--resume", action="store_true", help="continue after the last complete checkpoint")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args = job_parser().parse_intermixed_args(sys.argv[1:] if argv is None else argv)
     setup_logging()
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        _watch_parent()
     try:
         cfg = load_config(args.config, args.overrides)
-        train(cfg, resume=args.resume)
-    except (ValueError, PlanError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        train(cfg, resume=args.resume, replace=args.replace)
+    except BAD_INPUT as e:
+        if int(os.environ.get("RANK", "0")) == 0:  # once, not once per rank
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 

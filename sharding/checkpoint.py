@@ -2,7 +2,12 @@
 
 - `save_checkpoint` writes `torch.distributed.checkpoint` shards of the model and optimizer, plus rank 0's extra
   files (plan, vocabulary, searcher state, progress), into a temporary directory that rank 0 renames into place
-  after a barrier: a checkpoint directory either is complete or does not exist.
+  after a barrier: a checkpoint directory either is complete or does not exist. Its done marker is a manifest of
+  every file's size (and the SHA-256 of every file under 64 MiB), so a checkpoint damaged later (a truncated or
+  deleted shard, a truncated `progress.json`) is recognised and skipped, not loaded. Replacing an existing
+  checkpoint of the same name renames the old one aside first, so a kill at any point leaves one complete copy.
+- `latest_checkpoint` is the newest checkpoint that passes `verify_checkpoint`; each damaged newer one is logged by
+  name and skipped (`damaged_checkpoints` lists them with the reason).
 - `load_checkpoint` loads into the current sharded model; DCP re-shards on load, so a checkpoint written by two
   ranks loads into one (or into another placement).
 - `full_tensors` loads a checkpoint's tensors whole on every rank (`no_dist`-style planning, no collectives), which
@@ -18,7 +23,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -49,11 +57,64 @@ def _barrier(pg: dist.ProcessGroup | None) -> None:
         dist.barrier(group=pg)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint directory that is incomplete or damaged (named, with what is wrong)."""
+
+
+_HASH_LIMIT = 64 << 20  # files up to this size are hashed too; larger shards are checked by size
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _manifest(directory: Path) -> dict[str, dict[str, Any]]:
+    files: dict[str, dict[str, Any]] = {}
+    for p in sorted(directory.rglob("*")):
+        if p.is_file() and p.name != CHECKPOINT_DONE:
+            size = p.stat().st_size
+            entry: dict[str, Any] = {"bytes": size}
+            if size <= _HASH_LIMIT:
+                entry["sha256"] = _sha256(p)
+            files[p.relative_to(directory).as_posix()] = entry
+    return files
+
+
+def verify_checkpoint(directory: str | Path) -> None:
+    """Check a checkpoint against its done marker's manifest.
+
+    Raises:
+        CheckpointError: the marker is missing or unreadable, or a file is missing, of another size or content.
+    """
+    directory = Path(directory)
+    marker = directory / CHECKPOINT_DONE
+    if not marker.is_file():
+        raise CheckpointError(f"{directory}: no {CHECKPOINT_DONE} marker (the write did not finish)")
+    try:
+        manifest = json.loads(marker.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{marker}: unreadable manifest ({e})") from None
+    for rel, want in manifest.items():
+        path = directory / rel
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing (the manifest lists it)")
+        size = path.stat().st_size
+        if size != want["bytes"]:
+            raise CheckpointError(f"{path}: {size:,} bytes, the manifest says {want['bytes']:,} (truncated?)")
+        if "sha256" in want and _sha256(path) != want["sha256"]:
+            raise CheckpointError(f"{path}: its contents differ from the manifest's checksum")
+
+
 def save_checkpoint(
     directory: str | Path,
     state: dict[str, Any],
     extra: Callable[[Path], None] | None = None,
     pg: dist.ProcessGroup | None = None,
+    stage: Callable[[str], None] | None = None,
 ) -> Path:
     """Write a DCP checkpoint of `state` (e.g. `{"model": dmp.state_dict(), "optim": opt.state_dict()}`) atomically.
 
@@ -62,6 +123,9 @@ def save_checkpoint(
         state: the stateful dict DCP saves; ShardedTensors are written by their owning ranks.
         extra: called on rank 0 with the temporary directory to write plain files (plan, vocabulary, progress).
         pg: the process group.
+        stage: called with `"written"` once the shards are on disk (before the done marker), and on rank 0 with
+            `"replacing"` between moving an old checkpoint of the same name aside and renaming the new one in
+            (progress reporting and fault drills).
     """
     directory = Path(directory)
     tmp = directory.with_name(f".{directory.name}.tmp")
@@ -70,24 +134,70 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     _barrier(pg)
     dcp.save(state, checkpoint_id=tmp, process_group=pg)
+    if stage is not None:
+        stage("written")
     if _rank(pg) == 0:
         if extra is not None:
             extra(tmp)
-        (tmp / CHECKPOINT_DONE).write_text("ok\n")
+        _write_atomic(tmp / CHECKPOINT_DONE, json.dumps({"files": _manifest(tmp)}, indent=1))
+        old = _aside(directory)
         if directory.exists():
-            shutil.rmtree(directory)
+            shutil.rmtree(old, ignore_errors=True)
+            directory.rename(old)  # never rmtree before the rename: a kill here keeps the old copy, aside
+        if stage is not None:
+            stage("replacing")
         tmp.rename(directory)
+        shutil.rmtree(old, ignore_errors=True)
     _barrier(pg)
     return directory
 
 
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest complete checkpoint under `root` (names sort by day), ignoring temporary ones."""
-    root = Path(root)
+def _aside(directory: Path) -> Path:
+    return directory.with_name(f".{directory.name}.old")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    part = path.with_name(f".{path.name}.part")
+    with part.open("w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    part.replace(path)
+
+
+def damaged_checkpoints(root: str | Path) -> list[tuple[Path, str]]:
+    """Checkpoints under `root` that are not complete and intact, each with the reason (newest first)."""
+    return [(p, why) for p, why in _candidates(Path(root)) if why]
+
+
+def _candidates(root: Path) -> list[tuple[Path, str]]:
+    """Every checkpoint under `root`, newest first, with '' or why it cannot be loaded. A checkpoint moved aside
+    while being replaced (`.<name>.old`) stands in for `<name>` when a kill left no `<name>`."""
     if not root.is_dir():
-        return None
-    done = sorted(p for p in root.iterdir() if not p.name.startswith(".") and (p / CHECKPOINT_DONE).is_file())
-    return done[-1] if done else None
+        return []
+    named = {p.name: p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    for p in root.glob(".*.old"):
+        name = p.name[1 : -len(".old")]
+        if p.is_dir() and name not in named:
+            named[name] = p
+    out: list[tuple[Path, str]] = []
+    for name in sorted(named, reverse=True):
+        try:
+            verify_checkpoint(named[name])
+            out.append((named[name], ""))
+        except CheckpointError as e:
+            out.append((named[name], str(e)))
+    return out
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete, intact checkpoint under `root` (names sort by day); damaged newer ones are logged by name
+    and skipped, temporary ones ignored."""
+    for path, why in _candidates(Path(root)):
+        if not why:
+            return path
+        logger.warning("skipping damaged checkpoint %s: %s", path, why)
+    return None
 
 
 def load_checkpoint(directory: str | Path, state: dict[str, Any], pg: dist.ProcessGroup | None = None) -> None:

@@ -1,0 +1,77 @@
+"""Launch `jobs.train` under torchrun after checking everything once, in this process, before any worker starts.
+
+    python -m jobs.launch --standalone --nproc-per-node=2 -- --config jobs/configs/demo.yaml train.name=run1
+    python -m jobs.launch --standalone --nproc-per-node=2 --max-restarts=3 -- --config ... train.resume=auto
+    python -m jobs.launch --nnodes=2 --nproc-per-node=1 --rdzv-backend=c10d --rdzv-endpoint=HOST:29400 \\
+        --rdzv-id=run1 --max-restarts=3 -- --config ... train.resume=auto          # on every node
+
+Everything before `--` is torchrun's (`torchrun --help`); everything after it is the job's (`--config`, `--resume`,
+`--replace`, `section.key=value`). The config, the dataset (layout, every file's schema and every value of the days
+the run trains on), the starting plan and the run directory (exists without `--resume`, a different config on
+resume, another job writing it) are checked here first: bad input prints one message, naming the file, column or
+key and the fix, and exits 2 — no worker starts, no traceback, no torchrun failure banner. A worker that fails
+later is reported in one line with its rank and exit code (its own output is above it).
+
+Plain `torchrun ... -m jobs.train ...` runs the same job and the same checks (in the workers, printed by rank 0
+only), but torchrun itself then ends a failed run with its `ChildFailedError` banner.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from jobs.config import load_config
+from jobs.logs import setup_logging
+
+
+def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(torchrun's arguments, the job's arguments), split at the first `--`."""
+    if "--" not in argv:
+        raise SystemExit(
+            "usage: python -m jobs.launch [torchrun options] -- [--config FILE] [--resume|--replace] "
+            "[section.key=value ...]\n"
+            "error: put `--` between torchrun's options and the job's (e.g. `--standalone --nproc-per-node=2 -- "
+            "--config jobs/configs/demo.yaml`)"
+        )
+    i = argv.index("--")
+    return argv[:i], argv[i + 1 :]
+
+
+def main(argv: list[str] | None = None) -> int:
+    torch_args, job_args = split_argv(sys.argv[1:] if argv is None else argv)
+    setup_logging()
+    # Imported after the split so that a usage error is instant; the checks need torch (the plan and searcher).
+    from jobs.rundir import RunLock
+    from jobs.train import BAD_INPUT, job_parser, preflight
+
+    args = job_parser().parse_intermixed_args(job_args)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        preflight(cfg, resume=args.resume, replace=args.replace)
+        RunLock(cfg.run_dir).check_free()
+    except BAD_INPUT as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    run_args = get_args_parser().parse_args([*torch_args, "--module", "jobs.train", *job_args])
+    os.environ["DIMSEARCH_PREFLIGHT"] = "done"  # the workers skip the value pass this process made
+    try:
+        run(run_args)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        print(
+            f"error: the job failed: worker rank {rank} exited with code {failure.exitcode} (pid {failure.pid}); its "
+            "output is above. Fix what it names and run again (add --resume, or train.resume=auto, to continue "
+            "after the last checkpoint)",
+            file=sys.stderr,
+        )
+        return failure.exitcode if failure.exitcode > 0 else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
