@@ -180,7 +180,8 @@ class Vocabulary:
         raw = df.get_column("raw_id").to_numpy().astype(np.int64)
         if np.unique(raw).size != raw.size:
             raise ValueError("raw ids repeat")
-        vocab._admit(raw)
+        if raw.size:  # an empty vocabulary (nothing admitted yet) has nothing to index
+            vocab._admit(raw)
         vocab.counts = np.concatenate([[fallback_count], df.get_column("count").to_numpy()]).astype(np.int64)
         vocab.unseen, vocab.overflow = unseen, overflow
         return vocab
