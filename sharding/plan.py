@@ -412,7 +412,10 @@ class DimensionPlan:
         except json.JSONDecodeError as e:
             raise PlanError(f"{path}: not valid JSON ({e}). The file is damaged: export the plan again") from e
         if body.get("format") != PLAN_FORMAT:
-            raise PlanError(f"{path}: format is {body.get('format')!r}, expected {PLAN_FORMAT!r}")
+            raise PlanError(
+                f"{path}: format is {body.get('format')!r}, expected {PLAN_FORMAT!r}. Point at a plan written by "
+                "DimensionPlan.save"
+            )
         if body.get("version") != PLAN_VERSION:
             raise PlanError(
                 f"{path}: plan version {body.get('version')} is not supported (this dimsearch reads version "
@@ -425,10 +428,13 @@ class DimensionPlan:
             )
         for rel, digest in checksums.get("files", {}).items():
             if not (directory / rel).is_file():
-                raise PlanError(f"{directory / rel}: row file listed in the plan is missing")
+                raise PlanError(
+                    f"{directory / rel}: row file listed in the plan is missing. Restore it, or export the plan again"
+                )
             if _sha256_file(directory / rel) != digest:
                 raise PlanError(
-                    f"{directory / rel}: checksum mismatch: the row file was changed after the plan was saved"
+                    f"{directory / rel}: checksum mismatch: the row file was changed after the plan was saved. "
+                    "Restore it, or export the plan again"
                 )
         features: list[FeaturePlan] = []
         for fj in body["features"]:
