@@ -7,39 +7,189 @@ Layout::
     DIR/day=YYYY-MM-DD/part-00001.parquet ...
 
 Writing goes to a temporary sibling directory that is renamed into place only when everything is written, so a
-failure never leaves a half-written dataset behind. Reading validates the layout (every `day=` directory is a
-date and holds at least one row), each file's schema against the spec, and the values (finite labels,
-non-negative ids) of every frame it returns.
+failure never leaves a half-written dataset behind. `check_output_dir` is the one guard every command that
+replaces a directory (ingest, the synthetic generator, export, evaluate) runs before any work: it refuses an output
+that is, contains or lies inside one of the command's inputs, and an existing directory that is not what the
+command writes (a training run, a dataset where a bundle belongs, a folder of someone's files), so nothing is
+ever deleted that the command did not write itself.
+
+Reading validates the layout (every `day=` directory is a date and holds at least one row), each file's footer and
+schema against the spec when the dataset is opened, and the values (finite labels, non-negative ids) of every frame
+it returns. `Dataset.check_values` checks the values of whole files up front (one lazy pass per file, the verdict
+cached per file), so a job can refuse bad data before its first day trains, naming the file, column and row; a
+frame read from files that passed is not checked again. A truncated or damaged Parquet file is a `DatasetError`
+naming the file, wherever it is read.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import fnmatch
+import json
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.errors import DatasetError
+from pipeline.errors import DatasetError, SpecError
 from pipeline.spec import SPEC_FILE, DatasetSpec, load_spec
 
 logger = logging.getLogger(__name__)
 
 DAY_COLUMN = "day"
 ROWS_PER_PART = 1_000_000
+# What polars and pyarrow raise on a file that is not (or no longer) valid Parquet.
+PARQUET_ERRORS: tuple[type[BaseException], ...] = (pl.exceptions.PolarsError, pa.ArrowException, OSError)
+FIX_UNREADABLE = (
+    "restore the file from a backup, or re-create the dataset (re-run `python -m pipeline.ingest` or "
+    "`python -m pipeline.synthetic` with --overwrite)"
+)
+
+
+# ---- the output guard ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OutputKind:
+    """What a command writes into its output directory; an existing directory is replaced only by its own kind.
+
+    Args:
+        name: what it is, in messages (`dataset`, `bundle`, `report`).
+        marker: the file every directory of this kind holds (`dataset.yaml`, `bundle.json`, `report.md`).
+        entries: glob patterns of the only names such a directory holds (the marker among them).
+    """
+
+    name: str
+    marker: str
+    entries: tuple[str, ...]
+
+    def foreign_entries(self, directory: Path) -> list[str]:
+        """The names in `directory` that a directory of this kind does not hold."""
+        return sorted(
+            p.name for p in directory.iterdir() if not any(fnmatch.fnmatchcase(p.name, g) for g in self.entries)
+        )
+
+
+DATASET_OUTPUT = OutputKind("dataset", SPEC_FILE, (SPEC_FILE, f"{DAY_COLUMN}=*"))
+
+
+def _real(path: str | Path) -> Path:
+    return Path(os.path.realpath(Path(path).expanduser()))
+
+
+def _looks_like_run(directory: Path) -> bool:
+    return (directory / "config.yaml").is_file() and (
+        (directory / "checkpoints").is_dir() or (directory / "metrics.jsonl").is_file()
+    )
+
+
+def _looks_like_dataset(directory: Path) -> bool:
+    return (directory / SPEC_FILE).is_file() and not DATASET_OUTPUT.foreign_entries(directory)
+
+
+def check_output_dir(
+    out: str | Path,
+    *,
+    kind: OutputKind,
+    protected: Mapping[str, str | Path] | None = None,
+    overwrite: bool = False,
+    flag: str = "--out",
+) -> Path:
+    """Refuse an output directory whose writing or replacing would destroy something the command did not write.
+
+    Call it before any work (nothing on disk changes when it refuses). Paths are compared as resolved real paths,
+    so a symbolic link or `..` does not hide an input.
+
+    Args:
+        out: the directory the command is about to create or replace.
+        kind: what the command writes there.
+        protected: the command's inputs, by what to call them in messages (e.g. `{"--src": src}`); `out` may
+            not be one of them, contain one, or lie inside one.
+        overwrite: whether the command may replace an existing `out` of its own kind.
+        flag: the option that names `out`, for messages.
+
+    Returns:
+        `out`, as given.
+
+    Raises:
+        DatasetError: naming `out`, what was expected there and the fix.
+    """
+    out = Path(out)
+    real = _real(out)
+    for name, path in (protected or {}).items():
+        p = _real(path)
+        outside = f"choose an {flag} outside {name} {path} (e.g. a sibling directory of it)"
+        if real == p:
+            raise DatasetError(
+                out, f"is {name} {path} itself; writing the {kind.name} here would replace that input", outside
+            )
+        if real in p.parents:
+            raise DatasetError(
+                out, f"contains {name} {path}; replacing it with the {kind.name} would delete that input", outside
+            )
+        if p in real.parents:
+            raise DatasetError(
+                out, f"lies inside {name} {path}; the {kind.name} would be written into that input", outside
+            )
+    if out.is_symlink():
+        raise DatasetError(
+            out,
+            f"is a symbolic link (to {os.readlink(out)}), expected a {kind.name} directory or a new path",
+            f"pass the directory the link points to as {flag}, or a new path",
+        )
+    if not out.exists():
+        return out
+    expected = f"a {kind.name} directory holds {kind.marker} and only {', '.join(kind.entries)}"
+    new_path = f"choose another {flag} (a new path)"
+    if not out.is_dir():
+        raise DatasetError(out, f"exists and is a file; expected a new path or a {kind.name} directory", new_path)
+    if _looks_like_run(out):
+        raise DatasetError(
+            out,
+            f"exists and is not a {kind.name} directory: it holds a training run (config.yaml with checkpoints/ or "
+            "metrics.jsonl), which replacing it would delete",
+            f"{new_path}; a training run is never replaced",
+        )
+    if kind is not DATASET_OUTPUT and _looks_like_dataset(out):
+        raise DatasetError(
+            out,
+            f"exists and is not a {kind.name} directory: it holds a dataset ({SPEC_FILE} and day partitions), "
+            "which replacing it would delete",
+            f"{new_path}; a dataset is replaced only by a dataset",
+        )
+    entries = sorted(p.name for p in out.iterdir())
+    if entries:
+        foreign = kind.foreign_entries(out)
+        if not (out / kind.marker).is_file() or foreign:
+            shown = foreign or entries
+            listed = ", ".join(shown[:5]) + (f" and {len(shown) - 5} more" if len(shown) > 5 else "")
+            raise DatasetError(
+                out,
+                f"exists and is not a {kind.name} directory ({expected}): it holds {listed}, which replacing it "
+                "would delete",
+                f"{new_path}, or move those files away yourself if the directory is disposable",
+            )
+    if not overwrite:
+        what = f"an earlier {kind.name}" if entries else "an empty directory"
+        raise DatasetError(out, f"already exists ({what})", f"choose another {flag} or pass --overwrite to replace it")
+    return out
 
 
 @contextlib.contextmanager
 def atomic_directory(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that becomes `out` when the block finishes without an exception.
+
+    This replaces `out` whole: commands check `out` with `check_output_dir` first.
 
     Raises:
         DatasetError: `out` exists and `overwrite` is False.
@@ -76,6 +226,7 @@ def write_dataset(
     source: str | Path = "<data>",
     overwrite: bool = False,
     rows_per_part: int = ROWS_PER_PART,
+    protected: Mapping[str, str | Path] | None = None,
 ) -> Path:
     """Validate `df` against `spec` and write it as a day-partitioned dataset at `out`, atomically.
 
@@ -84,16 +235,18 @@ def write_dataset(
         spec: the column roles; saved as `out/dataset.yaml`.
         out: the dataset directory to create.
         source: the input the rows came from, named in errors.
-        overwrite: replace `out` if it exists.
+        overwrite: replace `out` if it exists (and is a dataset: see `check_output_dir`).
         rows_per_part: rows per Parquet file within a day.
+        protected: the inputs `out` must stay clear of (see `check_output_dir`).
 
     Returns:
         The dataset directory.
 
     Raises:
         DatasetError: the rows break the spec (missing column, wrong type, non-finite label, negative id), or a
-            day has no rows, or `out` exists.
+            day has no rows, or `out` exists (without `overwrite`, or holding something other than a dataset).
     """
+    check_output_dir(out, kind=DATASET_OUTPUT, protected=protected, overwrite=overwrite)
     if DAY_COLUMN not in df.columns or df.schema[DAY_COLUMN] != pl.Date:
         raise DatasetError(source, f"the rows need a '{DAY_COLUMN}' column of type Date", "derive it with day_of()")
     spec.check_schema(df.schema, source)
@@ -113,74 +266,136 @@ def write_dataset(
     return Path(out)
 
 
+# ---- value checks ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Check:
+    """One value check: `bad` is true on the offending rows; `value` is what the message quotes."""
+
+    kind: str  # label | binary | null | neg | dense
+    column: str
+    bad: pl.Expr
+    value: pl.Expr
+
+
+def _value_checks(spec: DatasetSpec, schema: Mapping[str, Any]) -> list[_Check]:
+    """The value checks of `spec` on the columns of `schema` that it names, in the order failures are reported."""
+    checks: list[_Check] = []
+    if spec.label in schema:
+        y = pl.col(spec.label)
+        bad = y.is_null() | ~y.is_finite() if schema[spec.label].is_float() else y.is_null()
+        checks.append(_Check("label", spec.label, bad, y))
+        if spec.task == "binary":
+            checks.append(_Check("binary", spec.label, (y != 0) & (y != 1), y))
+    for f in spec.sparse:
+        if f.column not in schema:
+            continue
+        ids = pl.col(f.column)
+        if isinstance(schema[f.column], pl.List):
+            # A missing list counts as a missing id, as an empty one does not (a bag may be empty).
+            null = ids.is_null() | ids.list.eval(pl.element().is_null()).list.any()
+            checks.append(_Check("null", f.column, null, ids))
+            checks.append(_Check("neg", f.column, ids.list.min() < 0, ids.list.min()))
+        else:
+            checks.append(_Check("null", f.column, ids.is_null(), ids))
+            checks.append(_Check("neg", f.column, ids < 0, ids))
+    for c in spec.dense:
+        if c in schema and schema[c].is_float():
+            checks.append(_Check("dense", c, ~pl.col(c).is_finite(), pl.col(c)))
+    return checks
+
+
+def _check_aggregations(checks: list[_Check]) -> list[pl.Expr]:
+    """Per check: how many rows fail, the first failing row and its value; one vectorised pass computes them all."""
+    exprs: list[pl.Expr] = []
+    for i, c in enumerate(checks):
+        bad = c.bad.fill_null(False)
+        exprs += [
+            bad.sum().alias(f"n{i}"),
+            bad.arg_true().first().alias(f"row{i}"),  # not arg_max: it need not pick the first of equal maxima
+            c.value.filter(bad).first().alias(f"value{i}"),
+        ]
+    return exprs
+
+
+def _raise_first_failure(checks: list[_Check], result: Mapping[str, Any], source: str | Path) -> None:
+    """Raise the `DatasetError` of the first failed check in `result` (a row of `_check_aggregations`), if any."""
+    for i, c in enumerate(checks):
+        n = int(result[f"n{i}"] or 0)
+        if not n:
+            continue
+        row, value = int(result[f"row{i}"] or 0), result[f"value{i}"]
+        where = f"in row {row}" + (f" ({n:,} rows in all)" if n > 1 else "")
+        if c.kind == "label":
+            raise DatasetError(
+                source,
+                f"label is {value} {where}; labels must be finite numbers",
+                "drop or repair those rows, then re-run the ingest",
+                column=c.column,
+            )
+        if c.kind == "binary":
+            raise DatasetError(
+                source,
+                f"label is {value} {where}, expected 0 or 1 for task binary",
+                "binarise the label (e.g. rating >= 4) or set task: regression",
+                column=c.column,
+            )
+        if c.kind == "null":
+            raise DatasetError(
+                source, f"id is missing {where}", "fill missing ids with a dedicated id (e.g. 0)", column=c.column
+            )
+        if c.kind == "neg":
+            raise DatasetError(
+                source,
+                f"has negative id {value} {where}; ids must be >= 0",
+                "map raw ids to non-negative integers (hash strings with the ingest's --id-mode hash)",
+                column=c.column,
+            )
+        raise DatasetError(
+            source,
+            f"has non-finite dense value {value} {where}",
+            "impute missing values (e.g. 0) before writing",
+            column=c.column,
+        )
+
+
 def validate_frame(df: pl.DataFrame, spec: DatasetSpec, source: str | Path) -> None:
     """Check values: finite labels (0/1 for a binary task), present and non-negative ids, finite dense values.
 
-    One vectorised pass computes every check; only when one fails is the offending value located for the message.
-    Only the spec's columns present in `df` are checked, so a projection of a day can be validated too.
+    One vectorised pass computes every check (the same ones `Dataset.check_values` runs on whole files); the
+    message names the first failing check's column, its first failing row and value. Only the spec's columns
+    present in `df` are checked, so a projection of a day can be validated too.
+
+    Raises:
+        DatasetError: naming `source`, the column, the row and the fix.
     """
-    checks: dict[str, pl.Expr] = {}
-    if spec.label in df.columns:
-        y = pl.col(spec.label)
-        bad = y.is_null() | ~y.is_finite() if df.schema[spec.label].is_float() else y.is_null()
-        checks["label"] = bad.any()
-        if spec.task == "binary":
-            checks["binary"] = ((y != 0) & (y != 1)).any()
-    for f in spec.sparse:
-        if f.column in df.columns:
-            ids = pl.col(f.column).explode(empty_as_null=False) if f.multi_hot else pl.col(f.column)
-            checks[f"null:{f.column}"] = ids.is_null().any()
-            checks[f"neg:{f.column}"] = (ids < 0).any()
-    for c in spec.dense:
-        if c in df.columns and df.schema[c].is_float():
-            checks[f"dense:{c}"] = (~pl.col(c).is_finite()).any()
-    if not checks:
-        return
-    failed = [k for k, v in df.select(**checks).row(0, named=True).items() if v]
-    if not failed:
-        return
-    kind, _, column = failed[0].partition(":")
-    if kind == "label":
-        label = df.get_column(spec.label)
-        bad_rows = label.is_null() | (~label.is_finite() if label.dtype.is_float() else False)
-        idx = int(bad_rows.arg_max() or 0)
-        raise DatasetError(
-            source,
-            f"label is {label[idx]} in row {idx}; labels must be finite numbers ({bad_rows.sum()} rows are not)",
-            "drop or repair those rows before ingesting",
-            column=spec.label,
-        )
-    if kind == "binary":
-        label = df.get_column(spec.label)
-        idx = int(((label != 0) & (label != 1)).arg_max() or 0)
-        raise DatasetError(
-            source,
-            f"label is {label[idx]} in row {idx}, expected 0 or 1 for task binary",
-            "binarise the label (e.g. rating >= 4) or set task: regression",
-            column=spec.label,
-        )
-    if kind == "null":
-        col = df.get_column(column)
-        rows = col.list.eval(pl.element().is_null()).list.any() if col.dtype == pl.List else col.is_null()
-        raise DatasetError(
-            source,
-            f"id is missing in row {int(rows.arg_max() or 0)}",
-            "fill missing ids with a dedicated id (e.g. 0)",
-            column=column,
-        )
-    if kind == "neg":
-        col = df.get_column(column)
-        values = col.explode(empty_as_null=False) if col.dtype == pl.List else col
-        neg = values < 0
-        raise DatasetError(
-            source,
-            f"has negative id {values.filter(neg)[0]} ({neg.sum()} in all); ids must be >= 0",
-            "map raw ids to non-negative integers (hash strings with the ingest's --id-mode hash)",
-            column=column,
-        )
-    raise DatasetError(
-        source, "has non-finite dense values", "impute missing values (e.g. 0) before writing", column=column
+    checks = _value_checks(spec, df.schema)
+    if checks:
+        _raise_first_failure(checks, df.select(_check_aggregations(checks)).row(0, named=True), source)
+
+
+def unreadable(path: str | Path, error: BaseException) -> DatasetError:
+    """The `DatasetError` for a Parquet file that polars or pyarrow cannot read (truncated, damaged, not Parquet)."""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return DatasetError(
+        path,
+        f"cannot be read as Parquet ({reason[:200]}); the file is truncated, damaged or not a Parquet file",
+        FIX_UNREADABLE,
     )
+
+
+# Files whose values passed `check_values`, keyed by (real path, size, mtime in ns) and the spec's checks: a file
+# that is rewritten gets another key, so it is checked again.
+_PASSED: set[tuple[str, int, int, str]] = set()
+
+
+def _file_key(path: Path, spec: DatasetSpec) -> tuple[str, int, int, str]:
+    st = path.stat()
+    checks = json.dumps(
+        [spec.task, spec.label, [(f.column, f.multi_hot) for f in spec.sparse], list(spec.dense)], sort_keys=True
+    )
+    return (os.path.realpath(path), st.st_size, st.st_mtime_ns, checks)
 
 
 @dataclass(frozen=True)
@@ -199,11 +414,13 @@ class Day:
 class Dataset:
     """A day-partitioned dataset on disk, validated on open.
 
+    Opening reads every file's footer (cheap) and checks its schema; `check_values` reads the values.
+
     Args:
         root: the directory holding `dataset.yaml` and the `day=YYYY-MM-DD` partitions.
 
     Raises:
-        DatasetError: the directory, the spec, a day directory or a file's schema is bad.
+        DatasetError: the directory, the spec, a day directory, or a file's footer or schema is bad.
     """
 
     def __init__(self, root: str | Path) -> None:
@@ -212,10 +429,26 @@ class Dataset:
             raise DatasetError(self.root, "no such dataset directory", "ingest or generate the data first")
         self.spec: DatasetSpec = load_spec(self.root)
         self.days: list[Day] = self._scan_days()
+        first: tuple[Path, Mapping[str, Any]] | None = None
         for day in self.days:
             # Reading a footer is cheap: check every file, so a bad one is named before training starts.
             for f in day.files:
-                self.spec.check_schema(pl.read_parquet_schema(f), f)
+                schema = self._schema(f)
+                self.spec.check_schema(schema, f)
+                if first is None:
+                    first = (f, schema)
+                    continue
+                # A multi-file scan needs one type per column: name the file whose types differ from the first's.
+                for col in self.spec.columns:
+                    if schema[col] != first[1][col]:
+                        raise SpecError(
+                            f,
+                            f"has type {schema[col]}, but {first[0]} has {first[1][col]}; every file of a dataset "
+                            "must have the same column types",
+                            "re-run the ingest so that every day is written with the same types (or cast this file's "
+                            "column and rewrite it)",
+                            column=col,
+                        )
         logger.debug("opened %s: %d days, %d rows", self.root, len(self.days), self.num_rows)
 
     def _scan_days(self) -> list[Day]:
@@ -240,8 +473,25 @@ class Dataset:
                 ) from None
             if len(value) != 10:
                 raise DatasetError(entry, f"day '{value}' is not written as YYYY-MM-DD", f"rename it to {date}")
-            files = tuple(sorted(entry.glob("*.parquet")))
-            rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+            # Hidden and `_`-prefixed names (`.crc`, `_SUCCESS`) are ignored, as Hive-style readers do.
+            stray = sorted(
+                p.name
+                for p in entry.iterdir()
+                if p.name[0] not in "._" and not (p.is_file() and p.suffix == ".parquet")
+            )
+            if stray:
+                raise DatasetError(
+                    entry / stray[0],
+                    "is not a Parquet file; a day partition holds only its part-*.parquet files",
+                    "move it out of the dataset directory",
+                )
+            files = tuple(sorted(f for f in entry.glob("*.parquet") if f.name[0] not in "._"))
+            rows = 0
+            for f in files:
+                try:
+                    rows += pq.ParquetFile(f).metadata.num_rows
+                except PARQUET_ERRORS as e:
+                    raise unreadable(f, e) from e
             if rows == 0:
                 raise DatasetError(
                     entry,
@@ -268,20 +518,93 @@ class Dataset:
         """A lazy scan of the given days (all by default) with a `day` column, in day order.
 
         One multi-file scan with the day taken from the hive path: one scan per day would be slow for
-        datasets with thousands of days.
+        datasets with thousands of days. Every footer was read when the dataset was opened; damaged data pages
+        surface when the scan is collected, so run `check_values` first (it names the file).
         """
         files = [f for d in (self.days if days is None else days) for f in d.files]
         return pl.scan_parquet(files, hive_partitioning=True, hive_schema={DAY_COLUMN: pl.Date})
 
+    def check_values(self, days: Sequence[Day] | None = None) -> int:
+        """Check the values of every file of `days` (all by default), as `validate_frame` checks frames.
+
+        One lazy vectorised pass per file computes every check (null or non-finite labels, labels other than 0/1
+        for a binary task, missing or negative ids, non-finite dense values); the files run in parallel. A file
+        that passed is remembered by path, size and modification time for the life of the process: checking it
+        again costs a `stat`, and `read_day` skips `validate_frame` for frames read from passed files.
+
+        Args:
+            days: the days to check.
+
+        Returns:
+            The number of files read (0 when every file had passed before).
+
+        Raises:
+            DatasetError: naming the first bad file (in day order), the column, the row within the file, the value
+                and the fix; or a file that cannot be read.
+        """
+        files = [f for d in (self.days if days is None else days) for f in d.files]
+        keys = {f: _file_key(f, self.spec) for f in files}
+        todo = [f for f in files if keys[f] not in _PASSED]
+        if not todo:
+            return 0
+        checks = {f: _value_checks(self.spec, self._schema(f)) for f in todo}
+        queries = [pl.scan_parquet(f).select(_check_aggregations(checks[f])) for f in todo if checks[f]]
+        checked = [f for f in todo if checks[f]]
+        try:
+            results = pl.collect_all(queries)
+        except PARQUET_ERRORS:  # find the file at fault
+            results = [self._collect_file(f, q) for f, q in zip(checked, queries, strict=True)]
+        for f, result in zip(checked, results, strict=True):
+            _raise_first_failure(checks[f], result.row(0, named=True), f)
+        _PASSED.update(keys[f] for f in todo)
+        logger.debug("checked the values of %d files of %s", len(todo), self.root)
+        return len(todo)
+
+    @staticmethod
+    def _schema(path: Path) -> Mapping[str, Any]:
+        try:
+            return pl.read_parquet_schema(path)
+        except PARQUET_ERRORS as e:
+            raise unreadable(path, e) from e
+
+    @staticmethod
+    def _collect_file(path: Path, query: pl.LazyFrame) -> pl.DataFrame:
+        try:
+            return query.collect()
+        except PARQUET_ERRORS as e:
+            raise unreadable(path, e) from e
+
+    def _passed(self, day: Day) -> bool:
+        try:
+            return all(_file_key(f, self.spec) in _PASSED for f in day.files)
+        except OSError:
+            return False
+
     def read_day(
         self, day: Day, columns: list[str] | None = None, offset: int = 0, length: int | None = None
     ) -> pl.DataFrame:
-        """Read rows `[offset, offset+length)` of one day (slice pushed down to the Parquet reader), validated."""
+        """Read rows `[offset, offset+length)` of one day (slice pushed down to the Parquet reader), validated.
+
+        Frames from files that passed `check_values` are not validated again.
+
+        Raises:
+            DatasetError: a file cannot be read, or the values are bad (naming the file when it can be found).
+        """
         lf = pl.scan_parquet(list(day.files))
         if columns is not None:
             lf = lf.select(columns)
         if offset or length is not None:
             lf = lf.slice(offset, length)
-        df = lf.collect()
-        validate_frame(df, self.spec, day.files[0].parent)
+        try:
+            df = lf.collect()
+        except PARQUET_ERRORS as e:
+            for f in day.files:  # name the file at fault
+                self._collect_file(f, pl.scan_parquet(f).select(columns or pl.all()))
+            raise unreadable(day.files[0].parent, e) from e
+        if not self._passed(day):
+            try:
+                validate_frame(df, self.spec, day.files[0].parent)
+            except DatasetError:
+                self.check_values([day])  # raises naming the file and its row; else the slice's own error stands
+                raise
         return df
