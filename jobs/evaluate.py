@@ -18,7 +18,9 @@ Metrics follow the dataset's task (binary: AUC, log loss, accuracy; regression: 
 and over all selected rows together (not an average of days). Ids that a run's vocabulary never admitted in
 training fall back to row 0; those lookups are counted per feature and day.
 
-The report directory (`--out`, default `reports/<first run>`) is written atomically (temp dir + rename):
+The report directory (`--out`, default `reports/<first run>`) is written atomically (temp dir + rename), and it
+replaces only an earlier report: an `--out` that is, contains or lies inside a run or its data, or that holds
+anything but a report's files, is refused before any scoring (`pipeline.dataset.check_output_dir`):
 
 - `report.md`: the runs, overall and per-day quality, unseen ids, embedding parameters and bytes per table (from
   the plan) and per rank (the sharding planner's estimate, optimizer state included, from the run's last metrics
@@ -50,11 +52,12 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from jobs.config import ConfigError
+from jobs.export import run_inputs
 from jobs.logs import setup_logging
 from jobs.runs import LoadedRun, load_run
 from models.errors import ModelConfigError
 from models.metrics import TASK_METRICS, task_metrics
-from pipeline.dataset import Dataset, Day, atomic_directory
+from pipeline.dataset import Dataset, Day, OutputKind, atomic_directory, check_output_dir
 from pipeline.errors import DatasetError
 from pipeline.splits import SPLIT_NAMES, assign_splits
 from pipeline.stream import DayStream, StreamConfig
@@ -73,6 +76,9 @@ PRIMARY_METRIC: dict[str, tuple[str, bool]] = {
 }
 PLOTS = ("quality_per_day.png", "bytes_per_table.png", "quality_vs_memory.png")
 DIMS_PLOT = "dims_vs_frequency.png"
+REPORT = "report.md"
+# What a report directory holds: it is replaced whole, so only a directory holding exactly this is replaced.
+REPORT_OUTPUT = OutputKind("report", REPORT, (REPORT, *PLOTS, DIMS_PLOT, "metrics.parquet", "unseen.parquet"))
 
 
 class EvaluationError(ValueError):
@@ -695,6 +701,7 @@ def write_report(runs: Sequence[RunEvaluation], selection: Selection, out: Path)
     Returns:
         The names of the files written.
     """
+    check_output_dir(out, kind=REPORT_OUTPUT, overwrite=True)
     with atomic_directory(out, overwrite=True) as tmp:
         plot_quality_per_day(runs, tmp / PLOTS[0])
         plot_bytes_per_table(runs, tmp / PLOTS[1])
@@ -702,7 +709,7 @@ def write_report(runs: Sequence[RunEvaluation], selection: Selection, out: Path)
         has_dims = plot_dims_vs_frequency(runs, tmp / DIMS_PLOT)
         metrics_frame(runs).write_parquet(tmp / "metrics.parquet")
         unseen_frame(runs).write_parquet(tmp / "unseen.parquet")
-        (tmp / "report.md").write_text(render_markdown(runs, selection, has_dims))
+        (tmp / REPORT).write_text(render_markdown(runs, selection, has_dims))
         files = sorted(p.name for p in tmp.iterdir())
     return files
 
@@ -724,15 +731,6 @@ def _check_run_dir(path: Path) -> None:
 def _run_names(run_dirs: Sequence[Path]) -> list[str]:
     names = [p.name for p in run_dirs]
     return [f"{p.parent.name}/{p.name}" if names.count(p.name) > 1 else p.name for p in run_dirs]
-
-
-def _check_out(out: Path) -> None:
-    # The report directory is replaced as a whole: never replace something that is not a report.
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "report.md").is_file())):
-        raise EvaluationError(
-            f"--out {out}: exists and is not a report directory (no report.md), and it would be replaced. "
-            "Fix: choose another --out, e.g. reports/<name>"
-        )
 
 
 def evaluate(
@@ -758,8 +756,9 @@ def evaluate(
         Where the report went and what it says.
 
     Raises:
-        EvaluationError: a missing run, bad days, an unknown split, runs on different datasets, a bad `out`.
-        DatasetError: a run's checkpoint, plan or vocabulary cannot be read.
+        EvaluationError: a missing run, bad days, an unknown split, runs on different datasets.
+        DatasetError: a run's checkpoint, plan or vocabulary cannot be read; or `out` is, contains or lies inside a
+            run or its data, or exists and is not a report (checked before any scoring; see `check_output_dir`).
     """
     paths = list(dict.fromkeys(Path(p) for p in run_dirs))
     if not paths:
@@ -770,7 +769,13 @@ def evaluate(
         _check_run_dir(p)
     names = _run_names(paths)
     out_dir = Path(out) if out is not None else Path("reports") / names[0].replace("/", "-")
-    _check_out(out_dir)
+    # The report replaces out_dir whole: never a run, a dataset or anything but an earlier report.
+    protected: dict[str, Path] = {}
+    for i, p in enumerate(paths):
+        protected.update(run_inputs(p, "--run" if i == 0 else "--compare" if len(paths) == 2 else f"--compare #{i}"))
+    if data_path is not None:
+        protected["--data"] = Path(data_path)
+    check_output_dir(out_dir, kind=REPORT_OUTPUT, protected=protected, overwrite=True)
     results: list[RunEvaluation] = []
     selection: Selection | None = None
     for path, name in zip(paths, names, strict=True):
@@ -829,7 +834,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compare", type=Path, nargs="+", default=[], help="more run directories, side by side")
     parser.add_argument("--days", help="days A..B (dates YYYY-MM-DD or 1-based numbers; A.., ..B and A work too)")
     parser.add_argument("--split", help="train, valid or test split of the first run's static protocol")
-    parser.add_argument("--out", type=Path, help="report directory (default reports/<run name>); replaced whole")
+    parser.add_argument(
+        "--out", type=Path, help="report directory (default reports/<run name>); replaces only an earlier report"
+    )
     parser.add_argument("--data", type=Path, help="score on this dataset (same spec) instead of the run's data.path")
     parser.add_argument("--batch-size", type=int, default=8192, help="rows per forward pass")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)

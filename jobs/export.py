@@ -3,7 +3,9 @@
     python -m jobs.export --run runs/demo --topology jobs/configs/topology/gpu16x80.yaml --out plans/demo
     python -m jobs.export --verify plans/demo [--dtype int8]
 
-A bundle is a directory written atomically (temp dir + rename: it is either complete or absent):
+A bundle is a directory written atomically (temp dir + rename: it is either complete or absent). `--out` may not
+be, contain or lie inside the run, its data or the topology file, and `--overwrite` replaces only an earlier bundle
+(`pipeline.dataset.check_output_dir`, checked before any work):
 
     bundle.json          format `dimsearch-bundle`, version 1, the tables, and the sha256 of every other file
     config.yaml          the run's resolved job config (rebuilds the model: `model.name`, `model.options`)
@@ -53,7 +55,7 @@ from jobs.logs import setup_logging
 from jobs.runs import LoadedRun, load_run
 from jobs.train import build_recommender
 from models.recommender import Recommender
-from pipeline.dataset import atomic_directory
+from pipeline.dataset import OutputKind, atomic_directory, check_output_dir
 from pipeline.errors import DatasetError
 from pipeline.spec import DatasetSpec, load_spec
 from pipeline.vocab import VocabularySet
@@ -67,6 +69,12 @@ BUNDLE_FORMAT = "dimsearch-bundle"
 BUNDLE_VERSION = 1
 MANIFEST = "bundle.json"
 REPO = Path(__file__).resolve().parents[1]
+# What a bundle directory holds: `--overwrite` replaces a directory only if it holds exactly this.
+BUNDLE_OUTPUT = OutputKind(
+    "bundle",
+    MANIFEST,
+    (MANIFEST, "config.yaml", "dataset.yaml", "plan", "sharding_plan.json", "weights", "dense.pt", "vocab"),
+)
 EBC_PREFIX = "embedding.ebc.embedding_bags."
 ROW_ALIGNMENT = 16  # bytes; torchrec.inference's DEFAULT_ROW_ALIGNMENT
 
@@ -303,6 +311,23 @@ def _table_json(t: TableSpec) -> dict[str, Any]:
     return {**dataclasses.asdict(t), "file": f"weights/{t.name}.pt"}
 
 
+def run_inputs(run_dir: str | Path, flag: str = "--run") -> dict[str, Path]:
+    """What reading a run reads, for `check_output_dir`: the run directory and its `data.path` (if its config says),
+    keyed `flag` and `"{flag}'s data.path"`.
+
+    A missing or unreadable config is left to `load_run` to report.
+    """
+    inputs = {flag: Path(run_dir)}
+    try:
+        raw = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+        data = raw["data"]["path"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return inputs
+    if isinstance(data, str) and data:
+        inputs[f"{flag}'s data.path"] = Path(data)
+    return inputs
+
+
 def export(run_dir: str | Path, topology_path: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
     """Write the bundle of `run_dir` (newest checkpoint) for the topology in `topology_path` to `out`, atomically.
 
@@ -317,12 +342,14 @@ def export(run_dir: str | Path, topology_path: str | Path, out: str | Path, *, o
 
     Raises:
         ConfigError: the topology file is invalid.
-        DatasetError: the run or `out` is unusable (see the message).
+        DatasetError: the run is unusable, or `out` is: it exists without `overwrite`, is not a bundle, or is, contains
+            or lies inside the run, its data or the topology file (checked before any work; see `check_output_dir`).
         ExportError: the model does not fit the topology; nothing is written.
     """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise DatasetError(out, "already exists", "choose another --out or pass --overwrite")
+    # Before any work: the bundle may not land in (or replace) the run, its data or the topology file, and
+    # --overwrite replaces only an earlier bundle.
+    protected = {**run_inputs(run_dir), "--topology": topology_path}
+    out = check_output_dir(out, kind=BUNDLE_OUTPUT, protected=protected, overwrite=overwrite)
     topology = load_topology(topology_path)
     run = load_run(run_dir)
     sharding = plan_for_topology(run, topology, topology_path)

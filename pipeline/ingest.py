@@ -55,7 +55,9 @@ their index in ML-100k's `u.genre` (`unknown` 0 .. `Western` 18), for ML-1M too.
 
 Text files are read as lines and split with polars (no per-row Python), so a malformed line is reported
 with its 1-based line number and its text. Everything is read and validated before anything is written,
-and `write_dataset` writes atomically: a failure leaves no output directory behind.
+and `write_dataset` writes atomically: a failure leaves no output directory behind. Before any of that,
+`--out` is checked (`pipeline.dataset.check_output_dir`): it may not be `--src`, contain it or lie inside it, and
+`--overwrite` replaces only an earlier dataset, never a folder of other files.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ from typing import Any, Literal
 import numpy as np
 import polars as pl
 
-from pipeline.dataset import DAY_COLUMN, Dataset, day_of, write_dataset
+from pipeline.dataset import DATASET_OUTPUT, DAY_COLUMN, Dataset, check_output_dir, day_of, write_dataset
 from pipeline.errors import DatasetError
 from pipeline.spec import DatasetSpec, SparseField
 
@@ -999,13 +1001,14 @@ def ingest(format: str, src: str | Path, out: str | Path, *, overwrite: bool = F
         The dataset directory.
 
     Raises:
-        DatasetError: bad input (named with file, column and line) or an existing `out` without `overwrite`.
+        DatasetError: bad input (named with file, column and line); an existing `out` without `overwrite`, or
+            one that is not a dataset; an `out` that is, contains or lies inside `src` (see `check_output_dir`).
     """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise DatasetError(out, "already exists", "choose another output directory or pass --overwrite")
+    # Before reading anything: an --out that would replace the source, or anything but an earlier dataset, fails.
+    protected = {"--src": src}
+    out = check_output_dir(out, kind=DATASET_OUTPUT, protected=protected, overwrite=overwrite)
     df, spec = read(format, src, **options)
-    return write_dataset(df, spec, out, source=src, overwrite=overwrite)
+    return write_dataset(df, spec, out, source=src, overwrite=overwrite, protected=protected)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -47,7 +47,8 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from pipeline.dataset import DAY_COLUMN, write_dataset
+from pipeline.dataset import DATASET_OUTPUT, DAY_COLUMN, check_output_dir, write_dataset
+from pipeline.errors import DatasetError
 from pipeline.spec import DatasetSpec, SparseField
 
 logger = logging.getLogger(__name__)
@@ -640,8 +641,10 @@ def write_synthetic(cfg: SyntheticConfig, out: str | Path, overwrite: bool = Fal
     """Generate the stream and write it as a day-partitioned dataset (atomically) at `out`.
 
     Raises:
-        DatasetError: `out` exists and `overwrite` is False.
+        DatasetError: `out` exists and `overwrite` is False, or `out` holds something other than a dataset (see
+            `check_output_dir`); checked before anything is generated.
     """
+    check_output_dir(out, kind=DATASET_OUTPUT, overwrite=overwrite)
     started = time.perf_counter()
     df, spec = generate(cfg)
     elapsed = time.perf_counter() - started
@@ -690,7 +693,10 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
         parser.error(str(e))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    out = write_synthetic(cfg, args.out, overwrite=args.overwrite)
+    try:
+        out = write_synthetic(cfg, args.out, overwrite=args.overwrite)
+    except DatasetError as e:
+        parser.exit(2, f"error: {e}\n")
     importance = ", ".join(f"{k}={v:g}" for k, v in cfg.field_importance.items())
     print(f"wrote {cfg.days} days × {cfg.rows_per_day} rows to {out}; field importance: {importance}")
 

@@ -342,3 +342,22 @@ def test_cli_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert code == 2
     assert "train.txt" in capsys.readouterr().err
     _assert_nothing_written(tmp_path, {"src"})
+
+
+def test_out_never_replaces_the_source(tmp_path: Path) -> None:
+    src = tmp_path / "raw" / "ml"
+    src.mkdir(parents=True)
+    (src / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,10,4.0,964982703\n2,20,3.0,964982224\n")
+    for out, problem in [
+        (src, "is --src"),
+        (tmp_path / "raw", "contains --src"),
+        (src / "dataset", "lies inside --src"),
+    ]:
+        with pytest.raises(DatasetError, match=problem) as e:
+            ingest("ml-latest", src, out, overwrite=True)
+        assert "choose an --out outside" in e.value.fix
+        assert sorted(p.name for p in tmp_path.rglob("*")) == ["ml", "ratings.csv", "raw"]
+    # --overwrite onto an earlier dataset still replaces it.
+    out = ingest("ml-latest", src, tmp_path / "out")
+    assert ingest("ml-latest", src, out, overwrite=True, task="regression") == out
+    assert Dataset(out).spec.task == "regression"
