@@ -13,7 +13,9 @@ key and the fix, and exits 2 — no worker starts, no traceback, no torchrun fai
 later is reported in one line with its rank and exit code (its own output is above it).
 
 Plain `torchrun ... -m jobs.train ...` runs the same job and the same checks (in the workers, printed by rank 0
-only), but torchrun itself then ends a failed run with its `ChildFailedError` banner.
+only), but torchrun itself then ends a failed run with its `ChildFailedError` banner; with `--max-restarts` set
+`TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1` as this launcher does (a restarted gloo group can otherwise read a dead
+worker's address from the shared rendezvous store and fail to connect).
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
 
     run_args = get_args_parser().parse_args([*torch_args, "--module", "jobs.train", *job_args])
     os.environ["DIMSEARCH_PREFLIGHT"] = "done"  # the workers skip the value pass this process made
+    # A fresh TCPStore per rendezvous round: with the agent's shared store, a restarted group's gloo mesh can read a
+    # dead worker's address from the previous round (connectFullMesh: "Connection refused") and fail again.
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     try:
         run(run_args)
     except ChildFailedError as e:

@@ -91,3 +91,32 @@ def run_train_job(args: list[str], nproc: int = 2, timeout: float = 300) -> subp
     proc = launch_train_job(args, nproc)
     stdout, stderr = proc.communicate(timeout=timeout)
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def launch_job(
+    job_args: list[str], torchrun_args: list[str] | None = None, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    """Start `python -m jobs.launch TORCHRUN_ARGS -- JOB_ARGS` (default: standalone, 2 ranks) on gloo, in its own
+    process group (so a test can kill everything it started), output captured."""
+    full_env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", **(env or {})}
+    cmd = [sys.executable, "-m", "jobs.launch", *(torchrun_args or ["--standalone", "--nproc-per-node=2"]), "--"]
+    return subprocess.Popen(
+        [*cmd, *job_args],
+        cwd=REPO,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Wait for `proc`; past `timeout` kill its whole process group and fail."""
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"{proc.args} ran past {timeout}s:\n{stderr[-3000:]}") from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
