@@ -37,9 +37,8 @@ lint: $(BIN)/.installed
 # The demo: generate the built-in synthetic stream, then train on it with 2 ranks under torchrun (gloo on CPU).
 demo: $(BIN)/.installed
 	$(BIN)/python -m pipeline.synthetic --out $(DEMO_DIR)/synthetic --days 5 --rows-per-day 200000 --overwrite
-	rm -rf runs/demo
-	PYTHONHASHSEED=0 $(BIN)/torchrun --standalone --nproc_per_node=2 -m jobs.train --config jobs/configs/demo.yaml \
-		data.path=$(DEMO_DIR)/synthetic train.name=demo
+	PYTHONHASHSEED=0 $(BIN)/python -m jobs.launch --standalone --nproc-per-node=2 -- --config jobs/configs/demo.yaml \
+		data.path=$(DEMO_DIR)/synthetic train.name=demo --replace
 	$(BIN)/python -m jobs.evaluate --run runs/demo --out reports/demo
 	$(BIN)/python -m jobs.export --run runs/demo --topology jobs/configs/topology/gpu16x80.yaml --out plans/demo \
 		--overwrite

@@ -327,10 +327,15 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist (shipped configs are in jobs/configs/)")
+            raise ConfigError(
+                f"config file {p} does not exist. Fix: pass an existing --config (shipped configs are in jobs/configs/)"
+            )
         loaded = yaml.load(p.read_text(), Loader=_Loader) or {}
         if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: expected a mapping of sections, got {type(loaded).__name__}")
+            raise ConfigError(
+                f"{p}: expected a mapping of sections (data:, model:, sharding:, search:, train:), got "
+                f"{type(loaded).__name__}. Fix: start from a shipped config in jobs/configs/"
+            )
         # Copy mappings (overrides are applied to them); keep anything else as is so it is reported below.
         raw = {k: {} if v is None else dict(v) if isinstance(v, dict) else v for k, v in loaded.items()}
     errors: list[str] = []
@@ -356,5 +361,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         built[section] = _build(hints[section], values, section, errors)
     if errors:
         where = f" in {path}" if path else ""
-        raise ConfigError(f"{len(errors)} problem(s) in the job config{where}:\n  - " + "\n  - ".join(errors))
+        raise ConfigError(
+            f"{len(errors)} problem(s) in the job config{where}:\n  - "
+            + "\n  - ".join(errors)
+            + f"\n  Fix: correct these in {path or 'the overrides'} or the section.key=value overrides (each section's "
+            "keys, types and defaults are the dataclasses in jobs/config.py; shipped configs are in jobs/configs/)"
+        )
     return JobConfig(**{k: v for k, v in built.items() if v is not None})

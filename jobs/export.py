@@ -50,6 +50,7 @@ import torch
 import yaml
 from torch import nn
 
+from jobs import faults
 from jobs.config import ConfigError, JobConfig, _build, load_config
 from jobs.logs import setup_logging
 from jobs.runs import LoadedRun, load_run
@@ -365,6 +366,7 @@ def export(run_dir: str | Path, topology_path: str | Path, out: str | Path, *, o
         for t in plan.tables():
             _save_tensor(state[f"{EBC_PREFIX}{t.name}.weight"][:, : t.logical_dim], tmp / "weights" / f"{t.name}.pt")
         _save_tensor({k: v for k, v in state.items() if not k.startswith(EBC_PREFIX)}, tmp / "dense.pt")
+        faults.from_env().hit("export")  # a fault drill: weights written, manifest not (see jobs/faults.py)
         files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
         body: dict[str, Any] = {
             "format": BUNDLE_FORMAT,

@@ -20,6 +20,7 @@ worker's address from the shared rendezvous store and fail to connect).
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -40,26 +41,36 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv[:i], argv[i + 1 :]
 
 
+def _world_size(run_args: argparse.Namespace) -> int | None:
+    """The ranks torchrun will start (the largest `--nnodes` times `--nproc-per-node`), or None where that is only
+    known at run time (`--nproc-per-node=gpu|auto`)."""
+    nodes = str(run_args.nnodes).split(":")[-1]
+    per_node = str(run_args.nproc_per_node)
+    if run_args.standalone:
+        nodes = "1"
+    return int(nodes) * int(per_node) if nodes.isdigit() and per_node.isdigit() else None
+
+
 def main(argv: list[str] | None = None) -> int:
     torch_args, job_args = split_argv(sys.argv[1:] if argv is None else argv)
     setup_logging()
-    # Imported after the split so that a usage error is instant; the checks need torch (the plan and searcher).
+    # Imported after the split so that a usage error is instant; the checks need torch (the plan, its sharding).
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
     from jobs.rundir import RunLock
     from jobs.train import BAD_INPUT, job_parser, preflight
 
+    run_args = get_args_parser().parse_args([*torch_args, "--module", "jobs.train", *job_args])
     args = job_parser().parse_intermixed_args(job_args)
     try:
         cfg = load_config(args.config, args.overrides)
-        preflight(cfg, resume=args.resume, replace=args.replace)
+        preflight(cfg, resume=args.resume, replace=args.replace, world_size=_world_size(run_args))
         RunLock(cfg.run_dir).check_free()
     except BAD_INPUT as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser, run
-
-    run_args = get_args_parser().parse_args([*torch_args, "--module", "jobs.train", *job_args])
     os.environ["DIMSEARCH_PREFLIGHT"] = "done"  # the workers skip the value pass this process made
     # A fresh TCPStore per rendezvous round: with the agent's shared store, a restarted group's gloo mesh can read a
     # dead worker's address from the previous round (connectFullMesh: "Connection refused") and fail again.

@@ -83,6 +83,13 @@ def decide(cfg: JobConfig, *, resume: bool, replace: bool, restart_count: int = 
         RunError: the run exists and neither resume nor replace was asked, or its config differs from `cfg`.
     """
     run = cfg.run_dir
+    real, data = Path(os.path.realpath(run)), Path(os.path.realpath(cfg.data.path))
+    if real == data or real in data.parents or data in real.parents:
+        where = "is" if real == data else "contains" if real in data.parents else "lies inside"
+        raise RunError(
+            f"{run}: the run directory {where} the dataset data.path={cfg.data.path}; the job would write into (or "
+            "--replace would delete) the data. Fix: choose a train.out_dir / train.name outside the dataset"
+        )
     if resume and replace and restart_count == 0:
         raise RunError(f"{run}: --resume and --replace contradict each other. Fix: pass one of them")
     if not is_run(run):

@@ -18,7 +18,7 @@ from models.recommender import Recommender
 from pipeline.dataset import Dataset
 from pipeline.errors import DatasetError
 from pipeline.vocab import VocabularySet
-from sharding.checkpoint import full_tensors, latest_checkpoint
+from sharding.checkpoint import damaged_checkpoints, full_tensors, latest_checkpoint
 from sharding.plan import DimensionPlan
 
 
@@ -67,10 +67,12 @@ def load_run(run_dir: str | Path, data_path: str | Path | None = None) -> Loaded
     cfg = load_config(config)
     ckpt = latest_checkpoint(run_dir / "checkpoints")
     if ckpt is None:
+        damaged = "".join(f"; {why}" for _, why in damaged_checkpoints(run_dir / "checkpoints"))
         raise DatasetError(
             run_dir / "checkpoints",
-            "no complete checkpoint",
-            "train with train.checkpoint=true (the default) and let at least one day finish",
+            f"no complete, intact checkpoint{damaged}",
+            "train with train.checkpoint=true (the default) and let at least one day finish, or resume the run "
+            "(--resume) so that it writes an intact one",
         )
     plan = DimensionPlan.load(ckpt / "plan")
     progress = json.loads((ckpt / "progress.json").read_text())

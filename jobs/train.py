@@ -199,7 +199,7 @@ def initial_plan(cfg: JobConfig, searcher: Searcher, features: list[str], capaci
         raise PlanError(
             f"{cfg.search.plan}: the plan's features do not match the dataset's: the dataset has {missing or 'no'} "
             f"features the plan does not size, and the plan sizes {extra or 'no'} features the dataset lacks. "
-            "Use a plan made for this dataset (same feature names), or search again"
+            "Fix: use a plan made for this dataset (same feature names), or search again"
         )
     plan.check_vocabulary(capacity)
     return DimensionPlan(tuple(plan[f] for f in features), plan.budget, plan.dtype, plan.provenance)
@@ -772,12 +772,20 @@ class Preflight:
     decision: RunDecision
 
 
-def preflight(cfg: JobConfig, *, resume: bool = False, replace: bool = False, check_values: bool = True) -> Preflight:
+def preflight(
+    cfg: JobConfig,
+    *,
+    resume: bool = False,
+    replace: bool = False,
+    check_values: bool = True,
+    world_size: int | None = None,
+) -> Preflight:
     """Check the config against the data and the run directory, reading only: nothing on disk changes.
 
     The dataset's layout and every file's schema are checked on open, and (with `check_values`) every value of the
     days the run trains on (labels, ids, dense values) in one vectorised pass, so bad data is refused before any
-    day trains rather than when its day is reached.
+    day trains rather than when its day is reached. With `world_size`, the starting plan's sharding is planned on
+    `meta` for that many ranks, so a plan over `sharding.budget_bytes` is refused here too.
 
     Raises:
         ConfigError, DatasetError, PlanError, RunError: what is wrong, naming the key, file or column, and the fix.
@@ -792,6 +800,15 @@ def preflight(cfg: JobConfig, *, resume: bool = False, replace: bool = False, ch
         raise ConfigError("train.device=cuda but no GPU is visible; use train.device=cpu or auto")
     if check_values:
         dataset.check_values(days)
+    if world_size is not None:
+        meta = build_recommender(cfg, dataset.spec, plan, "meta")
+        attach_fused_optimizer(meta, cfg.sharding)
+        device = (
+            "cuda"
+            if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+            else "cpu"
+        )
+        plan_sharding(meta, cfg.sharding, world_size=world_size, compute_device=device)
     return Preflight(dataset, days, searcher, plan, decision)
 
 

@@ -198,6 +198,8 @@ def atomic_directory(out: str | Path, *, overwrite: bool = False) -> Iterator[Pa
     if out.exists() and not overwrite:
         raise DatasetError(out, "already exists", "choose another output directory or pass --overwrite")
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # what a killed earlier write of `out` left
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp

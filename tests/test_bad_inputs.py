@@ -47,7 +47,7 @@ from tests.helpers import REPO, write_tiny
 # The typed errors a library call may raise for bad input; anything else is a bug and fails the case.
 TYPED_ERRORS = (DatasetError, PlanError, BundleError, ExportError, EvaluationError, ConfigError)
 # The wordings of a fix used across the project.
-FIX = re.compile(r"Fix: |Re-export|re-export|[Ee]xport (it|the plan) again|Point at|point at|Restore it")
+FIX = re.compile(r"Fix: |Possible solutions: |Re-export|re-export|[Ee]xport (it|the plan) again|Point at|point at|Restore it")
 TRACEBACK = "Traceback (most recent call last)"
 SMALL_FILE = 1 << 20  # files up to this size are hashed in the snapshot
 CPU2 = REPO / "jobs/configs/topology/cpu2.yaml"
@@ -761,10 +761,225 @@ EVALUATE_CASES = [
 
 CASES: list[Case] = [*INGEST_CASES, *DATASET_CASES, *PLAN_CASES, *BUNDLE_CASES, *EVALUATE_CASES]
 
+
 # ---- the training job: configs, checkpoints, resumes ------------------------------------------------------------
 # Cases of `jobs.train` (its config, checkpoint and resume inputs) go here, in the same form, single-process only
 # (no torchrun launches): append to JOB_CASES, and add one line per case to docs/bad-inputs.md under "Training job".
-JOB_CASES: list[Case] = []
+def _launch(*job_args: str | Path) -> Any:
+    from jobs import launch
+
+    return cli(launch.main, "--standalone", "--nproc-per-node=2", "--", *job_args)
+
+
+def _job(*extra: str | Callable[[Artifacts], str]) -> Callable[[Artifacts], Any]:
+    """`python -m jobs.launch --standalone --nproc-per-node=2 -- ARGS` in-process, on the copied run's own config
+    (so a resume is refused only for what `extra` changes): the launcher's checks run before any worker would."""
+    def run(a: Artifacts) -> Any:
+        args = [
+            "--config", REPO / "jobs/configs/demo.yaml", f"data.path={a.data}", "data.batch_size=100",
+            "sharding.planner_batch_size=100", f"train.out_dir={a.run.parent}", "train.name=r",
+            *(e(a) if callable(e) else e for e in extra),
+        ]  # fmt: skip
+        return _launch(*args)
+
+    return run
+
+
+def _with_nan_label_last_day(tmp: Path) -> Artifacts:
+    a = _copy_run(tmp)
+    last = sorted(a.data.glob("day=*"))[-1] / "part-00000.parquet"
+    df = pl.read_parquet(last)
+    df = df.with_columns(
+        pl.when(pl.int_range(pl.len()) == 3).then(float("nan")).otherwise(pl.col("label")).alias("label")
+    )
+    df.write_parquet(last)
+    return a
+
+
+def _locked(tmp: Path) -> Artifacts:
+    from jobs.rundir import RunLock
+
+    a = _copy_run(tmp)
+    _LOCKS.append(RunLock(a.run).acquire())  # another job writing the run (released by the case's run)
+    return a
+
+
+_LOCKS: list[Any] = []
+
+
+def _unlocking(run: Callable[[Artifacts], Any]) -> Callable[[Artifacts], Any]:
+    def wrapped(a: Artifacts) -> Any:
+        try:
+            return run(a)
+        finally:
+            while _LOCKS:
+                _LOCKS.pop().release()
+
+    return wrapped
+
+
+def _foreign_run_dir(tmp: Path) -> Artifacts:
+    a = _copy_run(tmp)
+    _write(a.run.parent / "notes" / "todo.txt", "mine\n")
+    return a
+
+
+def _plan_of_other_features(tmp: Path) -> Artifacts:
+    a = _copy_run(tmp)
+    DimensionPlan.field_level({"user": 8, "genre": 8}, {"user": 100, "genre": 20}).save(tmp / "other-plan")
+    return a
+
+
+def _damaged_checkpoint(rel: str) -> Callable[[Path], Artifacts]:
+    def make(tmp: Path) -> Artifacts:
+        a = _copy_run(tmp)
+        _truncate(a.run / "checkpoints" / "day-0001" / rel)
+        return a
+
+    return make
+
+
+JOB_CASES: list[Case] = [
+    Case(
+        "export-run-vocab-truncated",
+        _damaged_checkpoint("vocab/000.parquet"),
+        _export(lambda a: a.run.parent.parent / "new-bundle"),
+        ("no complete, intact checkpoint", "vocab/000.parquet", "the manifest says", "Fix: train with"),
+    ),
+    Case(
+        "evaluate-run-progress-truncated",
+        _damaged_checkpoint("progress.json"),
+        _evaluate(_const("--run"), lambda a: a.run, _const("--out"), lambda a: a.run.parent.parent / "report"),
+        ("no complete checkpoint", "Fix: "),
+    ),
+    Case(
+        "job-config-missing-file",
+        _copy_run,
+        lambda a: _launch("--config", a.run / "nope.yaml"),
+        ("nope.yaml does not exist", "Fix: pass an existing --config"),
+    ),
+    Case(
+        "job-config-not-a-mapping",
+        lambda t: {"a": _copy_run(t), "cfg": _write(t / "bad.yaml", "- data\n- model\n")},
+        lambda p: _launch("--config", p["cfg"]),
+        ("bad.yaml: expected a mapping of sections", "Fix: start from a shipped config"),
+    ),
+    Case(
+        "job-config-unknown-key",
+        _copy_run,
+        _job("data.batch_sise=10"),
+        ("unknown key 'data.batch_sise'", "valid keys", "Fix: correct these"),
+    ),
+    Case(
+        "job-config-wrong-type",
+        _copy_run,
+        _job("train.seed=x", "search.budget=[1]"),
+        ("'train.seed' is 'x' (str), expected <class 'int'>", "'search.budget' is [1]", "2 problem(s)"),
+    ),
+    Case("job-config-bad-value", _copy_run, _job("search.dim=0"), ("search.dim must be > 0, got 0", "Fix: correct")),
+    Case(
+        "job-config-unknown-method",
+        _copy_run,
+        _job("search.method=pep"),
+        ("'search.method' is 'pep'", "expected typing.Literal['fixed'", "Fix: correct"),
+    ),
+    Case(
+        "job-config-not-an-override",
+        _copy_run,
+        _job("batch_size=10"),
+        ("override 'batch_size=10' is not of the form section.key=value", "Fix: correct"),
+    ),
+    Case(
+        "job-data-missing",
+        _copy_run,
+        _job(lambda a: f"data.path={a.data.parent / 'no-data'}"),
+        ("no-data: no such dataset directory", "Fix: ingest or generate the data first"),
+    ),
+    Case(
+        "job-data-nan-label-last-day",
+        _with_nan_label_last_day,
+        _job("--replace"),
+        ("day=2024-03-03/part-00000.parquet", "column 'label'", "row 3", "Fix: "),
+    ),
+    Case(
+        "job-run-exists",
+        _copy_run,
+        _job(),
+        ("runs/r: the run 'r' already exists", "Fix: pass --resume (or train.resume=auto)", "--replace"),
+    ),
+    Case(
+        "job-resume-config-differs",
+        _copy_run,
+        _job("--resume", "search.dim=8", "model.dense_lr=0.1"),
+        (
+            "config.yaml: resuming with a config that differs from the run's in 2 key(s)",
+            "search.dim: 16 (run) -> 8 (now)",
+            "model.dense_lr: 0.05 (run) -> 0.1 (now)",
+            "Fix: resume with the run's own values",
+        ),
+    ),
+    Case(
+        "job-resume-auto-config-differs",
+        _copy_run,
+        _job("train.resume=auto", "search.method=uniform-budget", "search.budget=5000"),
+        ("differs from the run's in 2 key(s)", "search.method: 'fixed' (run) -> 'uniform-budget' (now)", "Fix: "),
+    ),
+    Case(
+        "job-resume-and-replace",
+        _copy_run,
+        _job("--resume", "--replace"),
+        ("--resume and --replace contradict each other", "Fix: pass one of them"),
+    ),
+    Case(
+        "job-resume-config-unreadable",
+        lambda t: (a := _copy_run(t), _write(a.run / "config.yaml", "data: [unclosed\n"))[0],
+        _job("--resume"),
+        ("runs/r/config.yaml: unreadable", "Fix: restore it, or --replace the run"),
+    ),
+    Case(
+        "job-run-locked",
+        _locked,
+        _unlocking(_job("--resume")),
+        ("runs/r: another job (pid", "is writing this run", "Fix: wait for it to finish"),
+        changes=(".r.lock",),
+    ),
+    Case(
+        "job-run-dir-holds-other-files",
+        _foreign_run_dir,
+        _job("train.name=notes"),
+        ("runs/notes: exists and holds files that are not a training run's (['todo.txt'])", "Fix: choose another"),
+    ),
+    Case(
+        "job-run-dir-is-the-data",
+        _copy_run,
+        _job(lambda a: f"train.out_dir={a.data.parent}", "train.name=data"),
+        ("the run directory is the dataset data.path=", "Fix: choose a train.out_dir / train.name outside"),
+    ),
+    Case(
+        "job-run-dir-inside-the-data",
+        _copy_run,
+        _job(lambda a: f"train.out_dir={a.data}", "train.name=run"),
+        ("the run directory lies inside the dataset", "Fix: choose a train.out_dir"),
+    ),
+    Case(
+        "job-plan-of-other-features",
+        _plan_of_other_features,
+        _job("--replace", lambda a: f"search.plan={a.run.parent.parent / 'other-plan'}"),
+        ("other-plan: the plan's features do not match the dataset's", "search again"),
+    ),
+    Case(
+        "job-budget-too-small",
+        _copy_run,
+        _job("--replace", "sharding.budget_bytes=4096"),
+        ("do not fit the budget of 4,096 bytes over 2 ranks", "Possible solutions: raise sharding.budget_bytes"),
+    ),
+    Case(
+        "job-plan-missing",
+        _copy_run,
+        _job("--replace", lambda a: f"search.plan={a.run.parent / 'no-plan'}"),
+        ("no-plan/plan.json: no plan here", "Point at a directory written by DimensionPlan.save"),
+    ),
+]
 
 ALL_CASES = [*CASES, *JOB_CASES]
 
@@ -778,6 +993,19 @@ def test_catalogue_is_documented() -> None:
     doc = (REPO / "docs" / "bad-inputs.md").read_text()
     missing = [c.id for c in ALL_CASES if f"`{c.id}`" not in doc]
     assert not missing, f"docs/bad-inputs.md lacks a line for {missing}"
+
+
+@pytest.fixture(autouse=True)
+def _keep_logging() -> Any:
+    """The commands' `setup_logging` points the root logger at this test's captured stderr; put it back after, so
+    that later tests do not log into a closed stream."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.mark.parametrize("case", ALL_CASES, ids=[c.id for c in ALL_CASES])

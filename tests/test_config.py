@@ -111,10 +111,17 @@ def test_unknown_section() -> None:
         load_config(None, ["optim.lr=0.1"])
 
 
+def _problems(err: pytest.ExceptionInfo[ConfigError], where: str = "the overrides") -> str:
+    """The message's problem list, after checking that it ends with the fix, naming where to correct them."""
+    problems, fix = str(err.value).split("\n  Fix: ")
+    assert fix.startswith(f"correct these in {where} or the section.key=value overrides"), fix
+    return problems
+
+
 def test_unknown_key_names_key_and_lists_valid_keys(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(_write(tmp_path, "data:\n  batchsize: 16\n"))
-    assert str(err.value) == (
+    assert _problems(err, str(tmp_path / "job.yaml")) == (
         f"1 problem(s) in the job config in {tmp_path / 'job.yaml'}:\n"
         "  - unknown key 'data.batchsize' "
         f"(valid keys: {DATA_KEYS})"
@@ -186,12 +193,12 @@ def test_malformed_override(override: str) -> None:
 
 
 def test_missing_config_file(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"config file .*nope\.yaml does not exist \(shipped configs are in jobs/"):
+    with pytest.raises(ConfigError, match=r"config file .*nope\.yaml does not exist\. Fix: pass an existing --config \(shipped configs are in jobs/"):
         load_config(tmp_path / "nope.yaml")
 
 
 def test_file_that_is_not_a_mapping(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"job\.yaml: expected a mapping of sections, got list"):
+    with pytest.raises(ConfigError, match=r"job\.yaml: expected a mapping of sections \(data:, model:, sharding:, search:, train:\), got list\. Fix: "):
         load_config(_write(tmp_path, "- data\n- model\n"))
     with pytest.raises(ConfigError, match=r"section 'data' must be a mapping, got 5"):
         load_config(_write(tmp_path, "data: 5\n"), ["data.batch_size=3"])
@@ -204,7 +211,7 @@ def test_all_problems_collected_into_one_message(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(path, ["foo", "model.dense_lr=abc", "train.name=a/b", "search.dim=0"])
     # Override syntax first, then each section in file-then-override order, each key in order.
-    assert str(err.value).splitlines() == [
+    assert _problems(err, str(path)).splitlines() == [
         f"7 problem(s) in the job config in {path}:",
         "  - override 'foo' is not of the form section.key=value (e.g. train.name=run1)",
         f"  - unknown key 'data.shuffle' (valid keys: {DATA_KEYS})",
@@ -219,7 +226,7 @@ def test_all_problems_collected_into_one_message(tmp_path: Path) -> None:
 def test_two_override_problems_in_one_message() -> None:
     with pytest.raises(ConfigError) as err:
         load_config(None, ["data.batch_size=abc", "data.nope=1"])
-    assert str(err.value) == (
+    assert _problems(err) == (
         "2 problem(s) in the job config:\n"
         "  - 'data.batch_size' is 'abc' (str), expected <class 'int'>\n"
         f"  - unknown key 'data.nope' (valid keys: {DATA_KEYS})"

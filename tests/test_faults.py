@@ -271,3 +271,31 @@ def test_a_run_is_never_trained_over_and_has_one_writer(data: Path, tmp_path: Pa
     assert replaced.returncode == 0, replaced.stderr[-3000:]
     assert [r["day"] for r in _records(tmp_path / "mine")] == ["2024-01-01", "2024-01-02"]
     _assert_no_stray(tmp_path)
+
+
+def test_a_killed_export_leaves_nothing_and_its_rerun_equals_the_uninterrupted_one(
+    reference: Path, tmp_path: Path
+) -> None:
+    topology = REPO / "jobs/configs/topology/cpu2.yaml"
+
+    def export(out: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "jobs.export", "--run", str(reference), "--topology", str(topology)]
+        return subprocess.run(
+            [*cmd, "--out", str(out)], cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True, text=True,
+            timeout=300,
+        )  # fmt: skip
+
+    whole = export(tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed = export(tmp_path / "bundle", {"DIMSEARCH_FAULT": "point=export"})
+    assert killed.returncode == -signal.SIGKILL
+    assert not (tmp_path / "bundle").exists()  # never a half-written bundle under its name
+    again = export(tmp_path / "bundle")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "whole"]  # the killed write's temp is gone
+    assert (tmp_path / "bundle" / "bundle.json").read_bytes() == (tmp_path / "whole" / "bundle.json").read_bytes()
+    verify = subprocess.run(
+        [sys.executable, "-m", "jobs.export", "--verify", str(tmp_path / "bundle")],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert verify.returncode == 0 and "OK" in verify.stdout, verify.stderr[-3000:]

@@ -266,7 +266,7 @@ def test_autodim_derived_dims_follow_the_planted_field_importance(tmp_path: Path
     # argmax plan is over it, and the budget rule shrinks the least certain fields first.
     budget = 4 * sum(capacity.values()) + 16 * sum(capacity[f] for f in fields[:4])
     args = tiny_job_args(
-        data, tmp_path, "planted",
+        data, tmp_path, "planted-run",
         "data.batch_size=1000", "sharding.planner_batch_size=1000", "data.protocol=random", "model.name=dlrm",
         "model.options={embedding_dim: 32}", "search.method=autodim", "search.candidate_dims=[4,8,16,24,32]",
         "search.arch_every=2", "search.warmup_steps=50", "search.temperature_decay=0.005", "search.search_epochs=4",
@@ -275,7 +275,7 @@ def test_autodim_derived_dims_follow_the_planted_field_importance(tmp_path: Path
     )  # fmt: skip
     run = run_train_job(args)
     assert run.returncode == 0, run.stderr[-3000:]
-    plan = DimensionPlan.load(tmp_path / "planted" / "plan")
+    plan = DimensionPlan.load(tmp_path / "planted-run" / "plan")
     assert plan.parameters <= budget
     dims = [plan[f].dim for f in fields]
     importance = [cfg.field_importance[f] for f in fields]
