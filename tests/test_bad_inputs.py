@@ -47,7 +47,9 @@ from tests.helpers import REPO, write_tiny
 # The typed errors a library call may raise for bad input; anything else is a bug and fails the case.
 TYPED_ERRORS = (DatasetError, PlanError, BundleError, ExportError, EvaluationError, ConfigError)
 # The wordings of a fix used across the project.
-FIX = re.compile(r"Fix: |Possible solutions: |Re-export|re-export|[Ee]xport (it|the plan) again|Point at|point at|Restore it")
+FIX = re.compile(
+    r"Fix: |Possible solutions: |Re-export|re-export|[Ee]xport (it|the plan) again|Point at|point at|Restore it"
+)
 TRACEBACK = "Traceback (most recent call last)"
 SMALL_FILE = 1 << 20  # files up to this size are hashed in the snapshot
 CPU2 = REPO / "jobs/configs/topology/cpu2.yaml"

@@ -193,12 +193,14 @@ def test_malformed_override(override: str) -> None:
 
 
 def test_missing_config_file(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"config file .*nope\.yaml does not exist\. Fix: pass an existing --config \(shipped configs are in jobs/"):
+    missing = r"config file .*nope\.yaml does not exist\. Fix: pass an existing --config \(shipped configs"
+    with pytest.raises(ConfigError, match=missing):
         load_config(tmp_path / "nope.yaml")
 
 
 def test_file_that_is_not_a_mapping(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"job\.yaml: expected a mapping of sections \(data:, model:, sharding:, search:, train:\), got list\. Fix: "):
+    not_a_mapping = r"job\.yaml: expected a mapping of sections \(data:, .*, train:\), got list\. Fix: "
+    with pytest.raises(ConfigError, match=not_a_mapping):
         load_config(_write(tmp_path, "- data\n- model\n"))
     with pytest.raises(ConfigError, match=r"section 'data' must be a mapping, got 5"):
         load_config(_write(tmp_path, "data: 5\n"), ["data.batch_size=3"])
