@@ -776,6 +776,7 @@ def _launch(*job_args: str | Path) -> Any:
 def _job(*extra: str | Callable[[Artifacts], str]) -> Callable[[Artifacts], Any]:
     """`python -m jobs.launch --standalone --nproc-per-node=2 -- ARGS` in-process, on the copied run's own config
     (so a resume is refused only for what `extra` changes): the launcher's checks run before any worker would."""
+
     def run(a: Artifacts) -> Any:
         args = [
             "--config", REPO / "jobs/configs/demo.yaml", f"data.path={a.data}", "data.batch_size=100",
