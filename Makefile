@@ -10,7 +10,7 @@ TORCHREC := torchrec==1.8.0
 TORCHREC_DEPS := tensordict torchmetrics==1.0.3 tqdm pyre-extensions iopath numpy
 DEMO_DIR ?= runs/demo-data
 
-.PHONY: setup test demo lint bench-pipeline clean
+.PHONY: setup test test-fast demo lint bench-pipeline clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -28,6 +28,10 @@ test: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q tests
+
+# The quick loop: everything but the tests that launch several processes (torchrun jobs, gloo ranks).
+test-fast: $(BIN)/.installed
+	$(BIN)/python -m pytest -q tests -m "not multirank"
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .

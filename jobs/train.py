@@ -793,13 +793,14 @@ def preflight(
     faults.from_env()  # a malformed drill is a config error too
     dataset = Dataset(cfg.data.path)
     days = dataset.days[: cfg.data.days] if cfg.data.days else dataset.days
+    if check_values:
+        # Before anything collects a scan: sizing the tables reads every day's ids, so then every day is checked.
+        dataset.check_values(days if cfg.data.capacity is not None else dataset.days)
     searcher = build_searcher(cfg, dataset.spec)
     plan = initial_plan(cfg, searcher, dataset.spec.feature_names, table_capacities(dataset, cfg.data.capacity))
     decision = decide(cfg, resume=resume or cfg.train.resume == "auto", replace=replace, restart_count=_restart_count())
     if cfg.train.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but no GPU is visible; use train.device=cpu or auto")
-    if check_values:
-        dataset.check_values(days)
     if world_size is not None:
         meta = build_recommender(cfg, dataset.spec, plan, "meta")
         attach_fused_optimizer(meta, cfg.sharding)
