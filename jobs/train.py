@@ -75,6 +75,7 @@ from sharding.checkpoint import (
     load_full_weights,
     migrate_weights,
     save_checkpoint,
+    write_text_atomic,
 )
 from sharding.distributed import (
     MemoryReport,
@@ -372,11 +373,11 @@ class Trainer:
             self.build(self.plan, search=self._in_search())
         if _rank0():
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            _write_text_atomic(self.run_dir / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+            write_text_atomic(self.run_dir / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
             # The metrics are the checkpoint's records, no more: a record appended after the checkpoint a resume
             # starts from (or of a day a kill cut short) is dropped here and written again when its work is redone.
             records = [asdict(d) for d in self.result.days] + list(self.result.epochs)
-            _write_text_atomic(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+            write_text_atomic(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
             logger.info("dimension plan:\n%s", self.plan.summary())
             logger.info("%s", self.memory.summary())
 
@@ -748,12 +749,6 @@ def _init_process_group(device_type: str) -> None:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, timeout=timeout)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    part = path.with_name(f".{path.name}.part")
-    part.write_text(text)
-    part.replace(path)
 
 
 def _restart_count() -> int:

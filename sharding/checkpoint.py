@@ -139,7 +139,7 @@ def save_checkpoint(
     if _rank(pg) == 0:
         if extra is not None:
             extra(tmp)
-        _write_atomic(tmp / CHECKPOINT_DONE, json.dumps({"files": _manifest(tmp)}, indent=1))
+        write_text_atomic(tmp / CHECKPOINT_DONE, json.dumps({"files": _manifest(tmp)}, indent=1))
         old = _aside(directory)
         if directory.exists():
             shutil.rmtree(old, ignore_errors=True)
@@ -156,7 +156,8 @@ def _aside(directory: Path) -> Path:
     return directory.with_name(f".{directory.name}.old")
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `path` through a temporary sibling renamed over it (fsynced first): readers see old or new, never half."""
     part = path.with_name(f".{path.name}.part")
     with part.open("w") as fh:
         fh.write(text)
