@@ -62,7 +62,7 @@ from pipeline.spec import DatasetSpec, load_spec
 from pipeline.vocab import VocabularySet
 from sharding.distributed import SHARDING_TYPES, BudgetError, ShardingConfig, attach_fused_optimizer, plan_sharding
 from sharding.embedding import RowRemap
-from sharding.plan import DimensionPlan, PlanError, TableSpec
+from sharding.plan import DimensionPlan, PlanError, TableSpec, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -296,14 +296,6 @@ def _save_tensor(obj: torch.Tensor | dict[str, torch.Tensor], path: Path) -> Non
         torch.save({k: v.detach().clone(memory_format=torch.contiguous_format) for k, v in obj.items()}, path)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _canonical(body: Mapping[str, Any]) -> str:
     return json.dumps(body, sort_keys=True, indent=1) + "\n"
 
@@ -375,7 +367,7 @@ def export(run_dir: str | Path, topology_path: str | Path, out: str | Path, *, o
             "code_version": plan.provenance["export"]["code_version"],
             "topology": sharding["topology"],
             "tables": [_table_json(t) for t in plan.tables()],
-            "files": {rel: {"sha256": _sha256(tmp / rel), "bytes": (tmp / rel).stat().st_size} for rel in files},
+            "files": {rel: {"sha256": sha256_file(tmp / rel), "bytes": (tmp / rel).stat().st_size} for rel in files},
         }
         body["checksum"] = hashlib.sha256(_canonical(body).encode()).hexdigest()
         (tmp / MANIFEST).write_text(_canonical(body))
@@ -545,7 +537,7 @@ def load_bundle(path: str | Path) -> Bundle:
     for rel, meta in sorted(files.items()):
         if not (path / rel).is_file():
             raise BundleError(f"{path / rel}: missing (listed in {MANIFEST}). Re-export the bundle or restore the file")
-        if _sha256(path / rel) != meta["sha256"]:
+        if sha256_file(path / rel) != meta["sha256"]:
             raise BundleError(
                 f"{path / rel}: checksum mismatch: the file was changed after export. Re-export the bundle or "
                 "restore the file"

@@ -23,7 +23,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -40,7 +39,7 @@ from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from sharding.plan import DimensionPlan, FeaturePlan
+from sharding.plan import DimensionPlan, FeaturePlan, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -64,14 +63,6 @@ class CheckpointError(ValueError):
 _HASH_LIMIT = 64 << 20  # files up to this size are hashed too; larger shards are checked by size
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _manifest(directory: Path) -> dict[str, dict[str, Any]]:
     files: dict[str, dict[str, Any]] = {}
     for p in sorted(directory.rglob("*")):
@@ -79,7 +70,7 @@ def _manifest(directory: Path) -> dict[str, dict[str, Any]]:
             size = p.stat().st_size
             entry: dict[str, Any] = {"bytes": size}
             if size <= _HASH_LIMIT:
-                entry["sha256"] = _sha256(p)
+                entry["sha256"] = sha256_file(p)
             files[p.relative_to(directory).as_posix()] = entry
     return files
 
@@ -105,7 +96,7 @@ def verify_checkpoint(directory: str | Path) -> None:
         size = path.stat().st_size
         if size != want["bytes"]:
             raise CheckpointError(f"{path}: {size:,} bytes, the manifest says {want['bytes']:,} (truncated?)")
-        if "sha256" in want and _sha256(path) != want["sha256"]:
+        if "sha256" in want and sha256_file(path) != want["sha256"]:
             raise CheckpointError(f"{path}: its contents differ from the manifest's checksum")
 
 

@@ -391,7 +391,7 @@ class DimensionPlan:
                     rel = f"rows/{f.feature}.parquet"
                     (tmp / "rows").mkdir(exist_ok=True)
                     f.rows_frame().write_parquet(tmp / rel)
-                    files[rel] = _sha256_file(tmp / rel)
+                    files[rel] = sha256_file(tmp / rel)
             body["checksums"] = {"files": files, "body": _sha256_json(body)}
             (tmp / PLAN_FILE).write_text(json.dumps(body, indent=1, default=_json_default))
         return directory
@@ -431,7 +431,7 @@ class DimensionPlan:
                 raise PlanError(
                     f"{directory / rel}: row file listed in the plan is missing. Restore it, or export the plan again"
                 )
-            if _sha256_file(directory / rel) != digest:
+            if sha256_file(directory / rel) != digest:
                 raise PlanError(
                     f"{directory / rel}: checksum mismatch: the row file was changed after the plan was saved. "
                     "Restore it, or export the plan again"
@@ -486,7 +486,8 @@ def _sha256_json(body: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=_json_default).encode()).hexdigest()
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The SHA-256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):

@@ -367,7 +367,7 @@ def test_load_validates_dims_even_with_valid_checksums(tmp_path: Path) -> None:
     rows.with_columns(pl.when(pl.col("row") == 4).then(0).otherwise(pl.col("dim")).alias("dim")).write_parquet(
         rows_path
     )
-    digest = plan_module._sha256_file(rows_path)
+    digest = plan_module.sha256_file(rows_path)
     _edit_json(d, lambda b: b["checksums"]["files"].update({"rows/item.parquet": digest}))
     with pytest.raises(PlanError, match=r"plan\.json: feature 'item': row 4 has dim 0; dims must be > 0"):
         DimensionPlan.load(d)
@@ -377,7 +377,7 @@ def test_load_rejects_row_count_mismatch(tmp_path: Path) -> None:
     d = _mixed_plan().save(tmp_path / "p")
     rows_path = d / "rows" / "item.parquet"
     pl.read_parquet(rows_path).head(5).write_parquet(rows_path)
-    digest = plan_module._sha256_file(rows_path)
+    digest = plan_module.sha256_file(rows_path)
     _edit_json(d, lambda b: b["checksums"]["files"].update({"rows/item.parquet": digest}))
     with pytest.raises(PlanError, match=r"rows/item\.parquet: 5 rows, plan says 6"):
         DimensionPlan.load(d)
