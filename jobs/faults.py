@@ -23,6 +23,8 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
+from jobs.config import ConfigError
+
 POINTS = ("mid-day", "checkpoint", "checkpoint-replace", "reconfigure", "export")
 ENV = "DIMSEARCH_FAULT"
 
@@ -61,7 +63,7 @@ def from_env() -> Fault:
     """The drill `DIMSEARCH_FAULT` describes, or a no-op.
 
     Raises:
-        ValueError: the variable is malformed (it names the bad part and the valid points).
+        ConfigError: the variable is malformed (it names the bad part and the valid points).
     """
     text = os.environ.get(ENV, "").strip()
     if not text:
@@ -70,11 +72,11 @@ def from_env() -> Fault:
     for part in text.split(","):
         key, sep, value = part.partition("=")
         if not sep or key.strip() not in ("point", "rank", "day", "step", "once"):
-            raise ValueError(f"{ENV}: '{part}' is not one of point=, rank=, day=, step=, once= (got {text!r})")
+            raise ConfigError(f"{ENV}: '{part}' is not one of point=, rank=, day=, step=, once= (got {text!r})")
         fields[key.strip()] = value.strip()
     point = fields.get("point", "")
     if point not in POINTS:
-        raise ValueError(f"{ENV}: point '{point}' is not one of {list(POINTS)}")
+        raise ConfigError(f"{ENV}: point '{point}' is not one of {list(POINTS)}")
     try:
         return Fault(
             point,
@@ -84,4 +86,4 @@ def from_env() -> Fault:
             once=Path(fields["once"]) if "once" in fields else None,
         )
     except ValueError:
-        raise ValueError(f"{ENV}: rank, day and step must be integers (got {text!r})") from None
+        raise ConfigError(f"{ENV}: rank, day and step must be integers (got {text!r})") from None

@@ -42,9 +42,9 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def _world_size(run_args: argparse.Namespace) -> int | None:
-    """The ranks torchrun will start (the largest `--nnodes` times `--nproc-per-node`), or None where that is only
-    known at run time (`--nproc-per-node=gpu|auto`)."""
-    nodes = str(run_args.nnodes).split(":")[-1]
+    """The fewest ranks torchrun may run the job on (the smallest `--nnodes` times `--nproc-per-node`: the most bytes
+    per rank), or None where that is only known at run time (`--nproc-per-node=gpu|auto`)."""
+    nodes = str(run_args.nnodes).split(":")[0]
     per_node = str(run_args.nproc_per_node)
     if run_args.standalone:
         nodes = "1"
@@ -63,10 +63,15 @@ def main(argv: list[str] | None = None) -> int:
 
     run_args = get_args_parser().parse_args([*torch_args, "--module", "jobs.train", *job_args])
     args = job_parser().parse_intermixed_args(job_args)
+    # The run id a multi-node job's agents share; --standalone makes a new one per launch.
+    run_id = None if run_args.standalone else run_args.rdzv_id
     try:
         cfg = load_config(args.config, args.overrides)
-        preflight(cfg, resume=args.resume, replace=args.replace, world_size=_world_size(run_args))
-        RunLock(cfg.run_dir).check_free()
+        preflight(cfg, resume=args.resume, replace=args.replace, world_size=_world_size(run_args), run_id=run_id)
+        # On one node nobody else may hold the run now. On several, an agent that joins (or rejoins) a running job
+        # finds the job's own rank 0 holding it, so only the workers' rank 0 takes the lock there.
+        if run_args.standalone or str(run_args.nnodes) in ("1", "1:1"):
+            RunLock(cfg.run_dir).check_free()
     except BAD_INPUT as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -54,12 +54,14 @@ from tqdm import tqdm
 from jobs import faults
 from jobs.config import ConfigError, JobConfig, load_config
 from jobs.logs import setup_logging
-from jobs.rundir import RunDecision, RunLock, clear_run, decide
+from jobs.rundir import RunDecision, RunError, RunLock, clear_run, decide, mark_job
 from models import metrics
+from models.errors import ModelConfigError
 from models.factory import build_model
 from models.losses import example_losses
 from models.recommender import Recommender
 from pipeline.dataset import Dataset, Day
+from pipeline.errors import DatasetError
 from pipeline.spec import DatasetSpec
 from pipeline.splits import SplitAssignment, assign_splits
 from pipeline.stream import DayStream, StreamConfig
@@ -69,6 +71,8 @@ from search.base import DayStats, FixedSearcher, Searcher
 from search.esapn import EsapnConfig, EsapnSearcher, size_ladder
 from search.scall import ScallSearcher
 from sharding.checkpoint import (
+    CheckpointError,
+    damaged_checkpoints,
     full_tensors,
     latest_checkpoint,
     load_checkpoint,
@@ -78,6 +82,7 @@ from sharding.checkpoint import (
     write_text_atomic,
 )
 from sharding.distributed import (
+    BudgetError,
     MemoryReport,
     attach_fused_optimizer,
     combined_optimizer,
@@ -343,11 +348,20 @@ class Trainer:
 
     def setup(self, resume: bool) -> None:
         # Rank 0 picks the checkpoint (skipping damaged ones, by name) and every rank loads that one.
-        choice: list[str | None] = [None]
+        choice: list[str | None] = [None, None]
         if resume and self.rank == 0:
             found = latest_checkpoint(self.run_dir / "checkpoints")
             choice[0] = str(found) if found is not None else None
+            damaged = damaged_checkpoints(self.run_dir / "checkpoints") if found is None else []
+            if damaged:  # never start over on top of checkpoints that might be repaired
+                choice[1] = (
+                    f"{self.run_dir / 'checkpoints'}: no checkpoint is intact: "
+                    + "; ".join(why for _, why in damaged)
+                    + ". Fix: restore them, or --replace the run to start it over"
+                )
         dist.broadcast_object_list(choice, src=0, group=self.pg)
+        if choice[1] is not None:
+            raise RunError(choice[1])
         ckpt = Path(choice[0]) if choice[0] is not None else None
         if resume and ckpt is None and _rank0():
             logger.warning("resume: no complete checkpoint in %s; starting from the beginning", self.run_dir)
@@ -378,6 +392,8 @@ class Trainer:
             # starts from (or of a day a kill cut short) is dropped here and written again when its work is redone.
             records = [asdict(d) for d in self.result.days] + list(self.result.epochs)
             write_text_atomic(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+            # The checkpoint's plan: a kill after a day's checkpoint but before its record left plan/ a day behind.
+            self.plan.save(self.run_dir / "plan")
             logger.info("dimension plan:\n%s", self.plan.summary())
             logger.info("%s", self.memory.summary())
 
@@ -751,10 +767,6 @@ def _init_process_group(device_type: str) -> None:
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, timeout=timeout)
 
 
-def _restart_count() -> int:
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-
-
 @dataclass
 class Preflight:
     """Everything checked before a process group starts: the data, its days, the searcher, the starting plan and
@@ -774,6 +786,7 @@ def preflight(
     replace: bool = False,
     check_values: bool = True,
     world_size: int | None = None,
+    run_id: str | None = None,
 ) -> Preflight:
     """Check the config against the data and the run directory, reading only: nothing on disk changes.
 
@@ -793,7 +806,7 @@ def preflight(
         dataset.check_values(days if cfg.data.capacity is not None else dataset.days)
     searcher = build_searcher(cfg, dataset.spec)
     plan = initial_plan(cfg, searcher, dataset.spec.feature_names, table_capacities(dataset, cfg.data.capacity))
-    decision = decide(cfg, resume=resume or cfg.train.resume == "auto", replace=replace, restart_count=_restart_count())
+    decision = decide(cfg, resume=resume or cfg.train.resume == "auto", replace=replace, run_id=run_id)
     if cfg.train.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but no GPU is visible; use train.device=cpu or auto")
     if world_size is not None:
@@ -813,6 +826,8 @@ def _watch_parent() -> None:
     is gone (reparented). Not `PR_SET_PDEATHSIG`: it fires when the agent's *thread* that spawned the worker ends,
     which kills restarted workers of a live agent."""
     parent = os.getppid()
+    if parent == 1:  # the agent died before this worker got here
+        os._exit(1)
 
     def watch() -> None:
         while os.getppid() == parent:
@@ -834,16 +849,19 @@ def train(cfg: JobConfig, resume: bool = False, replace: bool = False) -> TrainR
     rank = int(os.environ.get("RANK", "0"))
     # Under `jobs.launch` the launcher has checked every value already; under plain torchrun rank 0 does.
     checked = os.environ.get("DIMSEARCH_PREFLIGHT") == "done"
-    ready = preflight(cfg, resume=resume, replace=replace, check_values=rank == 0 and not checked)
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    ready = preflight(cfg, resume=resume, replace=replace, check_values=rank == 0 and not checked, run_id=run_id)
     lock = RunLock(cfg.run_dir).acquire() if rank == 0 else None
     use_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
     _init_process_group("cuda" if use_cuda else "cpu")
     try:
         # Every rank decided from the same untouched directory before rank 0 changes anything in it.
         dist.barrier()
-        if rank == 0 and ready.decision.clear:
-            clear_run(cfg.run_dir)
-            logger.info("--replace: started %s over", cfg.run_dir)
+        if rank == 0:
+            if ready.decision.clear:
+                clear_run(cfg.run_dir)
+                logger.info("--replace: started %s over", cfg.run_dir)
+            mark_job(cfg.run_dir, run_id)  # a restart of this job resumes, whatever its flags
         if use_cuda:
             local = int(os.environ.get("LOCAL_RANK", "0"))
             torch.cuda.set_device(local)
@@ -878,7 +896,8 @@ def job_parser() -> argparse.ArgumentParser:
     return parser
 
 
-BAD_INPUT = (ValueError, PlanError)  # ConfigError, DatasetError, RunError, BudgetError are ValueErrors
+# What bad input raises; any other exception is a bug and keeps its traceback.
+BAD_INPUT = (ConfigError, DatasetError, PlanError, RunError, BudgetError, CheckpointError, ModelConfigError)
 
 
 @record
@@ -891,7 +910,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = load_config(args.config, args.overrides)
         train(cfg, resume=args.resume, replace=args.replace)
     except BAD_INPUT as e:
-        if int(os.environ.get("RANK", "0")) == 0:  # once, not once per rank
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # once per node, not once per rank
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -27,7 +27,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -85,8 +85,11 @@ def verify_checkpoint(directory: str | Path) -> None:
     marker = directory / CHECKPOINT_DONE
     if not marker.is_file():
         raise CheckpointError(f"{directory}: no {CHECKPOINT_DONE} marker (the write did not finish)")
+    text = marker.read_text()
+    if text == "ok\n":  # written before checkpoints carried a manifest: complete, but nothing to verify against
+        return
     try:
-        manifest = json.loads(marker.read_text())["files"]
+        manifest = json.loads(text)["files"]
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{marker}: unreadable manifest ({e})") from None
     for rel, want in manifest.items():
@@ -162,24 +165,23 @@ def damaged_checkpoints(root: str | Path) -> list[tuple[Path, str]]:
     return [(p, why) for p, why in _candidates(Path(root)) if why]
 
 
-def _candidates(root: Path) -> list[tuple[Path, str]]:
-    """Every checkpoint under `root`, newest first, with '' or why it cannot be loaded. A checkpoint moved aside
-    while being replaced (`.<name>.old`) stands in for `<name>` when a kill left no `<name>`."""
+def _candidates(root: Path) -> Iterator[tuple[Path, str]]:
+    """Every checkpoint under `root`, newest first, with '' or why it cannot be loaded, verified one at a time as
+    the caller asks (a resume reads back only to the newest intact one). A checkpoint moved aside while being
+    replaced (`.<name>.old`) stands in for `<name>` when a kill left no `<name>`."""
     if not root.is_dir():
-        return []
+        return
     named = {p.name: p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
     for p in root.glob(".*.old"):
         name = p.name[1 : -len(".old")]
         if p.is_dir() and name not in named:
             named[name] = p
-    out: list[tuple[Path, str]] = []
     for name in sorted(named, reverse=True):
         try:
             verify_checkpoint(named[name])
-            out.append((named[name], ""))
+            yield named[name], ""
         except CheckpointError as e:
-            out.append((named[name], str(e)))
-    return out
+            yield named[name], str(e)
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:

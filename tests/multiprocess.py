@@ -44,6 +44,10 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable[..., None], args:
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=dt.timedelta(seconds=45))
     try:
         fn(rank, world_size, *args)
+        # Every rank reaches the end before any tears gloo down: a rank that destroys its process group while its
+        # peer still talks to it can abort the peer at exit (SIGABRT, "terminate called without an active
+        # exception"), which failed a passing test once in CI.
+        dist.barrier()
     except BaseException:
         traceback.print_exc()
         sys.stderr.flush()

@@ -182,8 +182,18 @@ def test_a_damaged_newest_checkpoint_is_named_and_the_previous_one_used(tmp_path
 def test_a_damaged_newest_checkpoint_is_skipped_on_resume(data: Path, reference: Path, tmp_path: Path) -> None:
     first = finish(launch_job(_scall_args(data, tmp_path, "run", "data.days=2")))
     assert first.returncode == 0, first.stderr[-3000:]
-    shard = next((tmp_path / "run" / "checkpoints" / "day-0001").glob("*.distcp"))
-    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    ckpts = tmp_path / "run" / "checkpoints"
+    for day in ("day-0000", "day-0001"):
+        shard = next((ckpts / day).glob("*.distcp"))
+        shard.with_suffix(".good").write_bytes(shard.read_bytes())
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    # No intact checkpoint: refused with each one named, never started over on top of them.
+    none_intact = finish(launch_job(_scall_args(data, tmp_path, "run")))
+    assert none_intact.returncode != 0
+    assert "no checkpoint is intact" in none_intact.stderr and "day-0000" in none_intact.stderr
+    assert "day-0001" in none_intact.stderr and "--replace" in none_intact.stderr
+    shard = next((ckpts / "day-0000").glob("*.distcp"))
+    shard.with_suffix(".good").rename(shard)  # the older one restored
     resumed = finish(launch_job(_scall_args(data, tmp_path, "run")))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "skipping damaged checkpoint" in resumed.stderr and "day-0001" in resumed.stderr
