@@ -6,10 +6,14 @@ reached) map to it at lookup, and are counted, never a crash and never a silent 
 Every row also counts how often it was seen in training: the row-level searches (ESAPN, CIESS, SCALL) size rows
 by these frequencies.
 
-Everything is vectorised. Small non-negative raw ids are looked up through a direct index array (one gather);
-other ids through a two-level multiplicative hash table (a multiply, a shift and two gathers per id, at a load of
-at most 1/4 per level), and the few ids whose slots collide on both levels through `np.searchsorted` on a sorted
-copy of them. `tests/test_vocab.py` checks this against a plain Python dict.
+Everything is vectorised, and an update costs time in the ids it admits, not in the ids already held (a feature
+may hold 10M ids and admit a few hundred thousand a day). Small non-negative raw ids are looked up through a
+direct index array (one gather), grown geometrically. Other ids go through a growable open-addressing hash table
+(`_HashTable`: multiplicative hashing, linear probing, load at most 1/2, doubled when full, so each id is re-hashed
+O(1) times amortised). `update` looks each id up once: the ids it misses are deduplicated in order of first
+appearance with their inverse, so their rows follow without a second lookup. `python -m benchmarks.vocab` compares
+this table with the previous static two-level hash, a polars join, `pandas.Index.get_indexer` and a sorted
+`np.searchsorted` (BENCHMARKS.md, "vocab"); `tests/test_vocab.py` checks it against a plain Python dict.
 """
 
 from __future__ import annotations
@@ -31,56 +35,102 @@ FALLBACK_ROW = 0
 VOCAB_VERSION = 1
 # Raw ids below this bound are looked up through a direct int32 index array (at most 16 MiB per feature).
 _DIRECT_LIMIT = 1 << 22
-_EMPTY, _COLLIDED = -1, -2  # slot markers; raw ids are non-negative so they never match a query
-_MULTIPLIERS = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xC2B2AE3D27D4EB4F))
+_EMPTY = -1  # marks a free slot; raw ids are non-negative (checked in `update`) so it never matches a query
+_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)  # 2**64 / golden ratio (Fibonacci hashing)
+_MIN_BITS = 10
 
 
-class _HashIndex:
-    """A static id → row index: per level, one multiplicative-hash slot per key where the slot is unique; keys that
-    share a slot go to the next level, and the ones still colliding after the last level to a sorted array."""
+def _slot(ids: np.ndarray, bits: int) -> np.ndarray:
+    """Home slot of each id in a table of 2**bits slots: the top bits of a multiplicative hash."""
+    x = ids.view(np.uint64)
+    # Fold the high half in first: ids that differ only in their high bits (k << 40) still spread over the slots.
+    x = (x ^ (x >> np.uint64(32))) * _MULTIPLIER
+    # The shifted product is below 2**bits, so viewing it as int64 is exact and copies nothing.
+    return (x >> np.uint64(64 - bits)).view(np.int64)
 
-    def __init__(self, keys: np.ndarray, rows: np.ndarray) -> None:
-        self.levels: list[tuple[int, np.ndarray]] = []
-        for mult in _MULTIPLIERS:
-            if keys.size == 0:
-                break
-            bits = max(int(np.ceil(np.log2(4 * keys.size))), 8)
-            slot = self._slot(keys, mult, bits)
-            per_slot = np.bincount(slot, minlength=1 << bits)
-            unique = per_slot[slot] == 1
-            # Key and row side by side: one gather (one cache line) per id instead of two.
-            table = np.zeros((1 << bits, 2), dtype=np.int64)
-            table[:, 0] = _EMPTY
-            table[slot[unique], 0] = keys[unique]
-            table[slot[unique], 1] = rows[unique]
-            table[slot[~unique], 0] = _COLLIDED
-            self.levels.append((bits, table))
-            keys, rows = keys[~unique], rows[~unique]
-        order = np.argsort(keys)
-        self.rest_keys, self.rest_rows = keys[order], rows[order]
 
-    @staticmethod
-    def _slot(ids: np.ndarray, mult: np.uint64, bits: int) -> np.ndarray:
-        # The shifted product is below 2**bits, so viewing it as int64 is exact and copies nothing.
-        return ((ids.view(np.uint64) * mult) >> np.uint64(64 - bits)).view(np.int64)
+class _HashTable:
+    """A growable raw id → row hash table with linear probing, vectorised over batches of ids.
+
+    Key and row sit side by side in one (2**bits, 2) int64 array, so a probe is one gather (one cache line). The
+    load stays at most 1/2: a hit takes 1.5 probes and a miss 2.5 on average, each round of probes one vectorised
+    pass over the ids still unresolved. Nothing is ever deleted, so a slot once filled stays filled, which is all
+    linear probing needs to stay correct under inserts.
+    """
+
+    def __init__(self) -> None:
+        self.bits = _MIN_BITS
+        self.size = 0
+        self.table = np.full((1 << self.bits, 2), _EMPTY, dtype=np.int64)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.table.nbytes)
 
     def lookup(self, ids: np.ndarray) -> np.ndarray:
-        return self._lookup(ids, 0)
-
-    def _lookup(self, ids: np.ndarray, level: int) -> np.ndarray:
-        if level == len(self.levels):
-            if self.rest_keys.size == 0:
-                return np.zeros(ids.shape, dtype=np.int64)
-            pos = np.minimum(np.searchsorted(self.rest_keys, ids), self.rest_keys.size - 1)
-            return np.where(self.rest_keys[pos] == ids, self.rest_rows[pos], 0)
-        bits, table = self.levels[level]
-        entries = np.take(table, self._slot(ids, _MULTIPLIERS[level], bits), axis=0)
-        found = entries[:, 0]
-        rows = np.where(found == ids, entries[:, 1], 0)
-        collided = np.flatnonzero(found == _COLLIDED)
-        if collided.size:
-            rows[collided] = self._lookup(ids[collided], level + 1)
+        """Rows of `ids`; `FALLBACK_ROW` for ids not in the table."""
+        mask = (1 << self.bits) - 1
+        slot = _slot(ids, self.bits)
+        entries = np.take(self.table, slot, axis=0)
+        hit = entries[:, 0] == ids
+        rows = np.where(hit, entries[:, 1], FALLBACK_ROW)
+        # Ids whose probe met another key go on to the next slot; the rest are resolved (hit or empty slot).
+        pending = np.flatnonzero(~hit & (entries[:, 0] != _EMPTY))
+        keys, slot = ids[pending], slot[pending]
+        while pending.size:
+            slot = (slot + 1) & mask
+            entries = np.take(self.table, slot, axis=0)
+            hit = entries[:, 0] == keys
+            rows[pending[hit]] = entries[hit, 1]
+            more = ~hit & (entries[:, 0] != _EMPTY)
+            pending, keys, slot = pending[more], keys[more], slot[more]
         return rows
+
+    def insert(self, keys: np.ndarray, rows: np.ndarray) -> None:
+        """Add `keys` → `rows`. The keys must be distinct and not yet in the table (`Vocabulary.update` ensures it)."""
+        if 2 * (self.size + keys.size) > self.table.shape[0]:
+            self._grow(self.size + keys.size)
+        self._place(keys, rows)
+        self.size += int(keys.size)
+
+    def _grow(self, size: int) -> None:
+        old = self.table[self.table[:, 0] != _EMPTY]
+        self.bits = max(int(np.ceil(np.log2(2 * size))), _MIN_BITS)
+        self.table = np.full((1 << self.bits, 2), _EMPTY, dtype=np.int64)
+        self._place(old[:, 0], old[:, 1])
+
+    def _place(self, keys: np.ndarray, rows: np.ndarray) -> None:
+        mask = (1 << self.bits) - 1
+        slot = _slot(keys, self.bits)
+        while keys.size:
+            free = self.table[slot, 0] == _EMPTY
+            # Keys that race for one free slot: one write lands (the keys are distinct, so exactly one reads back).
+            self.table[slot[free], 0] = keys[free]
+            won = np.zeros(keys.size, dtype=bool)
+            won[free] = self.table[slot[free], 0] == keys[free]
+            self.table[slot[won], 1] = rows[won]
+            # The losers' slots are all filled now, so they probe on: no empty slot is ever left behind them.
+            lost = ~won
+            keys, rows, slot = keys[lost], rows[lost], (slot[lost] + 1) & mask
+
+
+def _distinct_with_inverse(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct ids in order of first appearance, and for each id its position among them.
+
+    One hash group-by (polars): each id gets the index of its first occurrence; the first occurrences, in order,
+    are the distinct ids, and a running count of them numbers each id's group.
+    """
+    first = (
+        pl.DataFrame({"id": ids})
+        .with_row_index("i")
+        .select(pl.col("i").min().over("id"))
+        .to_series()
+        .to_numpy()
+        .astype(np.int64, copy=False)
+    )
+    is_first = first == np.arange(ids.size)
+    code = np.cumsum(is_first) - 1
+    return ids[is_first], code[first]
 
 
 class Vocabulary:
@@ -96,22 +146,35 @@ class Vocabulary:
         if capacity is not None and capacity < 1:
             raise ValueError(f"capacity must be >= 1 (the fallback row), got {capacity}")
         self.capacity = capacity
-        self.raw_ids = np.zeros(0, dtype=np.int64)  # raw id of row r+1, in order of first appearance
-        self.counts = np.zeros(1, dtype=np.int64)  # training occurrences per row; row 0 counts unadmitted ids
         self.unseen = 0  # lookups that fell back to row 0 because the id was never admitted
         self.overflow = 0  # distinct ids refused because the table was full
-        self._direct: np.ndarray | None = np.zeros(0, dtype=np.int32)
-        self._hashed: _HashIndex | None = None
+        self.counts = np.zeros(1, dtype=np.int64)  # training occurrences per row; row 0 counts unadmitted ids
+        # Raw id of row r+1, over-allocated and grown geometrically so that admitting a day's ids does not copy
+        # everything admitted before.
+        self._raw_ids = np.zeros(0, dtype=np.int64)
+        self._num_ids = 0
+        self._direct: np.ndarray | None = np.zeros(0, dtype=np.int32)  # raw id → row while every id < _DIRECT_LIMIT
+        self._hashed: _HashTable | None = None
+
+    @property
+    def raw_ids(self) -> np.ndarray:
+        """Raw id of row r+1, in order of first appearance (a read-only view)."""
+        return _read_only(self._raw_ids[: self._num_ids])
 
     @property
     def num_rows(self) -> int:
         """Rows in use, fallback row included."""
-        return int(self.raw_ids.size) + 1
+        return self._num_ids + 1
 
     @property
     def num_ids(self) -> int:
         """Distinct raw ids admitted."""
-        return int(self.raw_ids.size)
+        return self._num_ids
+
+    @property
+    def index_nbytes(self) -> int:
+        """Bytes held by the id → row index (the direct array or the hash table), not counting `raw_ids`."""
+        return int(self._direct.nbytes) if self._direct is not None else self._hashed.nbytes if self._hashed else 0
 
     def lookup(self, ids: np.ndarray, *, count_unseen: bool = True) -> np.ndarray:
         """Map raw ids to rows; ids never admitted map to `FALLBACK_ROW` (and are counted in `unseen`)."""
@@ -128,42 +191,63 @@ class Vocabulary:
         return rows
 
     def update(self, ids: np.ndarray) -> np.ndarray:
-        """Admit new ids (in order of first appearance in `ids`), count every occurrence, and return the rows."""
+        """Admit new ids (in order of first appearance in `ids`), count every occurrence, and return the rows.
+
+        Raises:
+            ValueError: an id is negative (datasets are validated to hold non-negative ids).
+        """
         ids = np.asarray(ids, dtype=np.int64)
         rows = self.lookup(ids, count_unseen=False)
         new_mask = rows == FALLBACK_ROW
         if new_mask.any():
             candidates = ids[new_mask]
-            # A hash-based distinct in order of first appearance (3-4x faster than np.unique + argsort).
-            new_ids = pl.Series(candidates).unique(maintain_order=True).to_numpy()
-            if self.capacity is not None:
-                room = max(self.capacity - self.num_rows, 0)
-                if new_ids.size > room:
-                    self.overflow += int(new_ids.size - room)
-                    new_ids = new_ids[:room]
+            if (low := int(candidates.min())) < 0:
+                raise ValueError(f"raw ids must be >= 0, got {low}; datasets are validated to hold non-negative ids")
+            # The only lookup of these ids was the one above: their rows follow from their order of first appearance.
+            new_ids, position = _distinct_with_inverse(candidates)
+            room = new_ids.size if self.capacity is None else max(self.capacity - self.num_rows, 0)
+            if new_ids.size > room:
+                self.overflow += int(new_ids.size - room)
+                new_ids = new_ids[:room]
+            rows[new_mask] = np.where(position < room, self.num_rows + position, FALLBACK_ROW)
             if new_ids.size:
                 self._admit(new_ids)
-                rows[new_mask] = self.lookup(candidates, count_unseen=False)
-        self.counts += np.bincount(rows, minlength=self.counts.size)
+        # A new array, not an in-place add: callers keep earlier days' counts (ESAPN diffs them day to day).
+        counts = np.bincount(rows, minlength=self.num_rows)
+        counts[: self.counts.size] += self.counts
+        self.counts = counts
         return rows
 
     def _admit(self, new_ids: np.ndarray) -> None:
-        self.raw_ids = np.concatenate([self.raw_ids, new_ids])
-        self.counts = np.concatenate([self.counts, np.zeros(new_ids.size, dtype=np.int64)])
-        rows = np.arange(1, self.num_rows, dtype=np.int64)
-        top = int(self.raw_ids.max()) + 1
-        if top <= _DIRECT_LIMIT:
-            direct = np.zeros(top, dtype=np.int32)
-            direct[self.raw_ids] = rows
-            self._direct, self._hashed = direct, None
-        else:
-            self._direct, self._hashed = None, _HashIndex(self.raw_ids, rows)
+        """Append `new_ids` (distinct, non-negative, not yet admitted) as the next rows and index them."""
+        start, stop = self.num_rows, self.num_rows + new_ids.size
+        if stop - 1 > self._raw_ids.size:
+            grown = np.zeros(max(stop - 1, 2 * self._raw_ids.size), dtype=np.int64)
+            grown[: self._num_ids] = self._raw_ids[: self._num_ids]
+            self._raw_ids = grown
+        self._raw_ids[start - 1 : stop - 1] = new_ids
+        self._num_ids = stop - 1
+        rows = np.arange(start, stop, dtype=np.int64)
+        if self._direct is not None:
+            top = int(new_ids.max()) + 1
+            if top <= _DIRECT_LIMIT:
+                if top > self._direct.size:
+                    grown = np.zeros(min(max(top, 2 * self._direct.size), _DIRECT_LIMIT), dtype=np.int32)
+                    grown[: self._direct.size] = self._direct
+                    self._direct = grown
+                self._direct[new_ids] = rows
+                return
+            # An id past the direct range: index everything admitted so far in a hash table, once.
+            self._direct, self._hashed = None, _HashTable()
+            new_ids, rows = self.raw_ids, np.arange(1, stop, dtype=np.int64)
+        assert self._hashed is not None
+        self._hashed.insert(new_ids, rows)
 
     def to_frame(self) -> pl.DataFrame:
         """One row per admitted id: raw id, row and count (the fallback row is row 0 and is not listed)."""
         return pl.DataFrame(
             {
-                "raw_id": self.raw_ids,
+                "raw_id": self.raw_ids.copy(),
                 "row": np.arange(1, self.num_rows, dtype=np.int64),
                 "count": self.counts[1:],
             }
@@ -180,11 +264,19 @@ class Vocabulary:
         raw = df.get_column("raw_id").to_numpy().astype(np.int64)
         if np.unique(raw).size != raw.size:
             raise ValueError("raw ids repeat")
+        if raw.size and int(raw.min()) < 0:
+            raise ValueError(f"raw ids must be >= 0, got {int(raw.min())}")
         if raw.size:  # an empty vocabulary (nothing admitted yet) has nothing to index
             vocab._admit(raw)
         vocab.counts = np.concatenate([[fallback_count], df.get_column("count").to_numpy()]).astype(np.int64)
         vocab.unseen, vocab.overflow = unseen, overflow
         return vocab
+
+
+def _read_only(a: np.ndarray) -> np.ndarray:
+    view = a.view()
+    view.flags.writeable = False
+    return view
 
 
 class VocabularySet:
