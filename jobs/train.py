@@ -428,28 +428,28 @@ class Trainer:
         over all ranks (nan for rows with no example), for searchers rewarded per row (ESAPN).
         """
         self.dmp.eval()
-        logits, labels, losses = [], [], []
+        scores = metrics.TaskMetricsAccumulator(self.dataset.spec.task)
+        loss_sum = torch.zeros(1, dtype=torch.float64)
         wanted = list(self.searcher.row_loss_features) if row_losses is not None else []
         totals = {f: torch.zeros(2, self.plan[f].num_embeddings, dtype=torch.float64) for f in wanted}
         with torch.no_grad():
             for rows, batch in self._batches_with_rows(split, days, grow=False):
                 loss, (_, out, y) = self.dmp(batch)
-                logits.append(out.cpu())
-                labels.append(y.cpu())
-                losses.append(float(loss) * y.numel())
+                out, y = out.cpu(), y.cpu()
+                scores.update(out, y)
+                loss_sum += float(loss) * y.numel()
                 if wanted:
-                    add_row_losses(totals, rows, example_losses(self.dataset.spec.task, out.cpu(), y.cpu()))
+                    add_row_losses(totals, rows, example_losses(self.dataset.spec.task, out, y))
         if row_losses is not None:
             for f, total in totals.items():
                 dist.all_reduce(total, group=self.pg)
                 row_losses[f] = (total[0] / total[1]).numpy()  # 0/0 = nan: no example
-        gathered: list[Any] = [None] * self.world_size
-        local = (torch.cat(logits) if logits else torch.zeros(0), torch.cat(labels) if labels else torch.zeros(0))
-        dist.all_gather_object(gathered, (*local, sum(losses)))
-        all_logits = torch.cat([g[0] for g in gathered])
-        all_labels = torch.cat([g[1] for g in gathered])
-        result = {"loss": sum(g[2] for g in gathered) / max(all_labels.numel(), 1), "examples": all_labels.numel()}
-        return {**result, **metrics.task_metrics(self.dataset.spec.task, all_logits, all_labels)}
+        # Sums and score histograms are all-reduced; no logit leaves its rank (DESIGN.md decision 13).
+        state = torch.cat([loss_sum, scores.state()])
+        dist.all_reduce(state, group=self.pg)
+        examples = int(state[1])
+        result = {"loss": float(state[0]) / max(examples, 1), "examples": examples}
+        return {**result, **scores.compute(state[1:])}
 
     def _finish(self, total: torch.Tensor, elapsed: float) -> tuple[float, int, float]:
         dist.all_reduce(total, group=self.pg)

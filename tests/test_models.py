@@ -15,7 +15,7 @@ from models.dlrm import DLRM, DeepFM, DeepFMConfig, DLRMConfig
 from models.errors import ModelConfigError
 from models.factory import build_model
 from models.losses import bce, bpr, cross_entropy, example_losses, loss_for_task, mse
-from models.metrics import accuracy, auc, log_loss, ndcg_at_k, recall_at_k
+from models.metrics import TaskMetricsAccumulator, accuracy, auc, log_loss, ndcg_at_k, recall_at_k, task_metrics
 from models.metrics import mse as mse_metric
 from models.mf import NCF, MatrixFactorization, MFConfig, NCFConfig
 
@@ -482,3 +482,51 @@ def test_forward_input_errors() -> None:
         model({**emb, "f0": torch.zeros(4, 4)}, dense)
     with pytest.raises(ModelConfigError, match=r"dense features have shape \(4, 2\), expected \[4, 3\]"):
         model(emb, dense[:, :2])
+
+
+def _scored(task: str, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    if task == "multiclass":
+        return torch.randn(n, 5, generator=g), torch.randint(0, 5, (n,), generator=g)
+    logits = torch.randn(n, generator=g) * 3
+    if task == "regression":
+        return logits, logits + torch.randn(n, generator=g)
+    logits[:50] = logits[50:100]  # ties across positives and negatives
+    return logits, (torch.rand(n, generator=g) < torch.sigmoid(logits)).float()
+
+
+@pytest.mark.parametrize("task", ["binary", "regression", "multiclass"])
+def test_accumulated_metrics_equal_the_metrics_of_all_rows(task: str) -> None:
+    logits, labels = _scored(task, 30_000, 0)
+    acc = TaskMetricsAccumulator(task)
+    for a, b in zip(logits.split(1001), labels.split(1001), strict=True):
+        acc.update(a, b)
+    got, want = acc.compute(), task_metrics(task, logits, labels)
+    assert got.keys() == want.keys()
+    for k in got:
+        tol = 1e-4 if k == "auc" else 1e-12  # AUC: pairs that share one of 2^20 score bins count as ties
+        assert got[k] == pytest.approx(want[k], abs=tol), k
+    assert TaskMetricsAccumulator(task).compute() == dict.fromkeys(want, math.nan)
+
+
+def _run_distributed_metrics(rank: int, world_size: int) -> None:
+    import torch.distributed as dist
+
+    logits, labels = _scored("binary", 20_000, 1)
+    mine = slice(rank * 20_000 // world_size, (rank + 1) * 20_000 // world_size)
+    acc = TaskMetricsAccumulator("binary")
+    for a, b in zip(logits[mine].split(512), labels[mine].split(512), strict=True):
+        acc.update(a, b)
+    state = acc.state()
+    dist.all_reduce(state)
+    got, want = acc.compute(state), task_metrics("binary", logits, labels)  # every rank: the gathered result
+    assert abs(got["auc"] - want["auc"]) < 1e-4, (got, want)
+    assert got["log_loss"] == pytest.approx(want["log_loss"], abs=1e-12)
+    assert got["accuracy"] == pytest.approx(want["accuracy"], abs=1e-12)
+
+
+@pytest.mark.multirank
+def test_metrics_reduced_over_two_ranks_equal_the_gathered_ones() -> None:
+    from tests.multiprocess import run_ranks
+
+    run_ranks(_run_distributed_metrics, 2)
