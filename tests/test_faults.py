@@ -309,3 +309,34 @@ def test_a_killed_export_leaves_nothing_and_its_rerun_equals_the_uninterrupted_o
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert verify.returncode == 0 and "OK" in verify.stdout, verify.stderr[-3000:]
+
+
+def test_a_rank_killed_after_a_static_search_derived_its_plan_loses_nothing(data: Path, tmp_path: Path) -> None:
+    # AutoDim on a static split: search → derive → retrain, a checkpoint after every day of every epoch. Rank 1 dies
+    # in the middle of the retrain phase's second day; the restarted group resumes inside that phase.
+    autodim = (
+        "data.protocol=random", "search.method=autodim", "search.candidate_dims=[4,8,16]", "search.arch_every=2",
+        "search.arch_lr=0.05", "search.temperature_decay=0.01", "train.resume=auto",
+    )  # fmt: skip
+    whole = finish(launch_job(tiny_job_args(data, tmp_path, "whole", *autodim)))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    once = tmp_path / "fired"
+    killed = finish(
+        launch_job(
+            tiny_job_args(data, tmp_path, "killed", *autodim),
+            ["--standalone", "--nproc-per-node=2", "--max-restarts=1"],
+            env={"DIMSEARCH_FAULT": f"point=mid-day,rank=1,day=1,step=2,once={once}"},
+        )
+    )
+    assert killed.returncode == 0, killed.stderr[-3000:]
+    assert once.exists() and "resumed from" in killed.stderr
+    got, want = _records(tmp_path / "killed"), _records(tmp_path / "whole")
+    assert [(r["phase"], r.get("epoch")) for r in got] == [("search", 0), ("train", 0), ("final", None)]
+    assert [(r["phase"], r.get("epoch")) for r in want] == [("search", 0), ("train", 0), ("final", None)]
+    for a, b in zip(got, want, strict=True):
+        assert a["eval"] == pytest.approx(b["eval"], rel=1e-6)
+        assert a.get("train_loss") == pytest.approx(b.get("train_loss"), rel=1e-6)
+        assert a["embedding_parameters"] == b["embedding_parameters"]
+    digest = plan_digest(DimensionPlan.load(tmp_path / "killed" / "plan"))
+    assert digest == plan_digest(DimensionPlan.load(tmp_path / "whole" / "plan"))
+    _assert_no_stray(tmp_path)
