@@ -335,7 +335,8 @@ def test_a_rank_killed_after_a_static_search_derived_its_plan_loses_nothing(data
     assert [(r["phase"], r.get("epoch")) for r in want] == [("search", 0), ("train", 0), ("final", None)]
     for a, b in zip(got, want, strict=True):
         assert a["eval"] == pytest.approx(b["eval"], rel=1e-6)
-        assert a.get("train_loss") == pytest.approx(b.get("train_loss"), rel=1e-6)
+        if "train_loss" in b:  # every record but the final test one
+            assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
         assert a["embedding_parameters"] == b["embedding_parameters"]
     digest = plan_digest(DimensionPlan.load(tmp_path / "killed" / "plan"))
     assert digest == plan_digest(DimensionPlan.load(tmp_path / "whole" / "plan"))
