@@ -705,6 +705,37 @@ def _from_blob(blob: str) -> Any:
     return torch.load(io.BytesIO(base64.b64decode(blob)), weights_only=True)
 
 
+def first_fit(cost: np.ndarray, room: int) -> np.ndarray:
+    """Which items a first-fit pass takes, in order: each whose cost still fits what the earlier ones left.
+
+    Vectorised, exact: up to the first item that does not fit, a prefix of the cumulative cost is taken; from then
+    on no item of that cost or more can fit again (the room only shrinks), so those are dropped and the pass goes on
+    with the cheaper ones. That is one cumulative sum per distinct cost at most (ESAPN's enlargement costs take a few
+    values: the steps between its sizes), not a Python step per row.
+
+    Args:
+        cost: `[n]` non-negative costs, in the order the items are considered.
+        room: what the budget has left.
+
+    Returns:
+        `[n]` bool: taken.
+    """
+    taken = np.zeros(cost.size, dtype=bool)
+    left = np.arange(cost.size)
+    while left.size:
+        spent = np.cumsum(cost[left])
+        fail = np.flatnonzero(spent > room)
+        if fail.size == 0:
+            taken[left] = True
+            break
+        j = int(fail[0])
+        taken[left[:j]] = True
+        room -= int(spent[j - 1]) if j else 0
+        rest = left[j + 1 :]
+        left = rest[cost[rest] < cost[left[j]]]
+    return taken
+
+
 class EsapnSearcher(Searcher):
     """ESAPN in the training job's day loop (module docstring, "In the training job"): each day every user and item
     row seen that day keeps or enlarges its size by its policy; rows move between bucket tables once per day.
@@ -937,11 +968,11 @@ class EsapnSearcher(Searcher):
         owner = np.concatenate([np.full(w.size, k) for k, w in enumerate(want)])
         position = np.concatenate(want)
         room = self.budget.value - self._spent(self._plan({}, check=False))
-        for i in np.lexsort((position, owner, -prob)):
-            if cost[i] <= room:
-                room -= cost[i]
-            else:
-                chosen[names[owner[i]]]["executed"][position[i]] = False
+        order = np.lexsort((position, owner, -prob))
+        fits = first_fit(cost[order], room)
+        for k, f in enumerate(names):
+            rejected = order[~fits & (owner[order] == k)]
+            chosen[f]["executed"][position[rejected]] = False
 
     def _spent(self, plan: DimensionPlan) -> int:
         """What `plan` counts against the budget (its stored or its logical parameters)."""

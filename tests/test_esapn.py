@@ -23,6 +23,7 @@ from search.esapn import (
     entity_means,
     esapn_plan,
     esapn_search,
+    first_fit,
     load_esapn_weights,
     popularity_bucket,
     reinforce_loss,
@@ -495,3 +496,21 @@ def test_job_row_losses_equal_a_per_example_loop() -> None:
                     expected[f][1, row] += 1
     for f in ("user", "item"):
         np.testing.assert_allclose(totals[f].numpy(), expected[f])
+
+
+def test_first_fit_equals_the_sequential_loop() -> None:
+    def loop(cost: np.ndarray, room: int) -> np.ndarray:
+        taken = np.zeros(cost.size, dtype=bool)
+        for i, c in enumerate(cost):
+            if c <= room:
+                taken[i], room = True, room - int(c)
+        return taken
+
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        n = int(rng.integers(0, 400))
+        cost = rng.choice([4, 8, 16, 32, 64] if trial % 2 else [1, 2, 3, 5, 7, 11], size=n)
+        room = int(rng.integers(0, max(int(cost.sum()), 1) + 10))
+        np.testing.assert_array_equal(first_fit(cost, room), loop(cost, room), err_msg=f"trial {trial}")
+    assert first_fit(np.array([8, 4, 8, 4]), 12).tolist() == [True, True, False, False]
+    assert first_fit(np.array([16, 4, 4]), 8).tolist() == [False, True, True]
