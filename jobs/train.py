@@ -255,10 +255,20 @@ def plan_digest(plan: DimensionPlan) -> str:
     return h.hexdigest()
 
 
+def all_reduce(t: torch.Tensor, pg: dist.ProcessGroup, op: Any = dist.ReduceOp.SUM) -> torch.Tensor:
+    """`t` reduced over `pg`, on `t`'s device: NCCL reduces only CUDA tensors, so a CPU tensor makes the round trip
+    through the current CUDA device there (gloo takes it as it is)."""
+    if dist.get_backend(pg) == "nccl" and t.device.type != "cuda":
+        on_device = t.cuda()
+        dist.all_reduce(on_device, op=op, group=pg)
+        return on_device.to(t.device)
+    dist.all_reduce(t, op=op, group=pg)
+    return t
+
+
 def _peak_rss_mb(pg: dist.ProcessGroup) -> float:
     rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0])
-    dist.all_reduce(rss, op=dist.ReduceOp.MAX, group=pg)
-    return float(rss[0])
+    return float(all_reduce(rss, pg, dist.ReduceOp.MAX)[0])
 
 
 class Trainer:
@@ -437,24 +447,26 @@ class Trainer:
                 loss, (_, out, y) = self.dmp(batch)
                 out, y = out.cpu(), y.cpu()
                 scores.update(out, y)
-                loss_sum += float(loss) * y.numel()
+                loss_sum += loss.detach().double().cpu() * y.numel()
                 if wanted:
                     add_row_losses(totals, rows, example_losses(self.dataset.spec.task, out, y))
         if row_losses is not None:
             for f, total in totals.items():
-                dist.all_reduce(total, group=self.pg)
+                total = all_reduce(total, self.pg)
                 row_losses[f] = (total[0] / total[1]).numpy()  # 0/0 = nan: no example
         # Sums and score histograms are all-reduced; no logit leaves its rank (DESIGN.md decision 13).
         state = torch.cat([loss_sum, scores.state()])
-        dist.all_reduce(state, group=self.pg)
+        state = all_reduce(state, self.pg)
         examples = int(state[1])
         result = {"loss": float(state[0]) / max(examples, 1), "examples": examples}
         return {**result, **scores.compute(state[1:])}
 
-    def _finish(self, total: torch.Tensor, elapsed: float) -> tuple[float, int, float]:
-        dist.all_reduce(total, group=self.pg)
-        timing = torch.tensor([elapsed], dtype=torch.float64)
-        dist.all_reduce(timing, op=dist.ReduceOp.MAX, group=self.pg)
+    def _finish(self, loss_sum: torch.Tensor, examples: int, elapsed: float) -> tuple[float, int, float]:
+        """(mean loss, examples, examples/s) over all ranks; the one host sync of a day's training."""
+        total = all_reduce(
+            torch.cat([loss_sum.reshape(1).cpu(), torch.tensor([float(examples)], dtype=torch.float64)]), self.pg
+        )
+        timing = all_reduce(torch.tensor([elapsed], dtype=torch.float64), self.pg, dist.ReduceOp.MAX)
         n = int(total[1])
         return float(total[0] / max(n, 1)), n, n / max(float(timing[0]), 1e-9)
 
@@ -466,7 +478,8 @@ class Trainer:
             steps = min(steps, self.cfg.train.max_steps_per_day)
         batches = itertools.islice(self._batches(split, [day], grow), steps)
         pipeline = TrainPipelineSparseDist(self.dmp, self.optimizer, self.device, execute_all_batches=True)
-        total = torch.zeros(2, dtype=torch.float64)
+        # Summed on the device: the loss is read on the host only at log intervals, not at every step.
+        loss_sum, examples = torch.zeros((), dtype=torch.float64, device=self.device), 0
         bar = tqdm(total=steps, desc=f"train {day.name}", disable=not _rank0(), leave=False)
         start = time.perf_counter()
         for step in itertools.count(1):
@@ -474,7 +487,8 @@ class Trainer:
                 loss, _, labels = pipeline.progress(batches)
             except StopIteration:
                 break
-            total += torch.tensor([float(loss) * labels.numel(), labels.numel()], dtype=torch.float64)
+            loss_sum += loss.detach().double() * labels.numel()
+            examples += labels.numel()
             bar.update(1)
             self.fault.hit("mid-day", self.rank, self.position[2], step)
             if bar.n % self.cfg.train.log_every == 0:
@@ -482,7 +496,7 @@ class Trainer:
         elapsed = time.perf_counter() - start
         bar.close()
         pipeline.detach()
-        return self._finish(total, elapsed)
+        return self._finish(loss_sum, examples, elapsed)
 
     def search_day(self, day: Day, grow: bool) -> tuple[float, int, float]:
         """AutoDim's bi-level steps over one day: model-weight steps on train batches, and every `arch_every`-th
@@ -492,7 +506,7 @@ class Trainer:
         assert self.head is not None and self.arch_optimizer is not None
         self.dmp.train()
         valid = list(self._batches("valid", [day], grow=False))
-        total = torch.zeros(2, dtype=torch.float64)
+        loss_sum, examples = torch.zeros((), dtype=torch.float64, device=self.device), 0
         steps = self.streams["train"].num_batches(day)
         if self.cfg.train.max_steps_per_day is not None:
             steps = min(steps, self.cfg.train.max_steps_per_day)
@@ -512,7 +526,8 @@ class Trainer:
             loss.backward()
             self.optimizer.step()
             self.head.advance()
-            total += torch.tensor([float(loss) * labels.numel(), labels.numel()], dtype=torch.float64)
+            loss_sum += loss.detach().double() * labels.numel()
+            examples += labels.numel()
             if self.head.config.arch_step_after(step) and valid:
                 self.recommender.frozen_embeddings = True
                 self.head.noise = self.head.config.arch_noise
@@ -525,7 +540,7 @@ class Trainer:
                 self.optimizer.zero_grad()
                 arch_steps += 1
         self.head.uniform = False
-        return self._finish(total, time.perf_counter() - start)
+        return self._finish(loss_sum, examples, time.perf_counter() - start)
 
     def _check_same_plan(self, plan: DimensionPlan) -> None:
         """Every rank must propose the same plan (searches decide from identical statistics; DESIGN.md 11)."""
