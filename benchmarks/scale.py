@@ -7,8 +7,11 @@
 It writes `pipeline.criteo_synthetic` (26 sparse fields up to `--max-cardinality` ids, Zipf 1.1, daily drift, 3
 multi-hot fields, 13 dense fields, a planted signal; zstd, one chunk at a time) into a temporary directory, runs
 the streaming job (`python -m jobs.launch`, 2 ranks, DLRM, every field at 16 dims, prequential) on it, and prints
-per day: rows, rows/s (training, all ranks), peak RSS per rank, embedding bytes against the budget and
-reconfiguration seconds. The same config then runs on a 1M-row stream (`--reference-rows`) for the speed ratio.
+per day: rows, rows/s (training, all ranks), peak RSS per rank and embedding bytes against the budget (FIXED never
+reconfigures, so there are no reconfiguration seconds to show yet). The same config then runs on a 1M-row stream
+(`--reference-rows`) for the speed ratio, and the final plan is sharded for 64 × 80 GB GPUs by TorchRec's planner
+(`jobs/configs/topology/gpu64x80.yaml`, planned on `meta`), printed with its bytes per rank: the plan production
+would run.
 The data is deleted afterwards unless `--keep`.
 
 Targets (issue "Industrial scale"): 0 days over budget; peak RSS per rank <= 8 GB; seconds per million rows of the
@@ -60,6 +63,20 @@ def run_job(data: Path, runs: Path, name: str, budget_bytes: int, batch: int) ->
     return records, time.perf_counter() - start
 
 
+def plan_production(data: Path, run: Path) -> dict[str, Any]:
+    """The run's final plan sharded by TorchRec's planner for 64 × 80 GB GPUs (`gpu64x80.yaml`, not present)."""
+    from jobs.config import load_config
+    from jobs.export import load_topology, plan_for_topology
+    from pipeline.dataset import Dataset
+    from sharding.plan import DimensionPlan
+
+    topology = REPO / "jobs/configs/topology/gpu64x80.yaml"
+    cfg = load_config(run / "config.yaml")
+    return plan_for_topology(
+        cfg, Dataset(data).spec, DimensionPlan.load(run / "plan"), load_topology(topology), topology
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.scale", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=2_000_000, help="rows over all days")
@@ -77,6 +94,7 @@ def main(argv: list[str] | None = None) -> None:
         gen_s = generate(work / "data", args.rows, args.days, args.max_cardinality)
         disk = sum(p.stat().st_size for p in (work / "data").rglob("*.parquet"))
         records, job_s = run_job(work / "data", work / "runs", "scale", budget, args.batch_size)
+        production = plan_production(work / "data", work / "runs" / "scale")
         ref_days = max(1, min(args.days, args.reference_rows // max(args.rows // args.days, 1)))
         generate(work / "ref", ref_days * (args.reference_rows // ref_days), ref_days, args.max_cardinality)
         ref, _ = run_job(work / "ref", work / "runs", "reference", budget, args.batch_size)
@@ -100,6 +118,13 @@ def main(argv: list[str] | None = None) -> None:
             f"{r['day']:<12}{rows:>10,}{speed:>10,.0f}{sec_per_m[-1]:>10.2f}{r['peak_rss_mb']:>20,.0f}"
             f"{emb / 2**20:>10.1f}{budget / 2**20:>12,.0f}"
         )
+    per_rank = production["per_rank_bytes"]
+    kinds = sorted({t["sharding_type"] for t in production["tables"].values()})
+    print(
+        f"production plan (TorchRec planner, 64 x 80 GB GPUs, gpu64x80.yaml): {production['total_bytes'] / 2**30:.2f} "
+        f"GiB over {len(per_rank)} ranks; per rank min {min(per_rank) / 2**20:,.1f} / max {max(per_rank) / 2**20:,.1f} "
+        f"MiB; sharding types {kinds}"
+    )
     third = max(1, len(records) // 3)
     first, last = sum(sec_per_m[:third]) / third, sum(sec_per_m[-third:]) / third
     linear = last / first
@@ -126,6 +151,7 @@ def main(argv: list[str] | None = None) -> None:
         f"rss_target={'met' if met['rss'] else 'missed'} last_vs_first_s_per_m={linear:.2f} "
         f"linear_target={'met' if met['linear'] else 'missed'} last_day_auc={auc:.4f} "
         f"gen_rows_s={args.rows / gen_s:.0f} "
+        f"gpu64_total_gib={production['total_bytes'] / 2**30:.2f} gpu64_max_rank_mib={max(per_rank) / 2**20:.1f} "
         f"methods=FIXED-16"
     )
 

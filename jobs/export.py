@@ -177,20 +177,22 @@ def load_topology(path: str | Path) -> TopologyConfig:
     return topology
 
 
-def plan_for_topology(run: LoadedRun, topology: TopologyConfig, source: str | Path) -> dict[str, Any]:
-    """The run's model sharded for `topology` (planned on `meta`, fused optimizer attached), as JSON.
+def plan_for_topology(
+    job: JobConfig, spec: DatasetSpec, dims: DimensionPlan, topology: TopologyConfig, source: str | Path
+) -> dict[str, Any]:
+    """The model of `job` and `dims` sharded for `topology` (planned on `meta`, fused optimizer attached), as JSON.
 
     Raises:
         ExportError: the tables do not fit; names `source` and the smallest budget that would fit.
     """
-    meta = build_recommender(run.cfg, run.dataset.spec, run.plan, "meta")
-    attach_fused_optimizer(meta, run.cfg.sharding)
+    meta = build_recommender(job, spec, dims, "meta")
+    attach_fused_optimizer(meta, job.sharding)
     cfg = ShardingConfig(
-        optimizer=run.cfg.sharding.optimizer,
-        learning_rate=run.cfg.sharding.learning_rate,
-        sharding_types=run.cfg.sharding.sharding_types if topology.sharding_types is None else topology.sharding_types,
+        optimizer=job.sharding.optimizer,
+        learning_rate=job.sharding.learning_rate,
+        sharding_types=job.sharding.sharding_types if topology.sharding_types is None else topology.sharding_types,
         budget_bytes=topology.total_budget,
-        planner_batch_size=topology.planner_batch_size or run.cfg.sharding.planner_batch_size,
+        planner_batch_size=topology.planner_batch_size or job.sharding.planner_batch_size,
     )
     try:
         plan, report = plan_sharding(
@@ -345,7 +347,7 @@ def export(run_dir: str | Path, topology_path: str | Path, out: str | Path, *, o
     out = check_output_dir(out, kind=BUNDLE_OUTPUT, protected=protected, overwrite=overwrite)
     topology = load_topology(topology_path)
     run = load_run(run_dir)
-    sharding = plan_for_topology(run, topology, topology_path)
+    sharding = plan_for_topology(run.cfg, run.dataset.spec, run.plan, topology, topology_path)
     state = run.model.state_dict()
     plan = DimensionPlan(run.plan.features, run.plan.budget, run.plan.dtype, _provenance(run))
     with atomic_directory(out, overwrite=overwrite) as tmp:

@@ -222,6 +222,13 @@ def test_shipped_and_bad_topologies(tmp_path: Path) -> None:
     assert gpu.total_budget == 16 * 80 * 2**30
     cpu = load_topology(REPO / "jobs/configs/topology/cpu2.yaml")
     assert (cpu.world_size, cpu.compute_device) == (2, "cpu")
+    gpu64 = load_topology(REPO / "jobs/configs/topology/gpu64x80.yaml")  # benchmarks.scale's production topology
+    assert (gpu64.world_size, gpu64.local_world_size, gpu64.total_budget) == (64, 8, 64 * 80 * 2**30)
+    assert sorted(p.name for p in (REPO / "jobs/configs/topology").glob("*.yaml")) == [
+        "cpu2.yaml",
+        "gpu16x80.yaml",
+        "gpu64x80.yaml",
+    ]  # every shipped topology is loaded above
     bad = tmp_path / "bad.yaml"
     bad.write_text("topology:\n  world_size: 3\n  local_world_size: 2\n  hbm_size: 1\n")
     with pytest.raises(ConfigError) as err:
