@@ -2,8 +2,9 @@
 
 - A run that exists (it has a `config.yaml`, `metrics.jsonl`, `plan/` or `checkpoints/`) is never trained over by
   accident: without `--resume` / `train.resume=auto` the job refuses, and `--replace` must say to start it over.
-- Resuming checks the run's saved config against the new one: anything but the keys in `HARMLESS` differing is
-  refused with every differing key listed (a changed `search.dim` would otherwise train on at the old value).
+- Resuming checks the run's saved config against the new one: anything but the keys in `HARMLESS` (and, on a
+  stream, `data.days`) differing is refused with every differing key listed (a changed `search.dim` would otherwise
+  train on at the old value).
 - The job that starts a run (fresh, replaced or resumed) writes its torchrun run id (`TORCHELASTIC_RUN_ID`, the
   rendezvous id) to `<run>/.job`. A worker group that finds its own id there is that job restarted (after a killed
   worker, or a membership change) and always resumes: it never refuses the run, and never `--replace`s it again.

@@ -56,7 +56,7 @@ import pyarrow.parquet as pq
 from pipeline.dataset import DATASET_OUTPUT, DAY_COLUMN, atomic_directory, check_output_dir
 from pipeline.errors import DatasetError
 from pipeline.spec import DatasetSpec, SparseField
-from pipeline.synthetic import raw_latents
+from pipeline.synthetic import add_config_flags, raw_latents
 
 logger = logging.getLogger(__name__)
 
@@ -485,9 +485,7 @@ def main(argv: list[str] | None = None) -> None:
         ("target_ctr", float),
         ("seed", int),
     ]
-    for name, kind in flags:
-        default = getattr(defaults, name)
-        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=default, help=f"(default {default})")
+    add_config_flags(parser, defaults, flags)
     parser.add_argument("--start-date", type=dt.date.fromisoformat, default=defaults.start_date, help="YYYY-MM-DD")
     args = parser.parse_args(argv)
     try:

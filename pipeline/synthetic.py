@@ -659,6 +659,13 @@ def write_synthetic(cfg: SyntheticConfig, out: str | Path, overwrite: bool = Fal
     return write_dataset(df, spec, out, source=f"synthetic(seed={cfg.seed})", overwrite=overwrite)
 
 
+def add_config_flags(parser: argparse.ArgumentParser, defaults: object, flags: list[tuple[str, type]]) -> None:
+    """One `--name-with-dashes` option per config field in `flags` (name, type), defaulting to `defaults`' value."""
+    for name, kind in flags:
+        default = getattr(defaults, name)
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=default, help=f"(default {default})")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command line: `python -m pipeline.synthetic --out DIR [options]` (see `--help`)."""
     defaults = SyntheticConfig()
@@ -681,11 +688,7 @@ def main(argv: list[str] | None = None) -> None:
         ("field_partner", str),
         ("seed", int),
     ]
-    for name, kind in flags:
-        flag = "--" + name.replace("_", "-")
-        parser.add_argument(
-            flag, type=kind, default=getattr(defaults, name), help=f"(default {getattr(defaults, name)})"
-        )
+    add_config_flags(parser, defaults, flags)
     parser.add_argument("--start-date", type=dt.date.fromisoformat, default=defaults.start_date, help="YYYY-MM-DD")
     args = parser.parse_args(argv)
     try:
