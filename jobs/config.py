@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 import yaml
 
+from search import registry
+from search.base import SearchConfigError, SearchContext
 from sharding.distributed import ShardingConfig
 
 
@@ -104,79 +106,48 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class SearchConfig:
-    """The dimension search.
+    """The dimension search: what every method shares, plus the chosen method's own section.
 
     Args:
-        method: `fixed` keeps every feature at `dim` for the whole run; `uniform-budget` uses the largest equal
-            dim that fits `budget`; `autodim` searches one dim per field (search → derive → retrain, one run; needs
-            a static `data.protocol`); `scall` sizes every user and item row each day by its frequency rank with
-            SCALL's budget-guaranteed sampler (row-level buckets of multiples of 4 up to `dim`; other features at
-            `other_dim`); `esapn` grows user and item rows day by day by ESAPN's keep/enlarge policies (sizes 4, 8,
-            16, … up to `dim`, everyone starting at 4; other features at `other_dim`; rows stop growing at `budget`).
-        dim: the dim of every feature for `fixed`; the largest row size (d_max) for `scall` and `esapn`.
-        budget: embedding parameter budget the plan must meet (None: no budget; required by `uniform-budget` and
-            `scall`; for `scall` every size is a multiple of 4, so the plan's stored parameters are exactly this;
-            optional for `esapn`, which cannot target a budget but stops growing at one).
-        other_dim: for `scall` and `esapn`, the field-level dim of every feature other than users and items (None:
-            `dim`); it comes off the budget first.
-        scall_action: SCALL's `(user share, α_U, α_V)` in (0, 1)³: the share of the budget for users and the
-            power-law parameters (rescaled to [0.1, 30]) of the size distributions.
+        method: a method of `search.registry` (the README's method table says when to use which): `fixed`,
+            `uniform-budget`, `autodim`, `scall`, `esapn`, ...
+        dim: every feature's dim for `fixed`; the largest row size (d_max) for the row-level methods.
+        budget: embedding parameter budget the plan must meet (None: no budget; some methods need one).
+        other_dim: for the row-level methods, the field-level dim of every feature other than users and items
+            (None: `dim`); it comes off the budget first.
         plan: start from this saved `DimensionPlan` directory (e.g. one a search exported) instead of `dim`; its
             features must be the dataset's and its tables large enough for the data's ids.
-        candidate_dims: AutoDim's candidate dims (ascending multiples of 4).
-        arch_every: AutoDim's model steps per architecture step.
-        arch_lr: AutoDim's architecture learning rate.
-        arch_optimizer: AutoDim's architecture optimizer: `adam` (the paper's) or `sgd`. Adam scales every
-            logit's step to about `arch_lr` however weak its gradient, so a field whose validation gradient is
-            only noise (a field with no signal) can end up confidently on any candidate; with SGD such a field's
-            weights stay near uniform, its choice is the least certain, and the budget rule shrinks it first (a
-            few times larger `arch_lr` is needed: e.g. 10).
-        warmup_steps: AutoDim's warm-up steps with uniform architecture weights.
-        temperature_decay: AutoDim's τ = max(min_temperature, 1 − decay · step).
-        min_temperature: AutoDim's temperature floor.
-        search_epochs: AutoDim's epochs of search before deriving the plan.
-        arch_noise: AutoDim's architecture steps use Gumbel-softmax weights (the paper) or, if false, softmax(α).
-        retrain: AutoDim's retrain at the derived dims starts from `scratch` (fresh weights, as the paper does) or
-            from the `search` (the supernet's table prefixes and the dense weights whose shapes are unchanged).
+        settings: the method's own settings, read from the section named after it (`search.autodim.arch_lr`,
+            `search.scall.action`, ...): the dataclass its searcher names (`settings_class`), validated there.
+            A section of another method is an error.
     """
 
-    method: Literal["fixed", "uniform-budget", "autodim", "scall", "esapn"] = "fixed"
+    method: str = "fixed"
     dim: int = 16
     budget: int | None = None
     other_dim: int | None = None
-    scall_action: tuple[float, float, float] = (0.5, 0.1, 0.1)
     plan: str | None = None
-    candidate_dims: tuple[int, ...] = (4, 8, 16, 24, 32)
-    arch_every: int = 10
-    arch_lr: float = 1e-3
-    arch_optimizer: Literal["adam", "sgd"] = "adam"
-    warmup_steps: int = 0
-    temperature_decay: float = 5e-5
-    min_temperature: float = 0.01
-    search_epochs: int = 1
-    retrain: Literal["scratch", "search"] = "scratch"
-    arch_noise: bool = True
+    settings: Any = None
 
     def __post_init__(self) -> None:
         if self.dim <= 0:
             raise ConfigError(f"search.dim must be > 0, got {self.dim}")
-        if self.method in ("uniform-budget", "scall") and self.budget is None:
-            raise ConfigError(f"search.method={self.method} needs search.budget (embedding parameters)")
         if self.other_dim is not None and self.other_dim <= 0:
             raise ConfigError(f"search.other_dim must be > 0 or null, got {self.other_dim}")
-        if self.method in ("scall", "esapn") and (self.dim % 4 or (self.other_dim or self.dim) % 4):
-            raise ConfigError(
-                f"search.method={self.method} stores every size as it is searched: search.dim ({self.dim}) and "
-                f"search.other_dim ({self.other_dim}) must be multiples of 4"
-            )
-        if self.method == "esapn" and self.dim < 8:
-            raise ConfigError(
-                f"search.method=esapn grows rows from 4 up to search.dim: it must be >= 8, got {self.dim}"
-            )
-        if len(self.scall_action) != 3 or not all(0.0 < a < 1.0 for a in self.scall_action):
-            raise ConfigError(f"search.scall_action must be three numbers in (0, 1), got {list(self.scall_action)}")
         if self.budget is not None and self.budget <= 0:
             raise ConfigError(f"search.budget must be > 0, got {self.budget}")
+        try:
+            cls = registry.settings_class(self.method)
+        except SearchConfigError as e:
+            raise ConfigError(str(e)) from None
+        if self.settings is None:
+            object.__setattr__(self, "settings", cls())
+        elif not isinstance(self.settings, cls):
+            raise ConfigError(f"search.settings for method '{self.method}' must be a {cls.__name__}")
+
+    def context(self, **dataset: Any) -> SearchContext:
+        """What the searcher is told of the job (the dataset's part, once known, in `dataset`)."""
+        return SearchContext(method=self.method, dim=self.dim, other_dim=self.other_dim, budget=self.budget, **dataset)
 
 
 @dataclass(frozen=True)
@@ -226,18 +197,19 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
-        if self.search.method == "autodim" and self.data.protocol == "prequential":
-            raise ConfigError(
-                "search.method=autodim searches on a static split: set data.protocol to random (AutoDim's 80/10/10), "
-                "per-user or given"
-            )
-        if self.search.method in ("scall", "esapn") and self.data.protocol != "prequential":
-            raise ConfigError(
-                f"search.method={self.search.method} is a streaming search: set data.protocol to prequential"
-            )
+        # What the method can be checked for before the dataset is read (its protocol, budget, dims).
+        context = self.search.context(protocol=self.data.protocol, model=self.model.name, seed=self.train.seed)
+        try:
+            registry.searcher_class(self.search.method).check(context)
+        except SearchConfigError as e:
+            raise ConfigError(f"[search] {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        out = _plain(dataclasses.asdict(self))
+        settings = out["search"].pop("settings")
+        if settings:
+            out["search"][self.search.method] = settings
+        return out
 
     @property
     def run_dir(self) -> Path:
@@ -292,6 +264,11 @@ def _build(cls: type, raw: dict[str, Any], section: str, errors: list[str]) -> A
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
+    if cls is SearchConfig:
+        raw = dict(raw)
+        if (settings := _method_settings(raw, errors)) is not None:
+            kwargs["settings"] = settings
+        fields.discard("settings")
     for key, value in raw.items():
         if key not in fields:
             errors.append(f"unknown key '{section}.{key}' (valid keys: {sorted(fields)})")
@@ -306,6 +283,29 @@ def _build(cls: type, raw: dict[str, Any], section: str, errors: list[str]) -> A
     except (ValueError, TypeError) as e:
         errors.append(f"[{section}] {e}")
         return None
+
+
+def _method_settings(raw: dict[str, Any], errors: list[str]) -> Any:
+    """Pop the method sections out of the `search` mapping `raw` and build the chosen method's settings (None: its
+    defaults, or an error already recorded). A section of a method other than `search.method` is an error."""
+    method = raw.get("method", SearchConfig.method)
+    sections = {k: raw.pop(k) for k in list(raw) if k in registry.METHODS or k == "settings"}
+    if "settings" in sections:
+        errors.append(f"'search.settings' is not a key: put the method's settings under 'search.{method}'")
+    for name in sorted(set(sections) - {method, "settings"}):
+        errors.append(
+            f"'search.{name}' holds settings of method '{name}', but search.method is '{method}'. Move them under "
+            f"'search.{method}' if they are {method}'s, or drop the section"
+        )
+    if not isinstance(method, str) or method not in registry.METHODS:
+        return None  # reported by SearchConfig
+    values = sections.get(method)
+    if values is None:
+        return None
+    if not isinstance(values, dict):
+        errors.append(f"'search.{method}' must be a mapping of {method}'s settings, got {values!r}")
+        return None
+    return _build(registry.settings_class(method), values, f"search.{method}", errors)
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:
@@ -346,8 +346,14 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             errors.append(str(e))
             continue
         target = raw.setdefault(section, {})
+        *parents, leaf = key.split(".")
+        for parent in parents:  # `search.autodim.arch_lr=...`: a key of a nested section
+            if not isinstance(target, dict):
+                break
+            nested = target.get(parent)
+            target = target.setdefault(parent, {}) if nested is None else nested
         if isinstance(target, dict):  # a non-mapping section is reported below
-            target[key] = value
+            target[leaf] = value
     sections = {f.name: f.type for f in dataclasses.fields(JobConfig)}
     hints = typing.get_type_hints(JobConfig)
     built: dict[str, Any] = {}
@@ -359,12 +365,19 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             errors.append(f"section '{section}' must be a mapping, got {values!r}")
             continue
         built[section] = _build(hints[section], values, section, errors)
-    if errors:
+    cfg = None
+    if not errors:
+        try:
+            cfg = JobConfig(**{k: v for k, v in built.items() if v is not None})
+        except ConfigError as e:  # what needs two sections (a method and the protocol it can serve)
+            errors.append(str(e))
+    if errors or cfg is None:
         where = f" in {path}" if path else ""
         raise ConfigError(
             f"{len(errors)} problem(s) in the job config{where}:\n  - "
             + "\n  - ".join(errors)
             + f"\n  Fix: correct these in {path or 'the overrides'} or the section.key=value overrides (each section's "
-            "keys, types and defaults are the dataclasses in jobs/config.py; shipped configs are in jobs/configs/)"
+            "keys, types and defaults are the dataclasses in jobs/config.py, and each method's own section the "
+            "settings dataclass its searcher names in search/; shipped configs are in jobs/configs/)"
         )
-    return JobConfig(**{k: v for k, v in built.items() if v is not None})
+    return cfg

@@ -76,10 +76,10 @@ def load_run(run_dir: str | Path, data_path: str | Path | None = None) -> Loaded
         )
     plan = DimensionPlan.load(ckpt / "plan")
     progress = json.loads((ckpt / "progress.json").read_text())
-    if cfg.search.method == "autodim" and progress["position"][0] == 0:
+    if progress.get("in_search", False):
         raise DatasetError(
             ckpt,
-            "the newest checkpoint is inside AutoDim's search phase (a supernet, not a servable model)",
+            f"the newest checkpoint is inside {cfg.search.method}'s search phase (a supernet, not a servable model)",
             "resume the run until the search has derived its plan (train with --resume)",
         )
     dataset = Dataset(data_path or cfg.data.path)

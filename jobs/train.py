@@ -20,7 +20,6 @@ Runs on gloo/CPU here and NCCL/GPU where present (`train.device=auto`).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as dt
 import hashlib
 import itertools
@@ -66,10 +65,8 @@ from pipeline.spec import DatasetSpec
 from pipeline.splits import SplitAssignment, assign_splits
 from pipeline.stream import DayStream, StreamConfig
 from pipeline.vocab import VocabularySet
-from search.autodim import AutoDimConfig, AutoDimHead, AutoDimSearcher, UniformBudgetSearcher
-from search.base import DayStats, FixedSearcher, Searcher
-from search.esapn import EsapnConfig, EsapnSearcher, size_ladder
-from search.scall import ScallSearcher
+from search import registry
+from search.base import DayStats, Phase, SearchConfigError, Searcher, SearchStep
 from sharding.checkpoint import (
     CheckpointError,
     damaged_checkpoints,
@@ -90,9 +87,11 @@ from sharding.distributed import (
     shard_model,
 )
 from sharding.embedding import PlannedEmbedding, RowRemap
-from sharding.plan import Budget, DimensionPlan, PlanError
+from sharding.plan import DimensionPlan, PlanError
 
 logger = logging.getLogger(__name__)
+
+SEARCHER_FILE = "searcher.pt"  # a checkpoint's searcher state (and its search step's), identical on every rank
 
 
 @dataclass
@@ -138,54 +137,19 @@ def add_row_losses(totals: dict[str, torch.Tensor], rows: KeyedJaggedTensor, los
         total[1].index_add_(0, ids, torch.ones(ids.numel(), dtype=torch.float64))
 
 
-def arch_optimizer(name: str, logits: torch.nn.Parameter, lr: float) -> torch.optim.Optimizer:
-    """AutoDim's architecture optimizer: `adam` (the paper's) or `sgd` (a step proportional to the gradient, so
-    fields whose validation gradient is weak keep near-uniform, uncertain weights; see `SearchConfig`)."""
-    if name == "sgd":
-        return torch.optim.SGD([logits], lr=lr)
-    if name == "adam":
-        return torch.optim.Adam([logits], lr=lr)
-    raise ConfigError(f"search.arch_optimizer is '{name}', expected 'adam' or 'sgd'")
-
-
 def build_searcher(cfg: JobConfig, spec: DatasetSpec) -> Searcher:
-    """The searcher `search.method` names, with the parameter budget `search.budget`."""
-    s = cfg.search
-    budget = Budget(s.budget) if s.budget else None
-    if s.method in ("scall", "esapn") and (spec.user_field is None or spec.item_field is None):
-        raise ConfigError(
-            f"search.method={s.method} sizes user and item rows, but dataset '{spec.name}' names no user_field or "
-            "item_field in its dataset.yaml. Set both, or use a field-level method"
-        )
-    if s.method == "esapn":
-        assert spec.user_field is not None and spec.item_field is not None
-        return EsapnSearcher(
-            budget,
-            spec.user_field,
-            spec.item_field,
-            EsapnConfig(candidate_dims=size_ladder(s.dim)),
-            other_dim=s.other_dim,
-            seed=cfg.train.seed,
-        )
-    if s.method == "scall":
-        assert s.budget is not None and spec.user_field is not None and spec.item_field is not None
-        return ScallSearcher(
-            Budget(s.budget, "parameters"),
-            s.dim,
-            spec.user_field,
-            spec.item_field,
-            action=s.scall_action,
-            other_dim=s.other_dim,
-            multiple=4,  # sizes are stored widths: the plan's parameters are exactly the budget
-        )
-    if s.method == "autodim":
-        # The search section carries AutoDim's hyper-parameters under the same names; the seed is the run's.
-        shared = {f.name: getattr(s, f.name) for f in dataclasses.fields(AutoDimConfig) if hasattr(s, f.name)}
-        return AutoDimSearcher(AutoDimConfig(**shared, seed=cfg.train.seed), budget)
-    if s.method == "uniform-budget":
-        assert budget is not None
-        return UniformBudgetSearcher(budget)
-    return FixedSearcher(s.dim, budget)
+    """The searcher `search.method` names (`search.registry`), built from its own config section and checked
+    against what the dataset and protocol can serve it."""
+    context = cfg.search.context(
+        dataset=spec.name,
+        features=tuple(spec.feature_names),
+        user_field=spec.user_field,
+        item_field=spec.item_field,
+        protocol=cfg.data.protocol,
+        model=cfg.model.name,
+        seed=cfg.train.seed,
+    )
+    return registry.build_searcher(cfg.search.method, cfg.search.settings, context)
 
 
 def initial_plan(cfg: JobConfig, searcher: Searcher, features: list[str], capacity: dict[str, int]) -> DimensionPlan:
@@ -232,16 +196,21 @@ def table_capacities(dataset: Dataset, capacity: int | None) -> dict[str, int]:
 
 
 def build_recommender(
-    cfg: JobConfig, spec: DatasetSpec, plan: DimensionPlan, device: torch.device | str, head: AutoDimHead | None = None
+    cfg: JobConfig,
+    spec: DatasetSpec,
+    plan: DimensionPlan,
+    device: torch.device | str,
+    head: torch.nn.Module | None = None,
+    head_width: int | None = None,
 ) -> Recommender:
     """The job's model for `plan`: the planned embedding layer (on `device`; `meta` to plan sharding), the dense
-    model `model.name` seeded with `train.seed`, and the task loss. A search head, if given, sits in between and
-    the dense model then sees every field at the head's width."""
+    model `model.name` seeded with `train.seed`, and the task loss. A searcher's model hook, if given, sits in
+    between and the dense model then sees every field at `head_width`."""
     torch.manual_seed(cfg.train.seed)
     embedding = PlannedEmbedding(plan, device)
     dims = embedding.feature_dims
-    if head is not None:
-        dims = {f: head.config.max_dim for f in dims}
+    if head is not None and head_width is not None:
+        dims = {f: head_width for f in dims}
     dense = build_model(cfg.model.name, dims, len(spec.dense), spec.task, spec.num_classes, **cfg.model.options)
     return Recommender(embedding, dense, spec.task, head)
 
@@ -271,13 +240,28 @@ def _peak_rss_mb(pg: dist.ProcessGroup) -> float:
     return float(all_reduce(rss, pg, dist.ReduceOp.MAX)[0])
 
 
-class Trainer:
-    """One run (a torchtune-style recipe): `setup`, then `run`.
+@dataclass(frozen=True)
+class Unit:
+    """One unit of work: a day of one epoch of one phase. `position` orders units; `grow` admits new ids."""
 
-    Prequential protocol: per day evaluate → train → search → reconfigure → checkpoint. Static protocol: phases
-    (`search` for AutoDim, then `train`) of epochs over the train split, a checkpoint after every day of every
-    epoch, validation after each epoch, test at the end; AutoDim's plan is derived and the tables reconfigured
-    between the phases.
+    position: tuple[int, int, int]
+    phase: Phase
+    epoch: int
+    day: Day
+    grow: bool
+    last_of_epoch: bool
+    number: int  # 1-based count of units in the run
+
+
+class Trainer:
+    """One run (a torchtune-style recipe): `setup`, then `run`, which reads top to bottom:
+
+        for each phase, for each epoch, for each day:
+            evaluate (prequential) → train → searcher step → reconfigure → checkpoint
+
+    The prequential protocol is one phase of one epoch over the stream, each day evaluated before it is trained on.
+    A static protocol has the searcher's phases (e.g. search → train) of epochs over the train split, validation
+    after each epoch and test at the end; a phase's end may hand a new plan (a search's derived dims).
     """
 
     def __init__(
@@ -305,20 +289,21 @@ class Trainer:
         if self.static:
             fractions = tuple(cfg.data.fractions) if cfg.data.fractions else None
             self.split = assign_splits(dataset, cfg.data.protocol, fractions=fractions, seed=cfg.data.split_seed)  # type: ignore[arg-type]
-        self.autodim = isinstance(searcher, AutoDimSearcher)
-        # Position of the next unit of work: (phase, epoch, day) for the static protocol; (0, 0, day) otherwise.
+        self.phases = searcher.phases(cfg.train.epochs) if self.static else [Phase("stream", 1)]
+        self.train_split = "train" if self.static else "all"
+        # Position of the next unit of work: (phase, epoch, day).
         self.position: tuple[int, ...] = (0, 0, 0)
         self.fault = faults.from_env()
         self.epoch_acc = {"loss": 0.0, "examples": 0, "seconds": 0.0}
+        self.search_step: SearchStep | None = None
 
     # ---- setup ---------------------------------------------------------------------------------------------
-    def _model(self, plan: DimensionPlan, device: torch.device | str, search: bool = False) -> Recommender:
-        head = None
-        if search:
-            assert isinstance(self.searcher, AutoDimSearcher)
-            torch.manual_seed(self.cfg.train.seed)  # torch's own initial seed differs in every process
-            head = self.searcher.head(self.rank)
-        return build_recommender(self.cfg, self.dataset.spec, plan, device, head)
+    def _in_search(self) -> bool:
+        return self.position[0] < len(self.phases) and self.phases[self.position[0]].search
+
+    def _model(self, plan: DimensionPlan, device: torch.device | str, search: bool) -> Recommender:
+        hook = self.searcher.model_hook(self.rank) if search else None
+        return build_recommender(self.cfg, self.dataset.spec, plan, device, hook, self.searcher.hook_width)
 
     def build(self, plan: DimensionPlan, search: bool = False) -> MemoryReport:
         """Build the model for `plan` on meta, plan its sharding under the budget, and wrap it in DMP."""
@@ -329,15 +314,13 @@ class Trainer:
         )
         torch.manual_seed(self.cfg.train.seed + self.rank)
         self.dmp: DistributedModelParallel = shard_model(meta, sharding_plan, self.pg, self.device)
-        self.optimizer: CombinedOptimizer = combined_optimizer(
-            self.dmp, self.cfg.model.dense_lr, exclude=lambda name: "arch_logits" in name
-        )
-        self.head = next((m for m in self.dmp.modules() if isinstance(m, AutoDimHead)), None)
         self.recommender = next(m for m in self.dmp.modules() if isinstance(m, Recommender))
-        self.arch_optimizer = (
-            arch_optimizer(self.cfg.search.arch_optimizer, self.head.arch_logits, self.cfg.search.arch_lr)
-            if self.head is not None
-            else None
+        hook = self.recommender.head
+        self.search_step = self.searcher.search_step(hook) if hook is not None else None
+        owned = {id(p) for p in self.search_step.parameters()} if self.search_step is not None else set()
+        owned_names = {name for name, p in self.dmp.named_parameters() if id(p) in owned}
+        self.optimizer: CombinedOptimizer = combined_optimizer(
+            self.dmp, self.cfg.model.dense_lr, exclude=owned_names.__contains__
         )
         self.plan, self.memory = plan, report
         self.remap = RowRemap(plan)
@@ -377,8 +360,9 @@ class Trainer:
             logger.warning("resume: no complete checkpoint in %s; starting from the beginning", self.run_dir)
         if ckpt is not None:
             progress = json.loads((ckpt / "progress.json").read_text())
+            search_state = torch.load(ckpt / SEARCHER_FILE, weights_only=False)
             self.vocab = VocabularySet.load(ckpt / "vocab")
-            self.searcher.load_state_dict(progress["searcher"])
+            self.searcher.load_state_dict(search_state["searcher"])
             self.position = tuple(progress["position"])
             self.epoch_acc = progress["epoch_acc"]
             self.result.days = [DayResult(**d) for d in progress["days"]]
@@ -389,8 +373,8 @@ class Trainer:
             load_checkpoint(ckpt, state, self.pg)
             self.dmp.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optim"])
-            if self.arch_optimizer is not None:
-                self.arch_optimizer.load_state_dict(torch.load(ckpt / "arch_optimizer.pt"))
+            if self.search_step is not None and search_state.get("search_step") is not None:
+                self.search_step.load_state_dict(search_state["search_step"])
             if _rank0():
                 logger.info("resumed from %s at %s", ckpt, self.position)
         else:
@@ -406,9 +390,6 @@ class Trainer:
             self.plan.save(self.run_dir / "plan")
             logger.info("dimension plan:\n%s", self.plan.summary())
             logger.info("%s", self.memory.summary())
-
-    def _in_search(self) -> bool:
-        return self.autodim and self.position[0] == 0
 
     def _state(self) -> dict[str, Any]:
         return {"model": self.dmp.state_dict(), "optim": self.optimizer.state_dict()}
@@ -428,14 +409,74 @@ class Trainer:
                     batch.sparse_features = self.remap(rows)
                 yield rows, batch.to(self.device)
 
-    # ---- evaluation and training ---------------------------------------------------------------------------
+    def _steps(self, split: str, day: Day) -> int:
+        steps = self.streams[split].num_batches(day)
+        if self.cfg.train.max_steps_per_day is not None:
+            steps = min(steps, self.cfg.train.max_steps_per_day)
+        return steps
+
+    # ---- the loop ------------------------------------------------------------------------------------------
+    def units(self) -> Iterator[Unit]:
+        """Every unit of work of the run, in order."""
+        number = 0
+        for p, phase in enumerate(self.phases):
+            for epoch in range(phase.epochs):
+                for d, day in enumerate(self.days):
+                    number += 1
+                    # Ids are admitted during the first pass over the training data.
+                    grow = p == 0 and epoch == 0
+                    yield Unit((p, epoch, d), phase, epoch, day, grow, d + 1 == len(self.days), number)
+
+    def run(self) -> TrainResult:
+        for unit in self.units():
+            if unit.position < self.position:
+                continue
+            if self.cfg.train.max_units is not None and unit.number > self.cfg.train.max_units:
+                logger.info("stopping before unit %d (train.max_units); --resume continues", unit.number)
+                self.result.plan = self.plan
+                return self.result
+            evaluation, row_losses = self.evaluate_day(unit)
+            loss, examples, speed = self.train_day(unit)
+            reconfigured = self.search(unit, evaluation, row_losses)
+            self.position = self._next(unit)
+            if unit.last_of_epoch and self.static:
+                self.end_epoch(unit, loss, examples, speed)
+            else:
+                self._accumulate(loss, examples, speed)
+            if unit.last_of_epoch and unit.epoch + 1 == unit.phase.epochs:
+                reconfigured = self.end_phase(unit) or reconfigured
+            record_ = None if self.static else self.day_record(unit, evaluation, loss, examples, speed, reconfigured)
+            if self.cfg.train.checkpoint:
+                name = f"unit-{unit.number:06d}" if self.static else f"day-{unit.position[2]:04d}"
+                self.checkpoint(name)
+            if record_ is not None:
+                self._log(record_)  # after its checkpoint: the metrics never name a day a resume would redo
+        if self.static:
+            self.test()
+        self.result.plan = self.plan
+        return self.result
+
+    def _next(self, unit: Unit) -> tuple[int, int, int]:
+        p, epoch, d = unit.position
+        if not unit.last_of_epoch or not self.static:  # a stream may go on with more days (`data.days`)
+            return (p, epoch, d + 1)
+        return (p, epoch + 1, 0) if epoch + 1 < unit.phase.epochs else (p + 1, 0, 0)
+
+    # ---- evaluation ----------------------------------------------------------------------------------------
+    def evaluate_day(self, unit: Unit) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+        """The prequential evaluation of the day before training on it (nothing under a static protocol)."""
+        row_losses: dict[str, np.ndarray] = {}
+        if self.static:
+            return {}, row_losses
+        return self.evaluate(self.train_split, [unit.day], row_losses), row_losses
+
     def evaluate(
         self, split: str, days: list[Day], row_losses: dict[str, np.ndarray] | None = None
     ) -> dict[str, float]:
         """Metrics over `days` of `split`; ids are looked up without growing the vocabularies.
 
         `row_losses`, if given, receives for each of the searcher's `row_loss_features` every row's mean example loss
-        over all ranks (nan for rows with no example), for searchers rewarded per row (ESAPN).
+        over all ranks (nan for rows with no example), for searchers rewarded per row.
         """
         self.dmp.eval()
         scores = metrics.TaskMetricsAccumulator(self.dataset.spec.task)
@@ -461,6 +502,14 @@ class Trainer:
         result = {"loss": float(state[0]) / max(examples, 1), "examples": examples}
         return {**result, **scores.compute(state[1:])}
 
+    def test(self) -> None:
+        test = self.evaluate("test", self.days)
+        self.result.test = test
+        self._log({"phase": "final", "split": "test", "eval": test, "embedding_parameters": self.plan.parameters})
+        if _rank0():
+            logger.info("test: %s", {k: round(v, 4) for k, v in test.items()})
+
+    # ---- training ------------------------------------------------------------------------------------------
     def _finish(self, loss_sum: torch.Tensor, examples: int, elapsed: float) -> tuple[float, int, float]:
         """(mean loss, examples, examples/s) over all ranks; the one host sync of a day's training."""
         total = all_reduce(
@@ -470,77 +519,98 @@ class Trainer:
         n = int(total[1])
         return float(total[0] / max(n, 1)), n, n / max(float(timing[0]), 1e-9)
 
-    def train_day(self, split: str, day: Day, grow: bool) -> tuple[float, int, float]:
-        """Train on one day of `split` with `TrainPipelineSparseDist`: (mean loss, examples, examples/s), all ranks."""
+    def train_day(self, unit: Unit) -> tuple[float, int, float]:
+        """Train on one day: (mean loss, examples, examples/s) over all ranks. A searcher's own step, where it has
+        one, runs between model-weight steps; otherwise `TrainPipelineSparseDist` overlaps the input distribution
+        with the step."""
         self.dmp.train()
-        steps = self.streams[split].num_batches(day)
-        if self.cfg.train.max_steps_per_day is not None:
-            steps = min(steps, self.cfg.train.max_steps_per_day)
-        batches = itertools.islice(self._batches(split, [day], grow), steps)
-        pipeline = TrainPipelineSparseDist(self.dmp, self.optimizer, self.device, execute_all_batches=True)
+        steps = self._steps(self.train_split, unit.day)
+        batches = itertools.islice(self._batches(self.train_split, [unit.day], unit.grow), steps)
+        bar = tqdm(total=steps, desc=f"{unit.phase.name} {unit.day.name}", disable=not _rank0(), leave=False)
         # Summed on the device: the loss is read on the host only at log intervals, not at every step.
         loss_sum, examples = torch.zeros((), dtype=torch.float64, device=self.device), 0
-        bar = tqdm(total=steps, desc=f"train {day.name}", disable=not _rank0(), leave=False)
         start = time.perf_counter()
-        for step in itertools.count(1):
-            try:
-                loss, _, labels = pipeline.progress(batches)
-            except StopIteration:
-                break
+        step_fn = self._pipelined(batches) if self.search_step is None else self._with_search_step(batches, unit)
+        for step, (loss, labels) in enumerate(step_fn, 1):
             loss_sum += loss.detach().double() * labels.numel()
             examples += labels.numel()
             bar.update(1)
             self.fault.hit("mid-day", self.rank, self.position[2], step)
-            if bar.n % self.cfg.train.log_every == 0:
+            if step % self.cfg.train.log_every == 0:
                 bar.set_postfix(loss=f"{float(loss):.4f}")
         elapsed = time.perf_counter() - start
         bar.close()
-        pipeline.detach()
         return self._finish(loss_sum, examples, elapsed)
 
-    def search_day(self, day: Day, grow: bool) -> tuple[float, int, float]:
-        """AutoDim's bi-level steps over one day: model-weight steps on train batches, and every `arch_every`-th
-        step an architecture step on a validation batch of the same day (the day's validation batches taken in
-        turn, so a resumed run takes the same ones). The lookup of an architecture step runs without gradient,
-        so the fused optimizer leaves the tables alone; the dense gradients it leaves are discarded."""
-        assert self.head is not None and self.arch_optimizer is not None
-        self.dmp.train()
-        valid = list(self._batches("valid", [day], grow=False))
-        loss_sum, examples = torch.zeros((), dtype=torch.float64, device=self.device), 0
-        steps = self.streams["train"].num_batches(day)
-        if self.cfg.train.max_steps_per_day is not None:
-            steps = min(steps, self.cfg.train.max_steps_per_day)
-        arch_steps = 0
-        start = time.perf_counter()
-        for batch in tqdm(
-            itertools.islice(self._batches("train", [day], grow), steps),
-            total=steps,
-            desc=f"search {day.name}",
-            disable=not _rank0(),
-            leave=False,
-        ):
-            step = int(self.head.step)
-            self.head.uniform = step < self.head.config.warmup_steps
+    def _pipelined(self, batches: Iterator[Batch]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        pipeline = TrainPipelineSparseDist(self.dmp, self.optimizer, self.device, execute_all_batches=True)
+        try:
+            while True:
+                try:
+                    loss, _, labels = pipeline.progress(batches)
+                except StopIteration:
+                    return
+                yield loss, labels
+        finally:
+            pipeline.detach()
+
+    def _with_search_step(self, batches: Iterator[Batch], unit: Unit) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Model-weight steps, each followed by the searcher's own step when it is due (on the same day's
+        validation batches)."""
+        step = self.search_step
+        assert step is not None
+        validation = list(self._batches("valid", [unit.day], grow=False)) if self.static else []
+
+        def freeze(on: bool) -> None:
+            self.recommender.frozen_embeddings = on
+
+        for batch in batches:
+            step.before_step()
             self.optimizer.zero_grad()
             loss, (_, _, labels) = self.dmp(batch)
             loss.backward()
             self.optimizer.step()
-            self.head.advance()
-            loss_sum += loss.detach().double() * labels.numel()
-            examples += labels.numel()
-            if self.head.config.arch_step_after(step) and valid:
-                self.recommender.frozen_embeddings = True
-                self.head.noise = self.head.config.arch_noise
-                self.arch_optimizer.zero_grad()
-                arch_loss, _ = self.dmp(valid[arch_steps % len(valid)])
-                arch_loss.backward()
-                self.arch_optimizer.step()
-                self.recommender.frozen_embeddings = False
-                self.head.noise = True
+            yield loss, labels
+            if step.after_step(self.dmp, freeze, validation):
                 self.optimizer.zero_grad()
-                arch_steps += 1
-        self.head.uniform = False
-        return self._finish(loss_sum, examples, time.perf_counter() - start)
+        step.end_pass()
+
+    def _accumulate(self, loss: float, examples: int, speed: float) -> None:
+        self.epoch_acc["loss"] += loss * examples
+        self.epoch_acc["examples"] += examples
+        self.epoch_acc["seconds"] += examples / max(speed, 1e-9)
+
+    # ---- the searcher --------------------------------------------------------------------------------------
+    def search(self, unit: Unit, evaluation: dict[str, float], row_losses: dict[str, np.ndarray]) -> bool:
+        """Show the searcher the day, and move to the plan it proposes, if any: whether the tables changed."""
+        self.searcher.observe(
+            DayStats(
+                unit.day.name,
+                unit.position[2],
+                {f: self.vocab[f].num_rows for f in self.features},
+                {f: self.vocab[f].counts for f in self.features},
+                evaluation,
+                row_losses,
+            )
+        )
+        proposal = self.searcher.propose()
+        if proposal is None:
+            return False
+        self._check_same_plan(proposal)
+        if plan_digest(proposal) == plan_digest(self.plan):
+            return False
+        self.reconfigure(proposal, search=self._in_search())
+        return True
+
+    def end_phase(self, unit: Unit) -> bool:
+        """The searcher's plan at the end of a phase (e.g. derived dims), retrained from scratch if it says so."""
+        info = {"search_seconds": self.result.phase_seconds.get("search", 0.0)}
+        end = self.searcher.end_phase(unit.phase, self.recommender.head, info)
+        if end is None:
+            return False
+        self._check_same_plan(end.plan)
+        self.reconfigure(end.plan, search=self._in_search(), from_scratch=end.from_scratch)
+        return True
 
     def _check_same_plan(self, plan: DimensionPlan) -> None:
         """Every rank must propose the same plan (searches decide from identical statistics; DESIGN.md 11)."""
@@ -556,8 +626,8 @@ class Trainer:
         """Move to `new_plan`: DCP save → whole tensors → migrate rows → re-plan under the budget → new DMP.
 
         `from_scratch` migrates nothing: the new tables and dense model keep exactly the initialisation a fresh run
-        of `new_plan` would get (a retrain from scratch at the new dims, as AutoDim's paper does); the tables are
-        still rebuilt and re-planned the same way.
+        of `new_plan` would get (a retrain from scratch at the new dims); the tables are still rebuilt and
+        re-planned the same way.
         """
         if from_scratch:
             self.build(new_plan, search)
@@ -574,16 +644,75 @@ class Trainer:
             shutil.rmtree(self.run_dir / "reconfigure", ignore_errors=True)
             logger.info("reconfigured to the new plan:\n%s\n%s", new_plan.summary(), self.memory.summary())
 
+    # ---- records and checkpoints ---------------------------------------------------------------------------
+    def day_record(
+        self,
+        unit: Unit,
+        evaluation: dict[str, float],
+        loss: float,
+        examples: int,
+        speed: float,
+        reconfigured: bool,
+    ) -> dict[str, Any]:
+        day_result = DayResult(
+            day=unit.day.name,
+            day_index=unit.position[2],
+            eval=evaluation,
+            train_loss=loss,
+            train_examples=examples,
+            examples_per_s=speed,
+            embedding_bytes_per_rank=self.memory.per_rank_bytes,
+            embedding_parameters=self.plan.parameters,
+            embedding_logical_parameters=self.plan.logical_parameters,
+            peak_rss_mb=_peak_rss_mb(self.pg),
+            reconfigured=reconfigured,
+        )
+        self.result.days.append(day_result)
+        if _rank0():
+            logger.info(
+                "day %s: eval %s | train loss %.4f | %.0f examples/s",
+                unit.day.name,
+                {k: round(v, 4) for k, v in evaluation.items()},
+                loss,
+                speed,
+            )
+        return asdict(day_result)
+
+    def end_epoch(self, unit: Unit, loss: float, examples: int, speed: float) -> None:
+        self._accumulate(loss, examples, speed)
+        acc, phase = self.epoch_acc, unit.phase.name
+        self.result.phase_seconds[phase] = self.result.phase_seconds.get(phase, 0.0) + acc["seconds"]
+        valid = self.evaluate("valid", self.days)
+        record_ = {
+            "phase": phase,
+            "epoch": unit.epoch,
+            "split": "valid",
+            "eval": valid,
+            "train_loss": acc["loss"] / max(acc["examples"], 1),
+            "train_examples": acc["examples"],
+            "seconds": acc["seconds"],
+            "examples_per_s": acc["examples"] / max(acc["seconds"], 1e-9),
+            "embedding_parameters": self.plan.parameters,
+            "embedding_bytes_per_rank": self.memory.per_rank_bytes,
+            "peak_rss_mb": _peak_rss_mb(self.pg),
+            **self.searcher.epoch_record(self.recommender.head),
+        }
+        self.result.epochs.append(record_)
+        self._log(record_)
+        self.epoch_acc = {"loss": 0.0, "examples": 0, "seconds": 0.0}
+        if _rank0():
+            logger.info("%s epoch %d: valid %s", phase, unit.epoch, {k: round(v, 4) for k, v in valid.items()})
+
     def checkpoint(self, name: str) -> None:
         def extra(tmp: Path) -> None:
             self.plan.save(tmp / "plan")
             self.vocab.save(tmp / "vocab")
-            if self.arch_optimizer is not None:
-                torch.save(self.arch_optimizer.state_dict(), tmp / "arch_optimizer.pt")
+            step_state = self.search_step.state_dict() if self.search_step is not None else None
+            torch.save({"searcher": self.searcher.state_dict(), "search_step": step_state}, tmp / SEARCHER_FILE)
             progress = {
                 "position": list(self.position),
+                "in_search": self._in_search(),
                 "epoch_acc": self.epoch_acc,
-                "searcher": self.searcher.state_dict(),
                 "days": [asdict(d) for d in self.result.days],
                 "epochs": self.result.epochs,
                 "phase_seconds": self.result.phase_seconds,
@@ -602,137 +731,6 @@ class Trainer:
             with (self.run_dir / "metrics.jsonl").open("a") as fh:
                 fh.write(json.dumps(record_) + "\n")
             self.plan.save(self.run_dir / "plan")
-
-    # ---- the loops -----------------------------------------------------------------------------------------
-    def run(self) -> TrainResult:
-        result = self.run_static() if self.static else self.run_prequential()
-        result.plan = self.plan
-        return result
-
-    def run_prequential(self) -> TrainResult:
-        for index in range(self.position[2], len(self.days)):
-            day = self.days[index]
-            row_losses: dict[str, np.ndarray] = {}
-            evaluation = self.evaluate("all", [day], row_losses)
-            loss, examples, speed = self.train_day("all", day, grow=True)
-            self.searcher.observe(
-                DayStats(
-                    day.name,
-                    index,
-                    {f: self.vocab[f].num_rows for f in self.features},
-                    {f: self.vocab[f].counts for f in self.features},
-                    evaluation,
-                    row_losses,
-                )
-            )
-            proposal = self.searcher.propose()
-            if proposal is not None:
-                self._check_same_plan(proposal)
-            reconfigured = proposal is not None and plan_digest(proposal) != plan_digest(self.plan)
-            if reconfigured and proposal is not None:
-                self.reconfigure(proposal)
-            day_result = DayResult(
-                day=day.name,
-                day_index=index,
-                eval=evaluation,
-                train_loss=loss,
-                train_examples=examples,
-                examples_per_s=speed,
-                embedding_bytes_per_rank=self.memory.per_rank_bytes,
-                embedding_parameters=self.plan.parameters,
-                embedding_logical_parameters=self.plan.logical_parameters,
-                peak_rss_mb=_peak_rss_mb(self.pg),
-                reconfigured=reconfigured,
-            )
-            self.result.days.append(day_result)
-            if _rank0():
-                logger.info(
-                    "day %s: eval %s | train loss %.4f | %.0f examples/s",
-                    day.name,
-                    {k: round(v, 4) for k, v in evaluation.items()},
-                    loss,
-                    speed,
-                )
-            self.position = (0, 0, index + 1)
-            if self.cfg.train.checkpoint:
-                self.checkpoint(f"day-{index:04d}")
-            self._log(asdict(day_result))  # after its checkpoint: the metrics never name a day a resume would redo
-        return self.result
-
-    def run_static(self) -> TrainResult:
-        phases = [("train", self.cfg.train.epochs)]
-        if self.autodim:
-            phases.insert(0, ("search", self.cfg.search.search_epochs))
-        unit = 0
-        for p, (phase, epochs) in enumerate(phases):
-            for epoch in range(epochs):
-                for d, day in enumerate(self.days):
-                    unit += 1
-                    if (p, epoch, d) < self.position:
-                        continue
-                    if self.cfg.train.max_units is not None and unit > self.cfg.train.max_units:
-                        logger.info("stopping before unit %d (train.max_units); --resume continues", unit)
-                        return self.result
-                    grow = p == 0 and epoch == 0  # ids are admitted during the first pass over the train split
-                    step = (
-                        self.search_day if phase == "search" else (lambda day, grow: self.train_day("train", day, grow))
-                    )
-                    loss, n, speed = step(day, grow)
-                    self.epoch_acc["loss"] += loss * n
-                    self.epoch_acc["examples"] += n
-                    self.epoch_acc["seconds"] += n / max(speed, 1e-9)
-                    self.position = (p, epoch, d + 1)
-                    if d + 1 == len(self.days):
-                        self._end_epoch(phase, epoch)
-                        self.position = (p, epoch + 1, 0) if epoch + 1 < epochs else (p + 1, 0, 0)
-                        if phase == "search" and epoch + 1 == epochs:
-                            self._derive()
-                    if self.cfg.train.checkpoint:
-                        self.checkpoint(f"unit-{unit:06d}")
-        test = self.evaluate("test", self.days)
-        self.result.test = test
-        self._log({"phase": "final", "split": "test", "eval": test, "embedding_parameters": self.plan.parameters})
-        if _rank0():
-            logger.info("test: %s", {k: round(v, 4) for k, v in test.items()})
-        return self.result
-
-    def _end_epoch(self, phase: str, epoch: int) -> None:
-        acc = self.epoch_acc
-        self.result.phase_seconds[phase] = self.result.phase_seconds.get(phase, 0.0) + acc["seconds"]
-        valid = self.evaluate("valid", self.days)
-        record_ = {
-            "phase": phase,
-            "epoch": epoch,
-            "split": "valid",
-            "eval": valid,
-            "train_loss": acc["loss"] / max(acc["examples"], 1),
-            "train_examples": acc["examples"],
-            "seconds": acc["seconds"],
-            "examples_per_s": acc["examples"] / max(acc["seconds"], 1e-9),
-            "embedding_parameters": self.plan.parameters,
-            "embedding_bytes_per_rank": self.memory.per_rank_bytes,
-            "peak_rss_mb": _peak_rss_mb(self.pg),
-        }
-        if self.head is not None:
-            record_["probabilities"] = {
-                f: p.round(4).tolist() for f, p in zip(self.features, self.head.probabilities(), strict=True)
-            }
-        self.result.epochs.append(record_)
-        self._log(record_)
-        self.epoch_acc = {"loss": 0.0, "examples": 0, "seconds": 0.0}
-        if _rank0():
-            logger.info("%s epoch %d: valid %s", phase, epoch, {k: round(v, 4) for k, v in valid.items()})
-
-    def _derive(self) -> None:
-        """AutoDim: hard dims by argmax (under the budget), then rebuild the tables at exactly those dims."""
-        assert self.head is not None and isinstance(self.searcher, AutoDimSearcher)
-        probabilities = self.head.probabilities()
-        new_plan = self.searcher.derive(
-            probabilities, self.capacity, provenance={"search_seconds": self.result.phase_seconds.get("search", 0.0)}
-        )
-        if _rank0():
-            logger.info("AutoDim derived plan:\n%s", new_plan.summary())
-        self.reconfigure(new_plan, search=False, from_scratch=self.cfg.search.retrain == "scratch")
 
 
 def print_summary(result: TrainResult, budget_bytes: int | None) -> None:
@@ -912,7 +910,16 @@ def job_parser() -> argparse.ArgumentParser:
 
 
 # What bad input raises; any other exception is a bug and keeps its traceback.
-BAD_INPUT = (ConfigError, DatasetError, PlanError, RunError, BudgetError, CheckpointError, ModelConfigError)
+BAD_INPUT = (
+    ConfigError,
+    DatasetError,
+    PlanError,
+    RunError,
+    BudgetError,
+    CheckpointError,
+    ModelConfigError,
+    SearchConfigError,
+)
 
 
 @record

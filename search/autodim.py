@@ -21,7 +21,7 @@ Zhao, Liu, Guo, Tang, Liu, Wang, Yin, Tang, Liu. "Memory-efficient Embedding for
   step on a validation batch (f = 10); optional warm-up steps with uniform, fixed weights (the pre-train trick).
   Architecture steps leave the embedding tables untouched (the lookup runs without gradient, so the fused
   optimizer does not fire). The paper's architecture optimizer is Adam; the job also offers SGD
-  (`search.arch_optimizer=sgd`): Adam scales every logit's step to about the learning rate however weak its gradient,
+  (`search.autodim.arch_optimizer=sgd`): Adam scales every logit's step to about the learning rate however weak its gradient,
   so a field with no signal — whose validation gradient is noise — can end up confidently on any candidate, while
   with SGD its weights stay near uniform and it is the least certain field, which the budget rule shrinks first
   (`tests/test_train.py`, planted importance on the synthetic stream).
@@ -37,14 +37,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
-from search.base import Searcher
+from search.base import Phase, PhaseEnd, SearchContext, Searcher, SearchStep
 from sharding.plan import Budget, DimensionPlan, PlanError, physical_dim
 
 logger = logging.getLogger(__name__)
@@ -62,10 +62,18 @@ class AutoDimConfig:
         temperature_decay: τ = max(min_temperature, 1 − temperature_decay · step).
         min_temperature: the temperature floor.
         search_epochs: passes over the training split during the search.
-        seed: seeds the Gumbel noise (with the step and the rank).
+        seed: seeds the Gumbel noise (with the step and the rank) and the head's initialisation; None in a job
+            config means the run's `train.seed`.
         arch_noise: architecture steps mix the candidates with Gumbel-softmax weights, as the paper does; False
             mixes them with softmax(α) instead (a lower-variance gradient, useful on small data). Model-weight steps
             always use Gumbel-softmax.
+        arch_optimizer: the architecture optimizer: `adam` (the paper's) or `sgd`. Adam scales every logit's step
+            to about `arch_lr` however weak its gradient, so a field whose validation gradient is only noise (a
+            field with no signal) can end up confidently on any candidate; with SGD such a field's weights stay
+            near uniform, its choice is the least certain, and the budget rule shrinks it first (a few times larger
+            `arch_lr` is needed: e.g. 10).
+        retrain: the retrain at the derived dims starts from `scratch` (fresh weights, as the paper does) or from
+            the `search` (the supernet's table prefixes and the dense weights whose shapes are unchanged).
     """
 
     candidate_dims: tuple[int, ...] = (4, 8, 16, 24, 32)
@@ -75,26 +83,32 @@ class AutoDimConfig:
     temperature_decay: float = 5e-5
     min_temperature: float = 0.01
     search_epochs: int = 1
-    seed: int = 0
+    seed: int | None = None
     arch_noise: bool = True
+    arch_optimizer: Literal["adam", "sgd"] = "adam"
+    retrain: Literal["scratch", "search"] = "scratch"
 
     def __post_init__(self) -> None:
         dims = list(self.candidate_dims)
         if not dims:
-            raise ValueError("search.candidate_dims is empty; give at least one dim, e.g. [4, 8, 16, 24, 32]")
+            raise ValueError("search.autodim.candidate_dims is empty; give at least one dim, e.g. [4, 8, 16, 24, 32]")
         if bad := [d for d in dims if d <= 0]:
-            raise ValueError(f"search.candidate_dims must be positive, got {bad}")
+            raise ValueError(f"search.autodim.candidate_dims must be positive, got {bad}")
         if bad := [d for d in dims if d % 4]:
             raise ValueError(
-                f"search.candidate_dims {bad} are not multiples of 4 (FBGEMM's fused kernels need it); "
+                f"search.autodim.candidate_dims {bad} are not multiples of 4 (FBGEMM's fused kernels need it); "
                 f"use e.g. {[physical_dim(d) for d in bad]}"
             )
         if dims != sorted(set(dims)):
-            raise ValueError(f"search.candidate_dims must be strictly increasing, got {dims}")
+            raise ValueError(f"search.autodim.candidate_dims must be strictly increasing, got {dims}")
         if self.arch_every < 1 or self.search_epochs < 1 or self.warmup_steps < 0:
-            raise ValueError("search.arch_every and search.search_epochs must be >= 1, warmup_steps >= 0")
+            raise ValueError(
+                "search.autodim.arch_every and search.autodim.search_epochs must be >= 1, warmup_steps >= 0"
+            )
         if not 0 < self.min_temperature <= 1 or self.temperature_decay < 0:
-            raise ValueError("search.min_temperature must be in (0, 1] and temperature_decay >= 0")
+            raise ValueError("search.autodim.min_temperature must be in (0, 1] and temperature_decay >= 0")
+        if self.arch_optimizer not in ("adam", "sgd"):
+            raise ValueError(f"search.autodim.arch_optimizer is '{self.arch_optimizer}', expected 'adam' or 'sgd'")
 
     @property
     def max_dim(self) -> int:
@@ -158,7 +172,7 @@ class AutoDimHead(nn.Module):
             # Evaluation (and noise-free architecture steps) use the architecture's own distribution.
             return torch.softmax(self.arch_logits, dim=-1)
         generator = torch.Generator().manual_seed(
-            hash((self.config.seed, int(self.step), self.rank)) & 0x7FFFFFFFFFFFFFFF
+            hash((self.config.seed or 0, int(self.step), self.rank)) & 0x7FFFFFFFFFFFFFFF
         )
         return gumbel_softmax_weights(self.arch_logits, self.config.temperature(int(self.step)), generator)
 
@@ -192,15 +206,61 @@ class AutoDimSearcher(Searcher):
     """
 
     name = "autodim"
+    settings_class = AutoDimConfig
 
     def __init__(self, config: AutoDimConfig, budget: Budget | None = None) -> None:
         self.config, self.budget = config, budget
         self.probabilities: np.ndarray | None = None
         self.features: list[str] = []
+        self.num_embeddings: dict[str, int] = {}
+
+    @classmethod
+    def check(cls, context: SearchContext) -> None:
+        context.need_protocol(streaming=False)
+
+    @classmethod
+    def from_config(cls, settings: AutoDimConfig, context: SearchContext) -> AutoDimSearcher:
+        if settings.seed is None:
+            settings = replace(settings, seed=context.seed)
+        return cls(settings, Budget(context.budget) if context.budget else None)
+
+    # -- the protocol: search (the head and its architecture step) → derive → retrain --
+
+    def phases(self, epochs: int) -> list[Phase]:
+        return [Phase("search", self.config.search_epochs, search=True), Phase("train", epochs)]
+
+    def model_hook(self, rank: int) -> AutoDimHead:
+        torch.manual_seed(self.config.seed or 0)  # torch's own initial seed differs in every process
+        return self.head(rank)
+
+    @property
+    def hook_width(self) -> int:
+        return self.config.max_dim
+
+    def search_step(self, hook: nn.Module) -> ArchitectureStep:
+        assert isinstance(hook, AutoDimHead)
+        return ArchitectureStep(hook)
+
+    def end_phase(self, phase: Phase, hook: nn.Module | None, info: Mapping[str, Any]) -> PhaseEnd | None:
+        """After the search: hard dims by argmax (under the budget), retrained at exactly those dims."""
+        if not phase.search:
+            return None
+        assert isinstance(hook, AutoDimHead)
+        plan = self.derive(hook.probabilities(), self.num_embeddings, provenance=info)
+        logger.info("AutoDim derived plan:\n%s", plan.summary())
+        return PhaseEnd(plan, from_scratch=self.config.retrain == "scratch")
+
+    def epoch_record(self, hook: nn.Module | None) -> dict[str, Any]:
+        if not isinstance(hook, AutoDimHead):
+            return {}
+        return {
+            "probabilities": {f: p.round(4).tolist() for f, p in zip(self.features, hook.probabilities(), strict=True)}
+        }
 
     def initial_plan(self, features: list[str], num_embeddings: Mapping[str, int]) -> DimensionPlan:
         """The search tables: every field at the largest candidate (no budget: it is the supernet)."""
         self.features = list(features)
+        self.num_embeddings = {f: int(num_embeddings[f]) for f in features}
         smallest = DimensionPlan.field_level({f: self.config.candidate_dims[0] for f in features}, num_embeddings)
         if self.budget is not None and smallest.budget_used() > self.budget.value:
             raise PlanError(
@@ -261,6 +321,59 @@ class AutoDimSearcher(Searcher):
         self.probabilities = None if probs is None else np.asarray(probs)
 
 
+class ArchitectureStep(SearchStep):
+    """AutoDim's architecture step inside the search phase: every `arch_every`-th model-weight step (after the
+    warm-up), one step of the architecture logits on a validation batch of the same day (the day's validation
+    batches taken in turn, so a resumed run takes the same ones). Its lookup runs without gradient, so the fused
+    optimizer leaves the tables alone; the dense gradients it leaves are cleared by the job.
+
+    Args:
+        head: the live `AutoDimHead` inside the sharded model.
+    """
+
+    def __init__(self, head: AutoDimHead) -> None:
+        self.head, self.config = head, head.config
+        lr = self.config.arch_lr
+        self.optimizer: torch.optim.Optimizer = (
+            torch.optim.SGD([head.arch_logits], lr=lr)
+            if self.config.arch_optimizer == "sgd"
+            else torch.optim.Adam([head.arch_logits], lr=lr)
+        )
+        self.taken = 0  # architecture steps in this pass over the day
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [self.head.arch_logits]
+
+    def before_step(self) -> None:
+        self.step = int(self.head.step)
+        self.head.uniform = self.step < self.config.warmup_steps
+
+    def after_step(self, model: nn.Module, freeze: Any, validation: Sequence[Any]) -> bool:
+        self.head.advance()
+        if not (self.config.arch_step_after(self.step) and validation):
+            return False
+        freeze(True)
+        self.head.noise = self.config.arch_noise
+        self.optimizer.zero_grad()
+        loss, _ = model(validation[self.taken % len(validation)])
+        loss.backward()
+        self.optimizer.step()
+        freeze(False)
+        self.head.noise = True
+        self.taken += 1
+        return True
+
+    def end_pass(self) -> None:
+        self.head.uniform = False
+        self.taken = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
 class UniformBudgetSearcher(Searcher):
     """The largest equal dim (a multiple of 4) for every feature that fits the parameter budget.
 
@@ -273,6 +386,14 @@ class UniformBudgetSearcher(Searcher):
 
     def __init__(self, budget: Budget, max_dim: int = 128) -> None:
         self.budget, self.max_dim = budget, max_dim
+
+    @classmethod
+    def check(cls, context: SearchContext) -> None:
+        context.need_budget()
+
+    @classmethod
+    def from_config(cls, settings: Any, context: SearchContext) -> UniformBudgetSearcher:
+        return cls(Budget(context.need_budget()))
 
     def initial_plan(self, features: list[str], num_embeddings: Mapping[str, int]) -> DimensionPlan:
         rows = sum(num_embeddings[f] for f in features)

@@ -116,7 +116,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.lightgcn import BPRRecipe, GraphTask, lightgcn_bpr_loss
-from search.base import DayStats, Searcher
+from search.base import DayStats, SearchConfigError, SearchContext, Searcher
 from search.rowlevel import ENTITIES, BucketedTables, job_plan, table_rows
 from sharding.embedding import PlannedEmbedding
 from sharding.plan import Budget, DimensionPlan, FeaturePlan, PlanError
@@ -705,6 +705,29 @@ def _from_blob(blob: str) -> Any:
     return torch.load(io.BytesIO(base64.b64decode(blob)), weights_only=True)
 
 
+@dataclass(frozen=True)
+class EsapnSettings:
+    """ESAPN's section of a job config (`search.esapn`); the rest of `EsapnConfig` keeps its official values.
+
+    Args:
+        candidate_dims: the sizes rows grow through (ascending multiples of 4); None: 4, 8, 16, … doubling up to
+            `search.dim` (`size_ladder`).
+        controller_lr: the policies' Adam learning rate.
+        hidden: the policies' hidden width.
+    """
+
+    candidate_dims: tuple[int, ...] | None = None
+    controller_lr: float = 1e-4
+    hidden: int = 512
+
+    def __post_init__(self) -> None:
+        if self.controller_lr <= 0 or self.hidden < 1:
+            raise ValueError(
+                f"search.esapn.controller_lr must be > 0 and search.esapn.hidden >= 1, got {self.controller_lr} "
+                f"and {self.hidden}"
+            )
+
+
 def first_fit(cost: np.ndarray, room: int) -> np.ndarray:
     """Which items a first-fit pass takes, in order: each whose cost still fits what the earlier ones left.
 
@@ -751,6 +774,34 @@ class EsapnSearcher(Searcher):
     """
 
     name = "esapn"
+    settings_class = EsapnSettings
+
+    @classmethod
+    def check(cls, context: SearchContext) -> None:
+        context.need_protocol(streaming=True)
+        context.need_multiple_of_4()
+        if context.dim < 8:
+            raise SearchConfigError(
+                f"search.method=esapn grows rows from 4 up to search.dim: it must be >= 8, got {context.dim}"
+            )
+        context.need_entities()
+
+    @classmethod
+    def from_config(cls, settings: EsapnSettings, context: SearchContext) -> EsapnSearcher:
+        users, items = context.need_entities()
+        dims = settings.candidate_dims or size_ladder(context.dim)
+        try:
+            config = EsapnConfig(candidate_dims=dims, controller_lr=settings.controller_lr, hidden=settings.hidden)
+        except ValueError as e:
+            raise SearchConfigError(f"search.esapn: {e}") from None
+        return cls(
+            Budget(context.budget) if context.budget else None,
+            users,
+            items,
+            config,
+            other_dim=context.other_dim,
+            seed=context.seed,
+        )
 
     def __init__(
         self,

@@ -88,7 +88,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from search.base import DayStats, Searcher
+from search.base import DayStats, SearchContext, Searcher
 from search.rowlevel import SupernetEnv, allocate, check_row_budget, job_plan, row_plan, table_rows, uniform_sizes
 from sharding.plan import Budget, DimensionPlan, PlanError
 
@@ -96,6 +96,26 @@ logger = logging.getLogger(__name__)
 
 ACTION_SIZE = 3
 Action = tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class ScallSettings:
+    """SCALL's section of a job config (`search.scall`).
+
+    Args:
+        action: a fixed `(user share, α_U, α_V)` in (0, 1)³ (the fixed-action ablation); None takes the policy's
+            deterministic action.
+        frequency: rows are ranked by the last `day`'s counts (ties by the cumulative counts) or `cumulative`.
+    """
+
+    action: tuple[float, ...] | None = None
+    frequency: Literal["day", "cumulative"] = "day"
+
+    def __post_init__(self) -> None:
+        if self.action is not None and (len(self.action) != 3 or not all(0.0 < a < 1.0 for a in self.action)):
+            raise ValueError(f"search.scall.action must be three numbers in (0, 1), got {list(self.action)}")
+        if self.frequency not in ("day", "cumulative"):
+            raise ValueError(f"search.scall.frequency is '{self.frequency}', expected 'day' or 'cumulative'")
 
 
 @dataclass(frozen=True)
@@ -783,6 +803,29 @@ class ScallSearcher(Searcher):
     """
 
     name = "scall"
+    settings_class = ScallSettings
+
+    @classmethod
+    def check(cls, context: SearchContext) -> None:
+        context.need_protocol(streaming=True)
+        context.need_budget()
+        context.need_multiple_of_4()
+        context.need_entities()
+
+    @classmethod
+    def from_config(cls, settings: ScallSettings, context: SearchContext) -> ScallSearcher:
+        users, items = context.need_entities()
+        return cls(
+            Budget(context.need_budget(), "parameters"),
+            context.dim,
+            users,
+            items,
+            action=settings.action,
+            frequency=settings.frequency,
+            other_dim=context.other_dim,
+            seed=context.seed,
+            multiple=4,  # sizes are stored widths: the plan's parameters are exactly the budget
+        )
 
     def __init__(
         self,

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -40,9 +41,16 @@ def test_shipped_config_loads(path: Path) -> None:
     # Every key written in the file made it into the config unchanged.
     raw = yaml.safe_load(path.read_text())
     resolved = cfg.to_dict()
+
+    def contained(written: dict[str, Any], got: dict[str, Any], where: str) -> None:
+        for key, value in written.items():
+            if isinstance(value, dict) and where.startswith("search") and key in got:  # a method's own section
+                contained(value, got[key], f"{where}.{key}")
+            else:
+                assert got[key] == value, f"{path.name}: {where}.{key}"
+
     for section, values in raw.items():
-        for key, value in (values or {}).items():
-            assert resolved[section][key] == value, f"{path.name}: {section}.{key}"
+        contained(values or {}, resolved[section], section)
 
 
 def test_demo_config_values() -> None:
@@ -175,12 +183,35 @@ def test_wrong_type_names_key_value_and_type(override: str, message: str) -> Non
         ("sharding.sharding_types=[diagonal]", r"\[sharding\] unknown sharding types \['diagonal'\]"),
         ("sharding.budget_bytes=0", r"\[sharding\] budget_bytes must be > 0, got 0"),
         ("search.method=scall", r"\[search\] search.method=scall needs search.budget"),
-        ("search.scall_action=[0.5,1.0,0.2]", r"\[search\] search.scall_action must be three numbers in \(0, 1\)"),
     ],
 )
 def test_invalid_value(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=r"^1 problem\(s\) in the job config:\n  - " + message):
         load_config(None, [override])
+
+
+def test_method_sections_are_the_methods_own_and_validated_there() -> None:
+    scall = ["search.method=scall", "search.budget=1000"]
+    with pytest.raises(
+        ConfigError,
+        match=r"^1 problem\(s\).*\n  - \[search.scall\] search.scall.action must be three numbers in \(0, 1\)",
+    ):
+        load_config(None, [*scall, "search.scall.action=[0.5,1.0,0.2]"])
+    with pytest.raises(
+        ConfigError, match=r"unknown key 'search.scall.arch_lr' \(valid keys: \['action', 'frequency'\]\)"
+    ):
+        load_config(None, [*scall, "search.scall.arch_lr=0.1"])
+    # Another method's settings name both methods; all problems are listed together.
+    with pytest.raises(ConfigError, match=r"^2 problem\(s\)") as info:
+        load_config(None, [*scall, "search.autodim.arch_lr=0.1", "train.epochs=0"])
+    assert "'search.autodim' holds settings of method 'autodim', but search.method is 'scall'" in str(info.value)
+    cfg = load_config(None, [*scall, "search.scall.action=[0.5,0.2,0.3]"])
+    assert cfg.search.settings.action == (0.5, 0.2, 0.3)
+    assert cfg.to_dict()["search"]["scall"] == {"action": [0.5, 0.2, 0.3], "frequency": "day"}
+    autodim = load_config(None, ["search.method=autodim", "data.protocol=random", "search.autodim.arch_lr=0.5"])
+    assert autodim.search.settings.arch_lr == 0.5 and autodim.search.settings.seed is None
+    with pytest.raises(ConfigError, match=r"unknown search.method 'nope'; the registered methods are \[.*'autodim'"):
+        load_config(None, ["search.method=nope"])
 
 
 @pytest.mark.parametrize("override", ["foo", "foo=1", "batch_size=1", "=1", "data.batch_size"])

@@ -311,12 +311,13 @@ def test_a_killed_export_leaves_nothing_and_its_rerun_equals_the_uninterrupted_o
     assert verify.returncode == 0 and "OK" in verify.stdout, verify.stderr[-3000:]
 
 
-def test_a_rank_killed_after_a_static_search_derived_its_plan_loses_nothing(data: Path, tmp_path: Path) -> None:
+def test_a_rank_killed_in_a_static_search_loses_nothing(data: Path, tmp_path: Path) -> None:
     # AutoDim on a static split: search → derive → retrain, a checkpoint after every day of every epoch. Rank 1 dies
-    # in the middle of the retrain phase's second day; the restarted group resumes inside that phase.
+    # in the middle of the search phase's second day (the searcher's own step runs there); the restarted group
+    # resumes inside the search, derives the same plan and retrains it.
     autodim = (
-        "data.protocol=random", "search.method=autodim", "search.candidate_dims=[4,8,16]", "search.arch_every=2",
-        "search.arch_lr=0.05", "search.temperature_decay=0.01", "train.resume=auto",
+        "data.protocol=random", "search.method=autodim", "search.autodim.candidate_dims=[4,8,16]", "search.autodim.arch_every=2",
+        "search.autodim.arch_lr=0.05", "search.autodim.temperature_decay=0.01", "train.resume=auto",
     )  # fmt: skip
     whole = finish(launch_job(tiny_job_args(data, tmp_path, "whole", *autodim)))
     assert whole.returncode == 0, whole.stderr[-3000:]
@@ -334,7 +335,10 @@ def test_a_rank_killed_after_a_static_search_derived_its_plan_loses_nothing(data
     assert [(r["phase"], r.get("epoch")) for r in got] == [("search", 0), ("train", 0), ("final", None)]
     assert [(r["phase"], r.get("epoch")) for r in want] == [("search", 0), ("train", 0), ("final", None)]
     for a, b in zip(got, want, strict=True):
-        assert a["eval"] == pytest.approx(b["eval"], rel=1e-6)
+        # The kill lands in the search phase's second day. Its validation record may move by ~2e-5: the search
+        # head's batch-norm running statistics are per rank between DDP's buffer broadcasts, and a checkpoint keeps
+        # rank 0's. The derived plan, the retrain and the test metrics are exact.
+        assert a["eval"] == pytest.approx(b["eval"], rel=1e-4 if a["phase"] == "search" else 1e-6)
         if "train_loss" in b:  # every record but the final test one
             assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
         assert a["embedding_parameters"] == b["embedding_parameters"]
