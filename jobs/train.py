@@ -52,6 +52,7 @@ from tqdm import tqdm
 
 from jobs import faults
 from jobs.config import ConfigError, JobConfig, load_config
+from jobs.environment import ModelEnvironment
 from jobs.logs import setup_logging
 from jobs.rundir import RunDecision, RunError, RunLock, clear_run, decide, mark_job
 from models import metrics
@@ -296,6 +297,7 @@ class Trainer:
         self.fault = faults.from_env()
         self.epoch_acc = {"loss": 0.0, "examples": 0, "seconds": 0.0}
         self.search_step: SearchStep | None = None
+        self.held_out: list[tuple[KeyedJaggedTensor, Batch]] = []
 
     # ---- setup ---------------------------------------------------------------------------------------------
     def _in_search(self) -> bool:
@@ -525,7 +527,9 @@ class Trainer:
         with the step."""
         self.dmp.train()
         steps = self._steps(self.train_split, unit.day)
-        batches = itertools.islice(self._batches(self.train_split, [unit.day], unit.grow), steps)
+        held = min(self.searcher.env_batches, max(steps - 1, 0))  # the searcher's environment: never trained on
+        stream = self._batches_with_rows(self.train_split, [unit.day], unit.grow)
+        batches = (batch for _, batch in itertools.islice(stream, steps - held))
         bar = tqdm(total=steps, desc=f"{unit.phase.name} {unit.day.name}", disable=not _rank0(), leave=False)
         # Summed on the device: the loss is read on the host only at log intervals, not at every step.
         loss_sum, examples = torch.zeros((), dtype=torch.float64, device=self.device), 0
@@ -540,6 +544,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{float(loss):.4f}")
         elapsed = time.perf_counter() - start
         bar.close()
+        self.held_out = list(itertools.islice(stream, held))
         return self._finish(loss_sum, examples, elapsed)
 
     def _pipelined(self, batches: Iterator[Batch]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -591,6 +596,7 @@ class Trainer:
                 {f: self.vocab[f].counts for f in self.features},
                 evaluation,
                 row_losses,
+                self._environment(),
             )
         )
         proposal = self.searcher.propose()
@@ -601,6 +607,14 @@ class Trainer:
             return False
         self.reconfigure(proposal, search=self._in_search())
         return True
+
+    def _environment(self) -> ModelEnvironment | None:
+        """The model as trained on the day, scored on the day's held-out batches (for searchers that probe it)."""
+        if not self.searcher.env_batches:
+            return None
+        return ModelEnvironment(
+            self.dmp, self.recommender, self.dataset.spec.task, self.held_out, lambda t: all_reduce(t, self.pg)
+        )
 
     def end_phase(self, unit: Unit) -> bool:
         """The searcher's plan at the end of a phase (e.g. derived dims), retrained from scratch if it says so."""

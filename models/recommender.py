@@ -5,7 +5,9 @@ the logits and the labels so the job can log without another forward pass. The e
 a KJT to a dict of per-feature pooled tensors (`sharding.embedding.PlannedEmbedding`); DMP shards the
 `EmbeddingBagCollection` inside it. An optional `head` (a search's transform, e.g. AutoDim's candidate mixture)
 sits between the two; `frozen_embeddings` runs the lookup without gradient, so a step that must not touch the
-tables (a search's architecture step) leaves the fused embedding optimizer idle.
+tables (a search's architecture step) leaves the fused embedding optimizer idle. `column_limits`, when set, keeps
+only the first `limit[b]` columns of feature `f`'s embedding in example `b` (the rest zeroed): how a search's
+environment scores rows cut to candidate sizes on the live model without touching its tables.
 """
 
 from __future__ import annotations
@@ -37,10 +39,17 @@ class Recommender(nn.Module):
         self.task = task
         self.loss_fn = loss_for_task(task)
         self.frozen_embeddings = False
+        self.column_limits: dict[str, torch.Tensor] | None = None
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         with torch.no_grad() if self.frozen_embeddings else contextlib.nullcontext():
             embeddings = self.embedding(batch.sparse_features)
+        if self.column_limits is not None:
+            embeddings = dict(embeddings)
+            for f, limit in self.column_limits.items():
+                x = embeddings[f]
+                keep = torch.arange(x.shape[1], device=x.device)[None, :] < limit.to(x.device)[:, None]
+                embeddings[f] = x * keep
         if self.head is not None:
             embeddings = self.head(embeddings)
         logits = self.dense_model(embeddings, batch.dense_features)

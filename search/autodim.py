@@ -21,9 +21,10 @@ Zhao, Liu, Guo, Tang, Liu, Wang, Yin, Tang, Liu. "Memory-efficient Embedding for
   step on a validation batch (f = 10); optional warm-up steps with uniform, fixed weights (the pre-train trick).
   Architecture steps leave the embedding tables untouched (the lookup runs without gradient, so the fused
   optimizer does not fire). The paper's architecture optimizer is Adam; the job also offers SGD
-  (`search.autodim.arch_optimizer=sgd`): Adam scales every logit's step to about the learning rate however weak its gradient,
-  so a field with no signal — whose validation gradient is noise — can end up confidently on any candidate, while
-  with SGD its weights stay near uniform and it is the least certain field, which the budget rule shrinks first
+  (`search.autodim.arch_optimizer=sgd`): Adam scales every logit's step to about the learning rate however weak its
+  gradient, so a field with no signal — whose validation gradient is noise — can end up confidently on any
+  candidate, while with SGD its weights stay near uniform and it is the least certain field, which the budget rule
+  shrinks first
   (`tests/test_train.py`, planted importance on the synthetic stream).
 - Hard selection (§2.4): k_m = argmax_n α_m^n; the tables are then rebuilt at exactly those dims (the job's
   reconfiguration path) and retrained without Gumbel noise or BN, each field projected to the model's width by

@@ -200,7 +200,9 @@ class Searcher(ABC):
     name: str = "base"
     settings_class: ClassVar[type] = NoSettings
     row_loss_features: tuple[str, ...] = ()  # features whose per-row losses the job reports in `DayStats`
-    wants_env: bool = False  # whether `observe` needs `DayStats.env`
+    # Batches at the end of each day's training stream the job holds out (never trained on) to give `observe` an
+    # environment (`DayStats.env`) over the model as trained on the day; 0: no environment.
+    env_batches: int = 0
 
     @classmethod  # noqa: B027 - accepts everything by default
     def check(cls, context: SearchContext) -> None:

@@ -316,8 +316,9 @@ def test_a_rank_killed_in_a_static_search_loses_nothing(data: Path, tmp_path: Pa
     # in the middle of the search phase's second day (the searcher's own step runs there); the restarted group
     # resumes inside the search, derives the same plan and retrains it.
     autodim = (
-        "data.protocol=random", "search.method=autodim", "search.autodim.candidate_dims=[4,8,16]", "search.autodim.arch_every=2",
-        "search.autodim.arch_lr=0.05", "search.autodim.temperature_decay=0.01", "train.resume=auto",
+        "data.protocol=random", "search.method=autodim", "search.autodim.candidate_dims=[4,8,16]",
+        "search.autodim.arch_every=2", "search.autodim.arch_lr=0.05", "search.autodim.temperature_decay=0.01",
+        "train.resume=auto",
     )  # fmt: skip
     whole = finish(launch_job(tiny_job_args(data, tmp_path, "whole", *autodim)))
     assert whole.returncode == 0, whole.stderr[-3000:]

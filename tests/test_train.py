@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 import pytest
+import torch
 
 from jobs.config import load_config
 from pipeline.synthetic import SyntheticConfig, write_synthetic
@@ -271,8 +271,9 @@ def test_autodim_derived_dims_follow_the_planted_field_importance(tmp_path: Path
         data, tmp_path, "planted-run",
         "data.batch_size=1000", "sharding.planner_batch_size=1000", "data.protocol=random", "model.name=dlrm",
         "model.options={embedding_dim: 32}", "search.method=autodim", "search.autodim.candidate_dims=[4,8,16,24,32]",
-        "search.autodim.arch_every=2", "search.autodim.warmup_steps=50", "search.autodim.temperature_decay=0.005", "search.autodim.search_epochs=4",
-        "search.autodim.arch_noise=false", "search.autodim.arch_optimizer=sgd", "search.autodim.arch_lr=10", f"search.budget={budget}",
+        "search.autodim.arch_every=2", "search.autodim.warmup_steps=50", "search.autodim.temperature_decay=0.005",
+        "search.autodim.search_epochs=4", "search.autodim.arch_noise=false", "search.autodim.arch_optimizer=sgd",
+        "search.autodim.arch_lr=10", f"search.budget={budget}",
         "train.epochs=1", "train.checkpoint=false",
     )  # fmt: skip
     run = run_train_job(args)
