@@ -286,26 +286,40 @@ def _build(cls: type, raw: dict[str, Any], section: str, errors: list[str]) -> A
 
 
 def _method_settings(raw: dict[str, Any], errors: list[str]) -> Any:
-    """Pop the method sections out of the `search` mapping `raw` and build the chosen method's settings (None: its
-    defaults, or an error already recorded). A section of a method other than `search.method` is an error."""
+    """Pop the method sections out of the `search` mapping `raw`, validate each with its method's settings dataclass,
+    and return the chosen method's settings (None: its defaults, or an error already recorded). Sections of other
+    methods are checked too, so one config can carry several methods' settings and switch with `search.method`;
+    only the chosen one's are used (and saved with the run)."""
     method = raw.get("method", SearchConfig.method)
     sections = {k: raw.pop(k) for k in list(raw) if k in registry.METHODS or k == "settings"}
     if "settings" in sections:
         errors.append(f"'search.settings' is not a key: put the method's settings under 'search.{method}'")
-    for name in sorted(set(sections) - {method, "settings"}):
-        errors.append(
-            f"'search.{name}' holds settings of method '{name}', but search.method is '{method}'. Move them under "
-            f"'search.{method}' if they are {method}'s, or drop the section"
-        )
-    if not isinstance(method, str) or method not in registry.METHODS:
-        return None  # reported by SearchConfig
-    values = sections.get(method)
-    if values is None:
-        return None
-    if not isinstance(values, dict):
-        errors.append(f"'search.{method}' must be a mapping of {method}'s settings, got {values!r}")
-        return None
-    return _build(registry.settings_class(method), values, f"search.{method}", errors)
+        del sections["settings"]
+    chosen = None
+    for name, values in sections.items():
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            errors.append(f"'search.{name}' must be a mapping of {name}'s settings, got {values!r}")
+            continue
+        cls = registry.settings_class(name)
+        own = {f.name for f in dataclasses.fields(cls)}
+        for key in sorted(set(values) - own):
+            owners = [m for m in registry.METHODS if m != name and key in _setting_names(m)]
+            if owners:
+                errors.append(
+                    f"'search.{name}.{key}' is a setting of method {' and '.join(repr(m) for m in owners)}, not of "
+                    f"'{name}'. Move it under 'search.{owners[0]}.{key}'"
+                )
+                values = {k: v for k, v in values.items() if k != key}
+        settings = _build(cls, values, f"search.{name}", errors)
+        if name == method:
+            chosen = settings
+    return chosen
+
+
+def _setting_names(method: str) -> set[str]:
+    return {f.name for f in dataclasses.fields(registry.settings_class(method))}
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:

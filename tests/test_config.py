@@ -197,14 +197,20 @@ def test_method_sections_are_the_methods_own_and_validated_there() -> None:
         match=r"^1 problem\(s\).*\n  - \[search.scall\] search.scall.action must be three numbers in \(0, 1\)",
     ):
         load_config(None, [*scall, "search.scall.action=[0.5,1.0,0.2]"])
-    with pytest.raises(
-        ConfigError, match=r"unknown key 'search.scall.arch_lr' \(valid keys: \['action', 'frequency'\]\)"
-    ):
-        load_config(None, [*scall, "search.scall.arch_lr=0.1"])
-    # Another method's settings name both methods; all problems are listed together.
+    with pytest.raises(ConfigError, match=r"unknown key 'search.scall.nope' \(valid keys: \['action', "):
+        load_config(None, [*scall, "search.scall.nope=0.1"])
+    # A method's setting under another method's section names both; all problems are listed together.
     with pytest.raises(ConfigError, match=r"^2 problem\(s\)") as info:
-        load_config(None, [*scall, "search.autodim.arch_lr=0.1", "train.epochs=0"])
-    assert "'search.autodim' holds settings of method 'autodim', but search.method is 'scall'" in str(info.value)
+        load_config(None, [*scall, "search.scall.arch_lr=0.1", "train.epochs=0"])
+    assert (
+        "'search.scall.arch_lr' is a setting of method 'autodim', not of 'scall'. Move it under "
+        "'search.autodim.arch_lr'" in str(info.value)
+    )
+    # Other methods' sections are validated but not used: one config can switch methods with search.method.
+    with pytest.raises(ConfigError, match=r"search.autodim.arch_every must be >= 1"):
+        load_config(None, [*scall, "search.autodim.arch_every=0"])
+    both = load_config(None, [*scall, "search.autodim.arch_lr=0.1"])
+    assert "autodim" not in both.to_dict()["search"] and both.search.method == "scall"
     cfg = load_config(None, [*scall, "search.scall.action=[0.5,0.2,0.3]"])
     assert cfg.search.settings.action == (0.5, 0.2, 0.3)
     assert cfg.to_dict()["search"]["scall"] == {"action": [0.5, 0.2, 0.3], "frequency": "day"}
