@@ -207,7 +207,7 @@ def test_method_sections_are_the_methods_own_and_validated_there() -> None:
         "'search.autodim.arch_lr'" in str(info.value)
     )
     # Other methods' sections are validated but not used: one config can switch methods with search.method.
-    with pytest.raises(ConfigError, match=r"search.autodim.arch_every must be >= 1"):
+    with pytest.raises(ConfigError, match=r"search.autodim.arch_every and search.autodim.search_epochs must be >= 1"):
         load_config(None, [*scall, "search.autodim.arch_every=0"])
     both = load_config(None, [*scall, "search.autodim.arch_lr=0.1"])
     assert "autodim" not in both.to_dict()["search"] and both.search.method == "scall"
