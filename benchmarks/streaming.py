@@ -9,8 +9,12 @@ Streams: MovieLens latest-small (`../shared/datasets/ml-latest-small`, label rat
 calendar date, thousands of them), and the built-in synthetic stream (DeepFM, 4 days with new ids every day).
 Methods at the same budget (FIXED-16's parameters): FIXED-16 (every row 16 dims); SCALL (each day, every user and
 item row sized in multiples of 4 up to d_max by that day's frequency rank with SCALL's budget-guaranteed sampler,
-`search.method=scall`); ESAPN (`search.method=esapn`: every row starts at 4 and, each day it is seen, keeps or
-doubles its size by its policy, rewarded by its loss drop the next day; rows stop growing once the budget is spent).
+`search.method=scall` with the fixed action (0.5, 0.1, 0.1) of `streaming.yaml`: the ablation); SCALL-learned (the
+same sampler driven by SAC, which learns in the job: each day a few environment steps on the day's held-out
+batches, then the deterministic action); ESAPN (`search.method=esapn`: every row starts at 4 and, each day it is
+seen, keeps or doubles its size by its policy, rewarded by its loss drop the next day; rows stop growing once the
+budget is spent); MD (`search.method=md`: mixed-dimension embeddings, block dims by a power law of popularity with
+learned projections, within the budget).
 d_max is 64 on ml-latest and 32 on the synthetic stream, whose other fields stay at 16.
 
 Per day: the prequential AUC (evaluated before training on the day), embedding parameters (logical and as
@@ -97,7 +101,12 @@ def bench_stream(
     for method, overrides in (
         (f"FIXED-{d_fixed}", ["search.method=fixed", f"search.dim={d_fixed}", "search.budget="]),
         ("SCALL", ["search.method=scall", f"search.dim={d_max}", f"search.budget={budget}"]),
+        (
+            "SCALL-learned",
+            ["search.method=scall", f"search.dim={d_max}", f"search.budget={budget}", "search.scall.action="],
+        ),
         ("ESAPN", ["search.method=esapn", f"search.dim={d_max}", f"search.budget={budget}"]),
+        ("MD", ["search.method=md", f"search.dim={d_max}", f"search.budget={budget}"]),
     ):
         records, seconds = run_job(config, f"{label}-{method}", work, [f"data.path={data}", *base, *overrides])
         for r, u in zip(records, unseen, strict=True):
@@ -135,21 +144,21 @@ def main(argv: list[str] | None = None) -> int:
         base = ["model.name=deepfm", "model.options={embedding_dim: 16}", "search.other_dim=16"]
         base += ["data.batch_size=1000", "sharding.planner_batch_size=1000"]
         rows += bench_stream("synthetic", synthetic, "jobs/configs/streaming.yaml", 16, 32, base, work)
-    print(f"{'stream':<10}{'method':<10}{'day':<12}{'AUC':>8}{'logical':>11}{'stored':>11}{'budget':>11}{'unseen':>8}")
+    print(f"{'stream':<10}{'method':<14}{'day':<12}{'AUC':>8}{'logical':>11}{'stored':>11}{'budget':>11}{'unseen':>8}")
     for r in rows:
         print(
-            f"{r['stream']:<10}{r['method']:<10}{r['day']:<12}{r['auc']:>8.4f}{r['logical']:>11,}{r['stored']:>11,}"
+            f"{r['stream']:<10}{r['method']:<14}{r['day']:<12}{r['auc']:>8.4f}{r['logical']:>11,}{r['stored']:>11,}"
             f"{r['budget']:>11,}{r['unseen']:>8,}"
         )
     parts = []
     for stream in dict.fromkeys(r["stream"] for r in rows):
         for method in dict.fromkeys(r["method"] for r in rows if r["stream"] == stream):
             sel = [r for r in rows if r["stream"] == stream and r["method"] == method]
-            key = f"{stream}_{method.split('-')[0].lower()}"
+            key = f"{stream}_{'fixed' if method.startswith('FIXED') else method.lower().replace('-', '_')}"
             parts.append(f"{key}_mean_auc={np.nanmean([r['auc'] for r in sel]):.4f}")
-            if method in ("SCALL", "ESAPN"):
-                parts.append(f"{key}_days_over_budget={sum(r['logical'] > r['budget'] for r in sel)}")
-            if method == "SCALL":
+            if not method.startswith("FIXED"):
+                parts.append(f"{key}_days_over_budget={sum(r['stored'] > r['budget'] for r in sel)}")
+            if method.startswith("SCALL"):
                 parts.append(f"{key}_exact_every_day={all(r['logical'] == r['budget'] for r in sel)}")
             if method == "ESAPN":
                 parts.append(f"{key}_final_budget_share={sel[-1]['logical'] / sel[-1]['budget']:.3f}")

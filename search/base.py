@@ -91,8 +91,8 @@ class SearchContext:
         if self.dataset is not None and (self.user_field is None or self.item_field is None):
             raise SearchConfigError(
                 f"search.method={self.method} sizes user and item rows, but dataset '{self.dataset}' names no "
-                "user_field or item_field in its dataset.yaml. Set both, or use a field-level method (fixed, "
-                "uniform-budget, autodim)"
+                "user_field or item_field in its dataset.yaml. Fix: set both in its dataset.yaml, or use a "
+                "field-level method (fixed, uniform-budget, autodim)"
             )
         return self.user_field or "user", self.item_field or "item"
 

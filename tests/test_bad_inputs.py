@@ -833,6 +833,15 @@ def _plan_of_other_features(tmp: Path) -> Artifacts:
     return a
 
 
+def _without_user_and_item(tmp: Path) -> Artifacts:
+    a = _copy_run(tmp)
+    spec = yaml.safe_load((a.data / SPEC_FILE).read_text())
+    spec.pop("user_field", None)
+    spec.pop("item_field", None)
+    (a.data / SPEC_FILE).write_text(yaml.safe_dump(spec, sort_keys=False))
+    return a
+
+
 def _damaged_checkpoint(rel: str) -> Callable[[Path], Artifacts]:
     def make(tmp: Path) -> Artifacts:
         a = _copy_run(tmp)
@@ -884,7 +893,25 @@ JOB_CASES: list[Case] = [
         "job-config-unknown-method",
         _copy_run,
         _job("search.method=pep"),
-        ("'search.method' is 'pep'", "expected typing.Literal['fixed'", "Fix: correct"),
+        ("unknown search.method 'pep'; the registered methods are ['autodim', 'esapn', 'fixed'", "Fix: correct"),
+    ),
+    Case(
+        "job-config-setting-of-another-method",
+        _copy_run,
+        _job("--replace", "search.method=scall", "search.budget=100000", "search.scall.arch_lr=0.1"),
+        ("'search.scall.arch_lr' is a setting of method 'autodim', not of 'scall'", "search.autodim.arch_lr"),
+    ),
+    Case(
+        "job-method-on-a-static-split",
+        _copy_run,
+        _job("--replace", "search.method=esapn", "data.protocol=random"),
+        ("search.method=esapn is a streaming search: set data.protocol to prequential", "Fix: correct"),
+    ),
+    Case(
+        "job-row-level-method-without-users-and-items",
+        _without_user_and_item,
+        _job("--replace", "search.method=scall", "search.budget=100000"),
+        ("search.method=scall sizes user and item rows, but dataset", "names no user_field or item_field", "Fix: set both"),
     ),
     Case(
         "job-config-not-an-override",
