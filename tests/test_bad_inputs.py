@@ -911,7 +911,7 @@ JOB_CASES: list[Case] = [
         "job-row-level-method-without-users-and-items",
         _without_user_and_item,
         _job("--replace", "search.method=scall", "search.budget=100000"),
-        ("search.method=scall sizes user and item rows, but dataset", "names no user_field or item_field", "Fix: set both"),
+        ("search.method=scall sizes user and item rows", "names no user_field or item_field", "Fix: set both"),
     ),
     Case(
         "job-config-not-an-override",
