@@ -41,7 +41,9 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -206,6 +208,29 @@ class Td3Agent:
         self.buffer = torch.zeros(capacity, 9)  # s(3) a(1) r(1) s'(3) done(1)
         self.size = self.position = self.updates = 0
 
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "actor": self.actor.state_dict(),
+            "critics": [c.state_dict() for c in self.critics],
+            "target_actor": self.target_actor.state_dict(),
+            "target_critics": [c.state_dict() for c in self.target_critics],
+            "actor_optimizer": self.actor_optimizer.state_dict(),
+            "critic_optimizer": self.critic_optimizer.state_dict(),
+            "buffer": self.buffer.clone(),
+            "counters": (self.size, self.position, self.updates),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.actor.load_state_dict(state["actor"])
+        self.target_actor.load_state_dict(state["target_actor"])
+        nets = (*self.critics, *self.target_critics)
+        for net, saved in zip(nets, [*state["critics"], *state["target_critics"]], strict=True):
+            net.load_state_dict(saved)
+        self.actor_optimizer.load_state_dict(state["actor_optimizer"])
+        self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+        self.buffer = state["buffer"].clone()
+        self.size, self.position, self.updates = state["counters"]
+
     @torch.no_grad()
     def choose(self, state: torch.Tensor, generator: torch.Generator, explore: bool) -> torch.Tensor:
         """Integer sizes for every entity: the actor's, or (exploring) the best walk node by Q1 plus noise."""
@@ -292,6 +317,91 @@ def _ratio(quality: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:
     return torch.where(peak > 1e-9, (quality / peak.clamp(min=1e-9)).clamp(0.0, 1.0), torch.ones_like(quality))
 
 
+class CiessLearner:
+    """CIESS's policies and one search iteration, written against an environment that scores per-row sizes:
+    the paper benchmark's masked LightGCN supernet (`ciess_search`) and the training job's live model
+    (`CiessSearcher`) drive this same class.
+
+    Args:
+        config: hyper-parameters (`config.d_max` is the largest size).
+        num_rows: rows per entity type (users, items).
+        budget: the parameters `Σ d` every plan uses, exactly.
+        seed: seeds the networks' initialisation and the exploration.
+        multiple: sizes are multiples of this (4 in the job: every size is its stored width).
+    """
+
+    def __init__(self, config: CiessConfig, num_rows: tuple[int, int], budget: int, seed: int = 0, multiple: int = 1):
+        if config.d_max % multiple:
+            raise ValueError(f"d_max ({config.d_max}) must be a multiple of {multiple}")
+        self.config, self.num_rows, self.budget, self.multiple = config, num_rows, budget, multiple
+        check_row_budget(budget // multiple, sum(num_rows), config.d_max // multiple)
+        torch.manual_seed(seed)  # the networks' init
+        self.generator = torch.Generator().manual_seed(seed)
+        self.agents = tuple(Td3Agent(config, n) for n in num_rows)
+        self.frequency = tuple(torch.zeros(n) for n in num_rows)
+
+    def set_frequencies(self, users: np.ndarray, items: np.ndarray) -> None:
+        self.frequency = (_normalize_frequency(users), _normalize_frequency(items))
+
+    def state(self, i: int, sizes: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+        """`[f, d, q]` per row of entity type `i` (module docstring)."""
+        return torch.stack([self.frequency[i], normalize_size(sizes, self.config.d_max), ratio * 2.0 - 1.0], 1)
+
+    def start(self) -> list[torch.Tensor]:
+        """An episode's first states: every row at d_max, quality ratio 1."""
+        return [
+            self.state(i, torch.full((n,), self.config.d_max, dtype=torch.long), torch.ones(n))
+            for i, n in enumerate(self.num_rows)
+        ]
+
+    def iterate(
+        self,
+        states: list[torch.Tensor],
+        quality: Callable[[np.ndarray, np.ndarray], tuple[torch.Tensor, torch.Tensor]],
+        peak: tuple[torch.Tensor, torch.Tensor],
+        done: bool,
+    ) -> tuple[list[torch.Tensor], tuple[torch.Tensor, torch.Tensor], list[float], list[torch.Tensor]]:
+        """One iteration: every row's explored size, projected onto the budget, scored by `quality(users, items)`
+        (per-row qualities), rewarded against `peak` (the full-size qualities), stored and learned from.
+
+        Returns:
+            the sizes, the qualities, the mean reward per entity type, and the next states.
+        """
+        c, m = self.config, self.multiple
+        chosen = [self.agents[i].choose(states[i], self.generator, explore=True) for i in range(2)]
+        if m == 1:
+            joint = allocate(torch.cat(chosen).numpy(), self.budget, 1, c.d_max)
+        else:
+            joint = allocate(torch.cat(chosen).numpy() / m, self.budget // m, 1, c.d_max // m) * m
+        n_users = self.num_rows[0]
+        sizes = [torch.from_numpy(joint[:n_users]), torch.from_numpy(joint[n_users:])]
+        qualities = quality(sizes[0].numpy(), sizes[1].numpy())
+        rewards, next_states = [], []
+        for i in range(2):
+            ratio = _ratio(qualities[i], peak[i])
+            reward = ratio - c.lam * (sizes[i].to(torch.float32) / c.d_max) ** 2
+            next_state = self.state(i, sizes[i], ratio)
+            self.agents[i].store(states[i], sizes[i], reward, next_state, done)
+            for _ in range(c.updates):
+                self.agents[i].update(self.generator)
+            next_states.append(next_state)
+            rewards.append(float(reward.mean()))
+        return sizes, qualities, rewards, next_states
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "generator": self.generator.get_state(),
+            "frequency": [f.clone() for f in self.frequency],
+            "agents": [agent.state_dict() for agent in self.agents],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        self.frequency = tuple(state["frequency"])
+        for agent, saved in zip(self.agents, state["agents"], strict=True):
+            agent.load_state_dict(saved)
+
+
 def ciess_search(
     env: SupernetEnv,
     user_freq: np.ndarray,
@@ -309,39 +419,19 @@ def ciess_search(
             f"{env.task.num_users} and {env.task.num_items}"
         )
     check_row_budget(budget, num_users + num_items, config.d_max)
-    torch.manual_seed(seed)  # the networks' init
-    generator = torch.Generator().manual_seed(seed)
-    agents = (Td3Agent(config, num_users), Td3Agent(config, num_items))
-    frequency = (_normalize_frequency(user_freq), _normalize_frequency(item_freq))
+    learner = CiessLearner(config, (num_users, num_items), budget, seed)
+    learner.set_frequencies(user_freq, item_freq)
     peak = (torch.nan_to_num(env.peak_user, nan=0.0), env.peak_item)
     d_max = config.d_max
-
-    def state(i: int, sizes: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
-        return torch.stack([frequency[i], normalize_size(sizes, d_max), ratio * 2.0 - 1.0], 1)
 
     top: list[tuple[float, np.ndarray, np.ndarray]] = []
     history: list[dict[str, float]] = []
     evaluations = 0
     for episode in range(config.episodes):
-        sizes = [torch.full((n,), d_max, dtype=torch.long) for n in (num_users, num_items)]
-        states = [state(i, sizes[i], torch.ones(len(sizes[i]))) for i in range(2)]
+        states = learner.start()
         for t in range(config.iterations):
-            chosen = [agents[i].choose(states[i], generator, explore=True) for i in range(2)]
-            joint = allocate(torch.cat(chosen).numpy(), budget, 1, d_max)
-            sizes = [torch.from_numpy(joint[:num_users]), torch.from_numpy(joint[num_users:])]
-            qualities = env.quality(sizes[0].numpy(), sizes[1].numpy())
+            sizes, qualities, rewards, states = learner.iterate(states, env.quality, peak, t == config.iterations - 1)
             evaluations += 1
-            done = t == config.iterations - 1
-            rewards = []
-            for i in range(2):
-                ratio = _ratio(qualities[i], peak[i])
-                reward = ratio - config.lam * (sizes[i].to(torch.float32) / d_max) ** 2
-                next_state = state(i, sizes[i], ratio)
-                agents[i].store(states[i], sizes[i], reward, next_state, done)
-                for _ in range(config.updates):
-                    agents[i].update(generator)
-                states[i] = next_state
-                rewards.append(float(reward.mean()))
             mean_quality = float(torch.nanmean(qualities[0]))
             top.append((mean_quality, sizes[0].numpy().copy(), sizes[1].numpy().copy()))
             top = sorted(top, key=lambda x: -x[0])[: config.top_k]
@@ -350,7 +440,7 @@ def ciess_search(
                     "episode": episode,
                     "iteration": t,
                     "quality": mean_quality,
-                    "kept": float(joint.sum()) / (d_max * (num_users + num_items)),
+                    "kept": float(sizes[0].sum() + sizes[1].sum()) / (d_max * (num_users + num_items)),
                     "reward_users": rewards[0],
                     "reward_items": rewards[1],
                 }
