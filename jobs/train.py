@@ -52,7 +52,7 @@ from tqdm import tqdm
 
 from jobs import faults
 from jobs.config import ConfigError, JobConfig, load_config
-from jobs.environment import ModelEnvironment
+from jobs.environment import ModelEnvironment, add_row_losses
 from jobs.logs import setup_logging
 from jobs.rundir import RunDecision, RunError, RunLock, clear_run, decide, mark_job
 from models import metrics
@@ -126,16 +126,6 @@ class TrainResult:
 
 def _rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def add_row_losses(totals: dict[str, torch.Tensor], rows: KeyedJaggedTensor, losses: torch.Tensor) -> None:
-    """Add each example's loss to every row it looks up: `totals[f]` is `[2, num_rows]` (loss sum, examples) for
-    each feature `f` it names; `rows` holds the batch's vocabulary rows, `losses` its per-example losses `[B]`."""
-    for f, total in totals.items():
-        jt = rows[f]
-        ids = jt.values().long()
-        total[0].index_add_(0, ids, losses.to(torch.float64).repeat_interleave(jt.lengths().long()))
-        total[1].index_add_(0, ids, torch.ones(ids.numel(), dtype=torch.float64))
 
 
 def build_searcher(cfg: JobConfig, spec: DatasetSpec) -> Searcher:
@@ -527,7 +517,8 @@ class Trainer:
         with the step."""
         self.dmp.train()
         steps = self._steps(self.train_split, unit.day)
-        held = min(self.searcher.env_batches, max(steps - 1, 0))  # the searcher's environment: never trained on
+        # A stream's searcher environment: the day's last batches, never trained on (a static one uses validation).
+        held = 0 if self.static else min(self.searcher.env_batches, max(steps - 1, 0))
         stream = self._batches_with_rows(self.train_split, [unit.day], unit.grow)
         batches = (batch for _, batch in itertools.islice(stream, steps - held))
         bar = tqdm(total=steps, desc=f"{unit.phase.name} {unit.day.name}", disable=not _rank0(), leave=False)
@@ -608,17 +599,25 @@ class Trainer:
         self.reconfigure(proposal, search=self._in_search())
         return True
 
-    def _environment(self) -> ModelEnvironment | None:
-        """The model as trained on the day, scored on the day's held-out batches (for searchers that probe it)."""
-        if not self.searcher.env_batches:
+    def _environment(self, batches: list[tuple[KeyedJaggedTensor, Batch]] | None = None) -> ModelEnvironment | None:
+        """The model as trained so far, scored on held-out batches (for searchers that probe it): the day's
+        held-out batches on a stream, the given ones otherwise."""
+        if not self.searcher.env_batches or (self.static and batches is None):
             return None
         return ModelEnvironment(
-            self.dmp, self.recommender, self.dataset.spec.task, self.held_out, lambda t: all_reduce(t, self.pg)
+            self.dmp,
+            self.recommender,
+            self.dataset.spec.task,
+            self.held_out if batches is None else batches,
+            lambda t: all_reduce(t, self.pg),
         )
 
     def end_phase(self, unit: Unit) -> bool:
         """The searcher's plan at the end of a phase (e.g. derived dims), retrained from scratch if it says so."""
-        info = {"search_seconds": self.result.phase_seconds.get("search", 0.0)}
+        info: dict[str, Any] = {"search_seconds": self.result.phase_seconds.get("search", 0.0)}
+        if unit.phase.search and self.searcher.env_batches:  # the validation split's first batches
+            valid = self._batches_with_rows("valid", self.days, grow=False)
+            info["env"] = self._environment(list(itertools.islice(valid, self.searcher.env_batches)))
         end = self.searcher.end_phase(unit.phase, self.recommender.head, info)
         if end is None:
             return False

@@ -124,6 +124,10 @@ class Environment(Protocol):
         """Quality (higher is better) with each named feature's rows cut to `sizes[feature]` dims."""
         ...
 
+    def row_quality(self, sizes: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Per row of each named feature, its quality (higher is better; nan: no evidence) under `sizes`."""
+        ...
+
 
 @dataclass(frozen=True)
 class DayStats:
@@ -235,7 +239,8 @@ class Searcher(ABC):
         return None
 
     def end_phase(self, phase: Phase, hook: nn.Module | None, info: Mapping[str, Any]) -> PhaseEnd | None:
-        """A new plan at the end of `phase` (info: e.g. `search_seconds`), or None."""
+        """A new plan at the end of `phase`, or None. `info` holds e.g. `search_seconds`, and at the end of a search
+        phase of a searcher with `env_batches`, `env`: the job's environment over the validation split."""
         return None
 
     def epoch_record(self, hook: nn.Module | None) -> dict[str, Any]:

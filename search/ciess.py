@@ -49,7 +49,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from search.rowlevel import SupernetEnv, allocate, check_row_budget
+from search.base import DayStats, Phase, PhaseEnd, SearchConfigError, SearchContext, Searcher
+from search.rowlevel import SupernetEnv, allocate, check_row_budget, job_plan, table_rows
+from sharding.plan import Budget, DimensionPlan, PlanError
 
 logger = logging.getLogger(__name__)
 
@@ -455,3 +457,281 @@ def ciess_search(
         )
     best = top[0]
     return CiessResult(best[1], best[2], best[0], top, evaluations, time.perf_counter() - start_time, history)
+
+
+# ---- in the training job -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CiessSettings:
+    """CIESS's section of a job config (`search.ciess`).
+
+    Args:
+        lam: λ, the size penalty of the reward.
+        episodes: static protocol: episodes of the search after the supernet phase.
+        iterations: static protocol: iterations per episode.
+        day_iterations: stream: iterations per day (one episode goes on across days).
+        updates: TD3 updates per agent per iteration.
+        batch: transitions per update.
+        hidden: width of the actor and critic layers.
+        env_batches: batches the environment scores each plan on, per rank: the validation split's first ones
+            (static), or the last ones of each day, held out from training (stream).
+        search_epochs: static protocol: epochs of supernet training (each example's user and item embedding cut
+            to a random multiple of 4 up to `search.dim`) before the search.
+    """
+
+    lam: float = 0.4
+    episodes: int = 10
+    iterations: int = 10
+    day_iterations: int = 5
+    updates: int = 5
+    batch: int = 4096
+    hidden: int = 256
+    env_batches: int = 8
+    search_epochs: int = 1
+
+    def __post_init__(self) -> None:
+        names = ("episodes", "iterations", "day_iterations", "batch", "hidden", "env_batches", "search_epochs")
+        if bad := [f"search.ciess.{n}={getattr(self, n)}" for n in names if getattr(self, n) < 1]:
+            raise ValueError(f"{', '.join(bad)}: must be >= 1")
+        if self.lam < 0 or self.updates < 0:
+            raise ValueError(f"search.ciess.lam ({self.lam}) and search.ciess.updates ({self.updates}) must be >= 0")
+
+
+class RandomPrefix(nn.Module):
+    """The supernet's training hook: in training mode every example's embedding of each feature keeps a random
+    prefix (a multiple of 4 in `[4, d_max]`), so every prefix of every row is trained (slimmable networks, OptEmbed's
+    dimension masks); evaluation passes the embeddings through. The draw depends only on (seed, step, rank), so a
+    resumed run draws the same prefixes.
+
+    Args:
+        features: the features cut (users and items).
+        d_max: their width.
+        seed: the run's seed.
+        rank: this process's rank.
+    """
+
+    step: torch.Tensor
+
+    def __init__(self, features: tuple[str, ...], d_max: int, seed: int, rank: int) -> None:
+        super().__init__()
+        self.features, self.d_max, self.seed, self.rank = features, d_max, seed, rank
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, pooled: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if not self.training:
+            return dict(pooled)
+        generator = torch.Generator().manual_seed(hash((self.seed, int(self.step), self.rank)) & 0x7FFFFFFFFFFFFFFF)
+        self.step += 1
+        out = dict(pooled)
+        for f in self.features:
+            x = pooled[f]
+            size = 4 * torch.randint(1, self.d_max // 4 + 1, (x.shape[0], 1), generator=generator)
+            out[f] = x * (torch.arange(x.shape[1])[None, :] < size).to(x.device, x.dtype)
+        return out
+
+
+class CiessSearcher(Searcher):
+    """CIESS in the training job, over the live sharded model (`DayStats.env`, `jobs/environment.py`).
+
+    - **Static protocol** (search → derive → retrain): a supernet phase trains users and items at `search.dim`
+      with random prefixes (`RandomPrefix`); then `episodes × iterations` CIESS iterations, each plan scored per row
+      on the validation split's first `env_batches` batches (`exp(−loss)` of each row's examples, rows cut to the
+      plan); the best plan by mean user quality becomes row-level bucket tables, retrained from scratch.
+    - **Stream**: one episode goes on across days: after each day, `day_iterations` iterations on the day's
+      held-out batches, and the day's best plan is the next day's. The live model's rows exist only up to their
+      current sizes, so the environment can score a row below its size but not above it (the extra columns are
+      zero until trained): on a stream CIESS learns where to shrink, and growth comes from the budget freed.
+    - Every plan uses the budget exactly: sizes are multiples of 4 (stored = searched) allocated by
+      `rowlevel.allocate`, after the other features' field-level dims (`search.other_dim`).
+
+    Args:
+        budget: stored parameters over every table.
+        d_max: the largest size (`search.dim`).
+        user_feature: the feature whose rows are users.
+        item_feature: the feature whose rows are items.
+        settings: the method's settings.
+        static: the static protocol (else the stream).
+        other_dim: the field-level dim of the other features (None: `d_max`).
+        seed: seeds the policies, the exploration and the supernet's prefixes.
+    """
+
+    name = "ciess"
+    settings_class = CiessSettings
+
+    @classmethod
+    def check(cls, context: SearchContext) -> None:
+        context.need_budget()
+        context.need_multiple_of_4()
+        if context.dim < 8:
+            raise SearchConfigError(
+                f"search.method=ciess sizes rows in multiples of 4 up to search.dim >= 8, got {context.dim}"
+            )
+        context.need_entities()
+
+    @classmethod
+    def from_config(cls, settings: CiessSettings, context: SearchContext) -> CiessSearcher:
+        users, items = context.need_entities()
+        return cls(
+            Budget(context.need_budget(), "parameters"), context.dim, users, items, settings, context.static,
+            context.other_dim, context.seed,
+        )  # fmt: skip
+
+    def __init__(
+        self,
+        budget: Budget,
+        d_max: int,
+        user_feature: str,
+        item_feature: str,
+        settings: CiessSettings,
+        static: bool,
+        other_dim: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.budget, self.d_max, self.settings, self.static, self.seed = budget, d_max, settings, static, seed
+        self.entities = (user_feature, item_feature)
+        self.other_dim = d_max if other_dim is None else other_dim
+        self.env_batches = settings.env_batches
+        self.config = CiessConfig(
+            d_max=d_max, episodes=settings.episodes, iterations=settings.iterations, lam=settings.lam,
+            hidden=settings.hidden, batch=settings.batch, updates=settings.updates,
+        )  # fmt: skip
+        self.features: list[str] = []
+        self.num_embeddings: dict[str, int] = {}
+        self.learner: CiessLearner | None = None
+        self.states: list[torch.Tensor] | None = None
+        self.proposal: tuple[np.ndarray, np.ndarray] | None = None
+        self.day_index: int | None = None
+        self.history: list[dict[str, float]] = []
+
+    # -- the protocol --
+
+    def initial_plan(self, features: list[str], num_embeddings: Mapping[str, int]) -> DimensionPlan:
+        missing = [f for f in self.entities if f not in features]
+        if missing:
+            raise PlanError(f"CIESS sizes the features {missing}, which are not among the job's features {features}")
+        self.features = list(features)
+        self.num_embeddings = {f: int(num_embeddings[f]) for f in features}
+        rows = (self.num_embeddings[self.entities[0]], self.num_embeddings[self.entities[1]])
+        self.learner = CiessLearner(self.config, rows, self._row_budget(), self.seed, multiple=4)
+        if self.static:  # the supernet: users and items at d_max (no budget: it is searched over)
+            dims = {f: (self.d_max if f in self.entities else self.other_dim) for f in features}
+            return DimensionPlan.field_level(dims, self.num_embeddings, provenance={"method": "ciess-supernet"})
+        units = allocate(np.ones(sum(rows)), self._row_budget() // 4, 1, self.d_max // 4)
+        return self._plan(units[: rows[0]] * 4, units[rows[0] :] * 4, {"method": "ciess", "day_index": None})
+
+    def phases(self, epochs: int) -> list[Phase]:
+        return [Phase("search", self.settings.search_epochs, search=True), Phase("train", epochs)]
+
+    def model_hook(self, rank: int) -> nn.Module:
+        return RandomPrefix(self.entities, self.d_max, self.seed, rank)
+
+    def observe(self, stats: DayStats) -> None:
+        assert self.learner is not None, "CiessSearcher.observe before initial_plan"
+        counts = [table_rows(stats.row_counts[f], self.num_embeddings[f], f, "row_counts", 0, np.int64)
+                  for f in self.entities]  # fmt: skip
+        self.learner.set_frequencies(*counts)
+        self.day_index = stats.day_index
+        if self.static:
+            return
+        if stats.env is None:
+            raise PlanError("CIESS on a stream needs the job's environment (DayStats.env); none was given")
+        if self.states is None:
+            self.states = self.learner.start()
+        best = self._search(stats.env, self.settings.day_iterations, episode_end=False)
+        self.proposal = best
+
+    def propose(self) -> DimensionPlan | None:
+        if self.proposal is None:
+            return None
+        users, items = self.proposal
+        self.proposal = None
+        return self._plan(users, items, {"method": "ciess", "day_index": self.day_index})
+
+    def end_phase(self, phase: Phase, hook: nn.Module | None, info: Mapping[str, Any]) -> PhaseEnd | None:
+        if not phase.search:
+            return None
+        env = info.get("env")
+        if env is None:
+            raise PlanError("CIESS's search phase needs the job's environment over the validation split")
+        best: tuple[np.ndarray, np.ndarray] | None = None
+        best_quality = -np.inf
+        for _ in range(self.settings.episodes):
+            assert self.learner is not None
+            self.states = self.learner.start()
+            users, items = self._search(env, self.settings.iterations, episode_end=True)
+            if self.history[-1]["best_quality"] > best_quality:
+                best_quality, best = self.history[-1]["best_quality"], (users, items)
+        assert best is not None
+        plan = self._plan(*best, {"method": "ciess", "quality": best_quality, **info_numbers(info)})
+        logger.info("CIESS derived plan (mean valid user quality %.4f):\n%s", best_quality, plan.summary())
+        return PhaseEnd(plan, from_scratch=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "learner": None if self.learner is None else self.learner.state_dict(),
+            "states": self.states,
+            "proposal": self.proposal,
+            "day_index": self.day_index,
+            "history": self.history,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if self.learner is not None and state.get("learner") is not None:
+            self.learner.load_state_dict(state["learner"])
+        self.states = state.get("states")
+        self.proposal = state.get("proposal")
+        self.day_index = state.get("day_index")
+        self.history = list(state.get("history", []))
+
+    # -- helpers --
+
+    def _search(self, env: Any, iterations: int, episode_end: bool) -> tuple[np.ndarray, np.ndarray]:
+        """`iterations` CIESS iterations from the current states; the best plan by mean user quality."""
+        assert self.learner is not None and self.states is not None
+        users_f, items_f = self.entities
+        full = {f: np.full(self.num_embeddings[f], self.d_max, dtype=np.int64) for f in self.entities}
+        peak_rows = env.row_quality(full)
+        peak_users, peak_items = (
+            torch.nan_to_num(torch.from_numpy(peak_rows[f]).float(), nan=0.0) for f in self.entities
+        )
+        peak = (peak_users, peak_items)
+
+        def quality(users: np.ndarray, items: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+            q = env.row_quality({users_f: users, items_f: items})
+            return torch.from_numpy(q[users_f]).float(), torch.from_numpy(q[items_f]).float()
+
+        best, best_quality = None, -np.inf
+        for t in range(iterations):
+            done = episode_end and t == iterations - 1
+            sizes, qualities, rewards, self.states = self.learner.iterate(self.states, quality, peak, done)
+            mean_quality = float(torch.nanmean(qualities[0]))
+            if best is None or mean_quality > best_quality:
+                best_quality, best = mean_quality, (sizes[0].numpy().copy(), sizes[1].numpy().copy())
+            self.history.append(
+                {"day_index": float(self.day_index or 0), "quality": mean_quality, "best_quality": best_quality,
+                 "reward_users": rewards[0], "reward_items": rewards[1]}
+            )  # fmt: skip
+        assert best is not None
+        return best
+
+    def _row_budget(self) -> int:
+        others = sum(self.num_embeddings[f] * self.other_dim for f in self.features if f not in self.entities)
+        rows = self.budget.value - others
+        n = sum(self.num_embeddings[f] for f in self.entities)
+        if rows < 4 * n:
+            raise PlanError(
+                f"the budget of {self.budget.value:,} parameters leaves {rows:,} for {n:,} user and item rows after "
+                f"the other features' {others:,} (at dim {self.other_dim}): below 4 per row. Raise search.budget to at "
+                f"least {others + 4 * n:,} or lower search.other_dim"
+            )
+        return rows
+
+    def _plan(self, users: np.ndarray, items: np.ndarray, provenance: Mapping[str, Any]) -> DimensionPlan:
+        rows = dict(zip(self.entities, (users, items), strict=True))
+        return job_plan(self.features, self.num_embeddings, rows, self.d_max, self.other_dim, self.budget, provenance)
+
+
+def info_numbers(info: Mapping[str, Any]) -> dict[str, float]:
+    """The numbers of an end-of-phase `info` (for a plan's provenance)."""
+    return {k: float(v) for k, v in info.items() if isinstance(v, int | float)}

@@ -17,6 +17,7 @@ METHODS: dict[str, str] = {
     "autodim": "search.autodim:AutoDimSearcher",
     "scall": "search.scall:ScallSearcher",
     "esapn": "search.esapn:EsapnSearcher",
+    "ciess": "search.ciess:CiessSearcher",
 }
 
 

@@ -1,0 +1,81 @@
+"""CIESS in the training job on 2 ranks: the static protocol (supernet → search → derived bucket tables retrained)
+and the stream (a search step after every day), each plan exactly the budget; a stream cut after its first
+reconfiguration and resumed equals the uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from jobs.train import plan_digest, table_capacities
+from pipeline.dataset import Dataset
+from pipeline.synthetic import SyntheticConfig, write_synthetic
+from sharding.plan import DimensionPlan
+from tests.helpers import run_train_job, tiny_job_args
+
+pytestmark = pytest.mark.multirank
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cfg = SyntheticConfig(days=3, rows_per_day=4000, users=400, items=300, fields=4, field_cardinality=60, dense=2)
+    return write_synthetic(cfg, tmp_path_factory.mktemp("synthetic") / "data")
+
+
+def _records(run: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _args(data: Path) -> tuple[list[str], int]:
+    capacity = table_capacities(Dataset(data), None)
+    others = sum(n for f, n in capacity.items() if f not in ("user", "item"))
+    budget = 8 * others + 12 * (capacity["user"] + capacity["item"])  # a mean of 12 of d_max 16 per row
+    common = [
+        "search.method=ciess", "search.dim=16", "search.other_dim=8", f"search.budget={budget}",
+        "search.ciess.batch=256", "search.ciess.hidden=32", "search.ciess.env_batches=2", "search.ciess.updates=2",
+    ]  # fmt: skip
+    return common, budget
+
+
+def test_ciess_static_search_derives_an_exact_plan_and_retrains_it(data: Path, tmp_path: Path) -> None:
+    common, budget = _args(data)
+    args = [*common, "data.protocol=per-user", "search.ciess.episodes=2", "search.ciess.iterations=3"]
+    run = run_train_job(tiny_job_args(data, tmp_path, "static", *args))
+    assert run.returncode == 0, run.stderr[-3000:]
+    records = _records(tmp_path / "static")
+    assert [(r["phase"], r.get("epoch")) for r in records] == [("search", 0), ("train", 0), ("final", None)]
+    plan = DimensionPlan.load(tmp_path / "static" / "plan")
+    assert plan.parameters == plan.logical_parameters == budget  # exactly the budget, stored = searched
+    assert records[1]["embedding_parameters"] == budget and records[2]["embedding_parameters"] == budget
+    for f in ("user", "item"):
+        dims = np.asarray(plan[f].row_dims)
+        assert dims.min() >= 4 and dims.max() <= 16 and not (dims % 4).any()
+    assert len(np.unique(np.concatenate([plan["user"].row_dims, plan["item"].row_dims]))) > 1  # a real allocation
+    assert plan.provenance["method"] == "ciess" and "CIESS derived plan" in run.stderr
+    state = torch.load(tmp_path / "static" / "checkpoints" / "unit-000006" / "searcher.pt", weights_only=False)
+    assert len(state["searcher"]["history"]) == 6  # episodes × iterations, each a scored plan
+
+
+def test_ciess_on_a_stream_resumes_as_if_never_cut(data: Path, tmp_path: Path) -> None:
+    common, budget = _args(data)
+    args = [*common, "search.ciess.day_iterations=2"]
+    whole = run_train_job(tiny_job_args(data, tmp_path, "whole", *args))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    days = _records(tmp_path / "whole")
+    assert all(d["embedding_parameters"] == budget for d in days)
+    assert days[0]["reconfigured"]
+    cut = run_train_job(tiny_job_args(data, tmp_path, "cut", *args, "data.days=1"))
+    assert cut.returncode == 0, cut.stderr[-3000:]
+    resumed = run_train_job(tiny_job_args(data, tmp_path, "cut", *args, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    again = _records(tmp_path / "cut")
+    for a, b in zip(again, days, strict=True):
+        assert a["eval"] == pytest.approx(b["eval"], rel=1e-6)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
+    assert plan_digest(DimensionPlan.load(tmp_path / "cut" / "plan")) == plan_digest(
+        DimensionPlan.load(tmp_path / "whole" / "plan")
+    )
