@@ -71,11 +71,8 @@ from search.base import DayStats, Phase, SearchConfigError, Searcher, SearchStep
 from sharding.checkpoint import (
     CheckpointError,
     damaged_checkpoints,
-    full_tensors,
     latest_checkpoint,
     load_checkpoint,
-    load_full_weights,
-    migrate_weights,
     save_checkpoint,
     write_text_atomic,
 )
@@ -88,6 +85,7 @@ from sharding.distributed import (
     shard_model,
 )
 from sharding.embedding import PlannedEmbedding, RowRemap
+from sharding.live import Reconfiguration
 from sharding.plan import DimensionPlan, PlanError
 
 logger = logging.getLogger(__name__)
@@ -636,7 +634,9 @@ class Trainer:
             )
 
     def reconfigure(self, new_plan: DimensionPlan, search: bool = False, from_scratch: bool = False) -> None:
-        """Move to `new_plan`: DCP save → whole tensors → migrate rows → re-plan under the budget → new DMP.
+        """Move to `new_plan` (`sharding.live.Reconfiguration`): DCP-save the model and optimizer, build and shard
+        the new tables under the budget, then load shard by shard: unchanged tables (and their fused optimizer
+        state) bit for bit, only the changed tables' rows migrated (prefix slice or pad, their row state carried).
 
         `from_scratch` migrates nothing: the new tables and dense model keep exactly the initialisation a fresh run
         of `new_plan` would get (a retrain from scratch at the new dims); the tables are still rebuilt and
@@ -645,13 +645,12 @@ class Trainer:
         if from_scratch:
             self.build(new_plan, search)
         else:
-            fresh = self._model(new_plan, "cpu", search).state_dict()
             scratch = self.run_dir / "reconfigure"
-            save_checkpoint(scratch, {"model": self.dmp.state_dict()}, pg=self.pg)
+            move = Reconfiguration(self.plan, new_plan)
+            move.save(scratch, self.dmp, self.optimizer, pg=self.pg)
             self.fault.hit("reconfigure", self.rank, self.position[2])
-            migrated = migrate_weights(self.plan, new_plan, full_tensors(scratch), fresh)
             self.build(new_plan, search)
-            load_full_weights(self.dmp, migrated)
+            move.load(scratch, self.dmp, self.optimizer, pg=self.pg)
         dist.barrier(group=self.pg)
         if _rank0():
             shutil.rmtree(self.run_dir / "reconfigure", ignore_errors=True)

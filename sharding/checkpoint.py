@@ -19,6 +19,8 @@
   copied; one whose shape changed keeps its fresh initialisation (its inputs mean something else now: a
   concatenation of differently sized fields, say).
 - `load_full_weights` copies whole tensors into a sharded model: each rank copies its own shards' slices.
+- `tensor_metadata` / `read_tensors` list a checkpoint's tensors and read chosen ones whole (`sharding.live` reads
+  only the tables a reconfiguration changes).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -199,17 +201,41 @@ def load_checkpoint(directory: str | Path, state: dict[str, Any], pg: dist.Proce
     dcp.load(state, checkpoint_id=Path(directory), process_group=pg)
 
 
+def tensor_metadata(directory: str | Path) -> dict[str, TensorStorageMetadata]:
+    """The global size and dtype of every tensor in a DCP checkpoint, by flattened key (`model.<name>`,
+    `optim.state.<param>.<state>` for the `{"model": ..., "optim": ...}` state this project saves); reads only the
+    metadata file."""
+    metadata = dcp.FileSystemReader(str(directory)).read_metadata()
+    return {k: m for k, m in metadata.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)}
+
+
+def read_tensors(directory: str | Path, keys: Iterable[str]) -> dict[str, torch.Tensor]:
+    """The named tensors of a DCP checkpoint (flattened keys), each loaded whole on this rank only (no collectives).
+
+    Args:
+        directory: the checkpoint.
+        keys: flattened keys, as `tensor_metadata` lists them.
+
+    Raises:
+        CheckpointError: a key is not a tensor of the checkpoint.
+    """
+    reader = dcp.FileSystemReader(str(directory))
+    metadata = reader.read_metadata().state_dict_metadata
+    wanted: dict[str, torch.Tensor] = {}
+    for k in keys:
+        m = metadata.get(k)
+        if not isinstance(m, TensorStorageMetadata):
+            raise CheckpointError(f"{directory}: no tensor '{k}' in the checkpoint (it has {len(metadata)} entries)")
+        wanted[k] = torch.zeros(m.size, dtype=m.properties.dtype)
+    if wanted:
+        dcp.load(wanted, storage_reader=reader, no_dist=True)
+    return wanted
+
+
 def full_tensors(directory: str | Path, prefix: str = "model.") -> dict[str, torch.Tensor]:
     """Every tensor under `prefix` in a DCP checkpoint, loaded whole (on this rank only, no collectives)."""
-    reader = dcp.FileSystemReader(str(directory))
-    metadata = reader.read_metadata()
-    wanted = {
-        k: torch.zeros(m.size, dtype=m.properties.dtype)
-        for k, m in metadata.state_dict_metadata.items()
-        if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)
-    }
-    dcp.load(wanted, storage_reader=reader, no_dist=True)
-    return {k[len(prefix) :]: v for k, v in wanted.items()}
+    keys = [k for k in tensor_metadata(directory) if k.startswith(prefix)]
+    return {k[len(prefix) :]: v for k, v in read_tensors(directory, keys).items()}
 
 
 def load_full_weights(module: nn.Module, full: Mapping[str, torch.Tensor]) -> list[str]:
