@@ -7,7 +7,9 @@
 evaluate (prequential: the day before training on it) → train (`TrainPipelineSparseDist`, or plain steps with the
 searcher's own step between them) → searcher step (`observe`/`propose`) → reconfigure if the plan changed →
 checkpoint (DCP, atomic); a phase's end may bring the searcher's derived plan. The job knows searchers only
-through the protocol of `search/base.py`, found by `search.method` in `search.registry`. Everything lands in `<train.out_dir>/<train.name>/`: the resolved
+through the protocol of `search/base.py`, found by `search.method` in `search.registry`.
+
+Everything lands in `<train.out_dir>/<train.name>/`: the resolved
 `config.yaml`, `metrics.jsonl` (one record per day: loss, AUC/accuracy/MSE, examples/s, embedding bytes per rank,
 peak RSS), `plan/` (the current dimension plan) and `checkpoints/day-NNNN/`. `--resume` (or `train.resume=auto`)
 continues after the last intact checkpoint, and `metrics.jsonl` is rewritten from it, so it holds exactly one record
