@@ -17,6 +17,7 @@ METHODS: dict[str, str] = {
     "autodim": "search.autodim:AutoDimSearcher",
     "scall": "search.scall:ScallSearcher",
     "esapn": "search.esapn:EsapnSearcher",
+    "md": "search.md:MdSearcher",
     "ciess": "search.ciess:CiessSearcher",
 }
 
