@@ -22,19 +22,8 @@ from torch import nn
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from models import metrics
-from models.losses import example_losses
 from models.recommender import Recommender
-
-
-def add_row_losses(totals: dict[str, torch.Tensor], rows: KeyedJaggedTensor, losses: torch.Tensor) -> None:
-    """Add each example's loss to every row it looks up: `totals[f]` is `[2, num_rows]` (loss sum, examples) for
-    each feature `f` it names; `rows` holds the batch's vocabulary rows, `losses` its per-example losses `[B]`."""
-    for f, total in totals.items():
-        jt = rows[f]
-        ids = jt.values().long()
-        total[0].index_add_(0, ids, losses.to(torch.float64).repeat_interleave(jt.lengths().long()))
-        total[1].index_add_(0, ids, torch.ones(ids.numel(), dtype=torch.float64))
+from models.scoring import Scorer, score
 
 
 def example_limits(rows: KeyedJaggedTensor, feature: str, sizes: torch.Tensor) -> torch.Tensor:
@@ -69,43 +58,29 @@ class ModelEnvironment:
         self.batches, self.reduce = batches, reduce
         self.calls = 0
 
-    def _score(
-        self, sizes: Mapping[str, np.ndarray], per_row: Mapping[str, int] | None = None
-    ) -> tuple[torch.Tensor, metrics.TaskMetricsAccumulator, dict[str, torch.Tensor]]:
-        """One pass over the held-out batches with rows cut to `sizes`: all-reduced (loss sum, examples, metric
-        state), and for each feature of `per_row` (its number of rows) the all-reduced `[2, rows]` loss sums."""
+    def _score(self, sizes: Mapping[str, np.ndarray], per_row: bool = False) -> Scorer:
+        """One pass over the held-out batches with rows cut to `sizes`, all-reduced (per-row losses of the
+        features in `sizes` if `per_row`)."""
         self.calls += 1
         table = {f: torch.from_numpy(np.ascontiguousarray(s, dtype=np.int64)) for f, s in sizes.items()}
-        scores = metrics.TaskMetricsAccumulator(self.task)
-        loss_sum = torch.zeros(1, dtype=torch.float64)
-        totals = {f: torch.zeros(2, n, dtype=torch.float64) for f, n in (per_row or {}).items()}
-        was_training = self.model.training
-        self.model.eval()
+        scorer = Scorer(self.task, {f: int(s.numel()) for f, s in table.items()} if per_row else None)
+
+        def cut(rows: KeyedJaggedTensor | None) -> None:
+            assert rows is not None
+            self.recommender.column_limits = {f: example_limits(rows, f, s) for f, s in table.items()}
+
         try:
-            with torch.no_grad():
-                for rows, batch in self.batches:
-                    self.recommender.column_limits = {f: example_limits(rows, f, s) for f, s in table.items()}
-                    loss, (_, out, y) = self.model(batch)
-                    out, y = out.cpu(), y.cpu()
-                    scores.update(out, y)
-                    loss_sum += loss.detach().double().cpu() * y.numel()
-                    if totals:
-                        add_row_losses(totals, rows, example_losses(self.task, out, y))
+            score(self.model, self.batches, scorer, before=cut)
         finally:
             self.recommender.column_limits = None
-            self.model.train(was_training)
-        state = self.reduce(torch.cat([loss_sum, scores.state()]))
-        return state, scores, {f: self.reduce(t) for f, t in totals.items()}
+        return scorer.reduce(self.reduce)
 
     def fitness(self, sizes: Mapping[str, np.ndarray]) -> float:
         """The model's quality with each feature in `sizes` cut row by row to those sizes (higher is better)."""
-        state, scores, _ = self._score(sizes)
-        if self.task == "binary":
-            return float(scores.compute(state[1:])["auc"])
-        return float(np.exp(-float(state[0]) / max(float(state[1]), 1.0)))
+        result = self._score(sizes).metrics()
+        return float(result["auc"]) if self.task == "binary" else float(np.exp(-result["loss"]))
 
     def row_quality(self, sizes: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Per row of each feature in `sizes`, `exp(−mean loss)` of its held-out examples with the rows cut to
         `sizes` (nan for a row without one)."""
-        _, _, totals = self._score(sizes, {f: int(np.asarray(s).size) for f, s in sizes.items()})
-        return {f: np.exp(-(t[0] / t[1]).numpy()) for f, t in totals.items()}  # 0/0 = nan: no example
+        return {f: np.exp(-loss) for f, loss in self._score(sizes, per_row=True).row_mean_losses().items()}

@@ -40,7 +40,7 @@ import logging
 import math
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +49,7 @@ import polars as pl
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from torchrec.datasets.utils import Batch
 from tqdm import tqdm
 
 from jobs.config import ConfigError
@@ -57,6 +58,7 @@ from jobs.logs import setup_logging
 from jobs.runs import LoadedRun, load_run
 from models.errors import ModelConfigError
 from models.metrics import TASK_METRICS, task_metrics
+from models.scoring import Scorer, score
 from pipeline.dataset import Dataset, Day, OutputKind, atomic_directory, check_output_dir
 from pipeline.errors import DatasetError
 from pipeline.splits import SPLIT_NAMES, assign_splits
@@ -283,12 +285,6 @@ def _bytes_per_rank(run_dir: Path) -> list[int] | None:
     return last
 
 
-def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
-    """Concatenate along rows, skipping empty parts (a day with no rows of the split)."""
-    parts = [t for t in parts if t.numel()]
-    return torch.cat(parts) if parts else torch.zeros(0)
-
-
 def evaluate_run(run: LoadedRun, selection: Selection, name: str, batch_size: int = 8192) -> RunEvaluation:
     """Score `run` on `selection`, per day and overall; count the lookups that fell back to row 0.
 
@@ -317,39 +313,41 @@ def evaluate_run(run: LoadedRun, selection: Selection, name: str, batch_size: in
         and (*run_split, run.cfg.data.split_seed) == selection.split_source
     )
     per_day: list[DayEvaluation] = []
-    all_logits: list[torch.Tensor] = []
-    all_labels: list[torch.Tensor] = []
+    scorers: list[Scorer] = []
     total = sum(stream.num_batches(d) for d in selection.days)
-    with torch.no_grad(), tqdm(total=total, desc=f"evaluate {name}", leave=False) as bar:
+    with tqdm(total=total, desc=f"evaluate {name}", leave=False) as bar:
         for day in selection.days:
             before = {f: run.vocab[f].unseen for f in features}
             lookups = torch.zeros(len(features), dtype=torch.int64)
-            logits: list[torch.Tensor] = []
-            labels: list[torch.Tensor] = []
-            for batch in stream.batches(day, grow=False):
-                lookups += torch.tensor(batch.sparse_features.length_per_key(), dtype=torch.int64)
-                if not remap.identity:
-                    batch.sparse_features = remap(batch.sparse_features)
-                _, (_, out, y) = model(batch)
-                logits.append(out)
-                labels.append(y)
-                bar.update(1)
+
+            def batches(day: Day = day) -> Iterator[tuple[None, Batch]]:
+                nonlocal lookups
+                for batch in stream.batches(day, grow=False):
+                    lookups += torch.tensor(batch.sparse_features.length_per_key(), dtype=torch.int64)
+                    if not remap.identity:
+                        batch.sparse_features = remap(batch.sparse_features)
+                    bar.update(1)
+                    yield None, batch
+
+            # One process holds the model: the scores are kept for exact metrics (the job's own evaluation sums
+            # histograms over ranks instead; `models.scoring` is the one path for both).
+            scorer = score(model, batches(), Scorer(task, keep_scores=True))
+            scorers.append(scorer)
             # The stream maps a whole day's ids before its first batch, so the counters are final here.
-            day_logits, day_labels = _cat(logits), _cat(labels)
-            all_logits.append(day_logits)
-            all_labels.append(day_labels)
             per_day.append(
                 DayEvaluation(
                     day.name,
-                    int(day_labels.numel()),
-                    task_metrics(task, day_logits, day_labels),
+                    scorer.examples,
+                    scorer.exact_metrics(),
                     dict(zip(features, (int(n) for n in lookups), strict=True)),
                     {f: run.vocab[f].unseen - before[f] for f in features},
                     in_training=day.name in trained and not held_out,
                 )
             )
             logger.info("%s %s: %s", name, day.name, {k: round(v, 4) for k, v in per_day[-1].metrics.items()})
-    logits_all, labels_all = _cat(all_logits), _cat(all_labels)
+    everything = Scorer(task, keep_scores=True)
+    everything.scores = [kept for s in scorers for kept in s.scores]
+    logits_all, labels_all = everything.kept()
     overall = DayEvaluation(
         OVERALL,
         int(labels_all.numel()),

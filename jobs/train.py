@@ -56,14 +56,13 @@ from tqdm import tqdm
 
 from jobs import faults
 from jobs.config import ConfigError, JobConfig, load_config
-from jobs.environment import ModelEnvironment, add_row_losses
+from jobs.environment import ModelEnvironment
 from jobs.logs import setup_logging
 from jobs.rundir import RunDecision, RunError, RunLock, clear_run, decide, mark_job
-from models import metrics
 from models.errors import ModelConfigError
 from models.factory import build_model
-from models.losses import example_losses
 from models.recommender import Recommender
+from models.scoring import Scorer, score
 from pipeline.dataset import Dataset, Day
 from pipeline.errors import DatasetError
 from pipeline.spec import DatasetSpec
@@ -472,29 +471,14 @@ class Trainer:
         `row_losses`, if given, receives for each of the searcher's `row_loss_features` every row's mean example loss
         over all ranks (nan for rows with no example), for searchers rewarded per row.
         """
-        self.dmp.eval()
-        scores = metrics.TaskMetricsAccumulator(self.dataset.spec.task)
-        loss_sum = torch.zeros(1, dtype=torch.float64)
-        wanted = list(self.searcher.row_loss_features) if row_losses is not None else []
-        totals = {f: torch.zeros(2, self.plan[f].num_embeddings, dtype=torch.float64) for f in wanted}
-        with torch.no_grad():
-            for rows, batch in self._batches_with_rows(split, days, grow=False):
-                loss, (_, out, y) = self.dmp(batch)
-                out, y = out.cpu(), y.cpu()
-                scores.update(out, y)
-                loss_sum += loss.detach().double().cpu() * y.numel()
-                if wanted:
-                    add_row_losses(totals, rows, example_losses(self.dataset.spec.task, out, y))
-        if row_losses is not None:
-            for f, total in totals.items():
-                total = all_reduce(total, self.pg)
-                row_losses[f] = (total[0] / total[1]).numpy()  # 0/0 = nan: no example
+        wanted = self.searcher.row_loss_features if row_losses is not None else ()
+        scorer = Scorer(self.dataset.spec.task, {f: self.plan[f].num_embeddings for f in wanted})
+        score(self.dmp, self._batches_with_rows(split, days, grow=False), scorer)
         # Sums and score histograms are all-reduced; no logit leaves its rank (DESIGN.md decision 13).
-        state = torch.cat([loss_sum, scores.state()])
-        state = all_reduce(state, self.pg)
-        examples = int(state[1])
-        result = {"loss": float(state[0]) / max(examples, 1), "examples": examples}
-        return {**result, **scores.compute(state[1:])}
+        scorer.reduce(lambda t: all_reduce(t, self.pg))
+        if row_losses is not None:
+            row_losses.update(scorer.row_mean_losses())
+        return scorer.metrics()
 
     def test(self) -> None:
         test = self.evaluate("test", self.days)
