@@ -297,11 +297,15 @@ def evaluate_run(run: LoadedRun, selection: Selection, name: str, batch_size: in
     Returns:
         The run's scores, unseen-id counts and memory.
     """
+    remap = RowRemap(run.plan)
     stream = DayStream(
-        selection.dataset, run.vocab, StreamConfig(batch_size=batch_size), row_filter=selection.row_filter
+        selection.dataset,
+        run.vocab,
+        StreamConfig(batch_size=batch_size),
+        row_filter=selection.row_filter,
+        keying=None if remap.identity else remap,
     )
     features = stream.features
-    remap = RowRemap(run.plan)
     model = run.model.eval()
     task = selection.dataset.spec.task
     trained = set(_trained_days(run))
@@ -322,10 +326,8 @@ def evaluate_run(run: LoadedRun, selection: Selection, name: str, batch_size: in
 
             def batches(day: Day = day) -> Iterator[tuple[None, Batch]]:
                 nonlocal lookups
-                for batch in stream.batches(day, grow=False):
-                    lookups += torch.tensor(batch.sparse_features.length_per_key(), dtype=torch.int64)
-                    if not remap.identity:
-                        batch.sparse_features = remap(batch.sparse_features)
+                for rows, batch in stream.batches_with_rows(day, grow=False):  # keyed for the plan by the stream
+                    lookups += torch.tensor(rows.length_per_key(), dtype=torch.int64)
                     bar.update(1)
                     yield None, batch
 

@@ -327,6 +327,7 @@ class Trainer:
                 rank=self.rank,
                 world_size=self.world_size,
                 row_filter=self.split.row_filter(name) if self.split is not None else None,
+                keying=None if self.remap.identity else self.remap,
             )
             for name in names
         }
@@ -396,10 +397,7 @@ class Trainer:
         """Each batch with its sparse features as vocabulary rows (before the plan's remap to bucket keys)."""
         stream = self.streams[split]
         for day in days:
-            for batch in stream.batches(day, grow=grow):
-                rows = batch.sparse_features
-                if not self.remap.identity:
-                    batch.sparse_features = self.remap(rows)
+            for rows, batch in stream.batches_with_rows(day, grow=grow):  # keyed for the plan by the stream
                 yield rows, batch.to(self.device)
 
     def _steps(self, split: str, day: Day) -> int:

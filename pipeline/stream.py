@@ -21,7 +21,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import cast
+from typing import TypeVar, cast
 
 import numpy as np
 import polars as pl
@@ -93,6 +93,10 @@ class DayStream:
         rank: this rank.
         world_size: the number of ranks.
         row_filter: optional `(day) -> bool mask over the day's rows` selecting a split; applied before slicing.
+        keying: optional map of a batch's vocabulary-row KJT to the model's table keys (the job hands it the plan's
+            remap: row-level features to one key per dim bucket with local rows); applied when the batch is built,
+            in the prefetch thread, so training, evaluation and export never remap by hand. Without it the batches
+            carry vocabulary rows.
     """
 
     def __init__(
@@ -105,6 +109,7 @@ class DayStream:
         rank: int = 0,
         world_size: int = 1,
         row_filter: Callable[[Day], np.ndarray] | None = None,
+        keying: Callable[[KeyedJaggedTensor], KeyedJaggedTensor] | None = None,
     ) -> None:
         self.dataset = dataset
         self.spec = dataset.spec
@@ -120,6 +125,7 @@ class DayStream:
         self.rank, self.world_size = rank, world_size
         rank_slice(0, rank, world_size)  # validates rank and world size
         self.row_filter = row_filter
+        self.keying = keying
 
     @property
     def days(self) -> list[Day]:
@@ -132,9 +138,22 @@ class DayStream:
         return -(-largest // self.config.batch_size)
 
     def batches(self, day: Day, *, grow: bool) -> Iterator[Batch]:
-        """This rank's batches of `day`; `grow` admits the day's new ids into the vocabularies first (training)."""
-        it = self._batches(day, grow)
+        """This rank's batches of `day` (keyed for the model if the stream has a `keying`); `grow` admits the day's
+        new ids into the vocabularies first (training)."""
+        for _, batch in self.batches_with_rows(day, grow=grow):
+            yield batch
+
+    def batches_with_rows(self, day: Day, *, grow: bool) -> Iterator[tuple[KeyedJaggedTensor, Batch]]:
+        """Each batch of `batches` with its sparse features as vocabulary rows (before any keying)."""
+        it = self._keyed(self._batches(day, grow))
         return _prefetched(it, self.config.prefetch) if self.config.prefetch else it
+
+    def _keyed(self, batches: Iterator[Batch]) -> Iterator[tuple[KeyedJaggedTensor, Batch]]:
+        for batch in batches:
+            rows = batch.sparse_features
+            if self.keying is not None:
+                batch.sparse_features = self.keying(rows)
+            yield rows, batch
 
     def _read(self, day: Day, grow: bool) -> tuple[pl.DataFrame, list[_Column]]:
         """This rank's rows of `day` and each feature's rows mapped through the vocabulary."""
@@ -205,7 +224,10 @@ class DayStream:
 _DONE = object()
 
 
-def _prefetched(it: Iterator[Batch], depth: int) -> Iterator[Batch]:
+T = TypeVar("T")
+
+
+def _prefetched(it: Iterator[T], depth: int) -> Iterator[T]:
     """Run `it` in a daemon thread, `depth` items ahead; exceptions are re-raised in the consumer.
 
     Closing the consumer early stops the producer at its next item, so no thread is left blocked.
@@ -240,6 +262,6 @@ def _prefetched(it: Iterator[Batch], depth: int) -> Iterator[Batch]:
                 return
             if isinstance(item, BaseException):
                 raise item
-            yield cast(Batch, item)
+            yield cast(T, item)
     finally:
         stop.set()

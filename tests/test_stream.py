@@ -112,3 +112,35 @@ def test_prefetch_reraises_producer_errors(dataset: Dataset) -> None:
         f.write_bytes(b"not parquet")
     with pytest.raises(Exception, match=r"parquet|Parquet"):
         list(stream.batches(day, grow=True))
+
+
+def test_keying_gives_the_plans_table_keys_beside_the_vocabulary_rows(dataset: Dataset) -> None:
+    # The job hands the stream the plan's remap; its batches then read the bucket tables' keys, computed when the
+    # batch is built (in the prefetch thread), and equal the remap applied by hand.
+    from sharding.embedding import RowRemap
+    from sharding.plan import DimensionPlan, FeaturePlan
+
+    features = dataset.spec.feature_names
+    plain = VocabularySet(features, capacity=dict.fromkeys(features, 64))
+    keyed_vocab = VocabularySet(features, capacity=dict.fromkeys(features, 64))
+    first = features[0]
+    dims = np.where(np.arange(64) % 3 == 0, 8, 4)
+    plan = DimensionPlan(
+        tuple(
+            FeaturePlan(f, 64, 8, row_dims=dims, projection="pad") if f == first else FeaturePlan(f, 64, 4, dim=4)
+            for f in features
+        )
+    )
+    remap = RowRemap(plan)
+    by_hand = DayStream(dataset, plain, StreamConfig(batch_size=16, prefetch=0))
+    keyed = DayStream(dataset, keyed_vocab, StreamConfig(batch_size=16, prefetch=2), keying=remap)
+    for day in dataset.days:
+        pairs = list(keyed.batches_with_rows(day, grow=True))
+        expected = list(by_hand.batches(day, grow=True))
+        assert len(pairs) == len(expected)
+        for (rows, batch), want in zip(pairs, expected, strict=True):
+            assert torch.equal(rows.values(), want.sparse_features.values())
+            manual = remap(want.sparse_features)
+            assert batch.sparse_features.keys() == manual.keys() == remap.keys
+            assert torch.equal(batch.sparse_features.values(), manual.values())
+            assert torch.equal(batch.sparse_features.lengths(), manual.lengths())
