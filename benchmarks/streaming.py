@@ -9,12 +9,10 @@ Streams: MovieLens latest-small (`../shared/datasets/ml-latest-small`, label rat
 calendar date, thousands of them), and the built-in synthetic stream (DeepFM, 4 days with new ids every day).
 Methods at the same budget (FIXED-16's parameters): FIXED-16 (every row 16 dims); SCALL (each day, every user and
 item row sized in multiples of 4 up to d_max by that day's frequency rank with SCALL's budget-guaranteed sampler,
-`search.method=scall` with the fixed action (0.5, 0.1, 0.1) of `streaming.yaml`: the ablation); SCALL-learned (the
-same sampler driven by SAC, which learns in the job: each day a few environment steps on the day's held-out
-batches, then the deterministic action); ESAPN (`search.method=esapn`: every row starts at 4 and, each day it is
-seen, keeps or doubles its size by its policy, rewarded by its loss drop the next day; rows stop growing once the
-budget is spent); MD (`search.method=md`: mixed-dimension embeddings, block dims by a power law of popularity with
-learned projections, within the budget).
+`search.method=scall` with the fixed action (0.5, 0.1, 0.1) of `streaming.yaml`); ESAPN (`search.method=esapn`:
+every row starts at 4 and, each day it is seen, keeps or doubles its size by its policy, rewarded by its loss drop
+the next day; rows stop growing once the budget is spent); MD (`search.method=md`: mixed-dimension embeddings, block
+dims by a power law of popularity with learned projections, within the budget).
 d_max is 64 on ml-latest and 32 on the synthetic stream, whose other fields stay at 16.
 
 Per day: the prequential AUC (evaluated before training on the day), embedding parameters (logical and as
@@ -101,10 +99,6 @@ def bench_stream(
     for method, overrides in (
         (f"FIXED-{d_fixed}", ["search.method=fixed", f"search.dim={d_fixed}", "search.budget="]),
         ("SCALL", ["search.method=scall", f"search.dim={d_max}", f"search.budget={budget}"]),
-        (
-            "SCALL-learned",
-            ["search.method=scall", f"search.dim={d_max}", f"search.budget={budget}", "search.scall.action="],
-        ),
         ("ESAPN", ["search.method=esapn", f"search.dim={d_max}", f"search.budget={budget}"]),
         ("MD", ["search.method=md", f"search.dim={d_max}", f"search.budget={budget}"]),
     ):
