@@ -893,7 +893,7 @@ JOB_CASES: list[Case] = [
         "job-config-unknown-method",
         _copy_run,
         _job("search.method=pep"),
-        ("unknown search.method 'pep'; the registered methods are ['autodim', 'esapn', 'fixed'", "Fix: correct"),
+        ("unknown search.method 'pep'; the registered methods are ['autodim', 'ciess', 'esapn'", "Fix: correct"),
     ),
     Case(
         "job-config-setting-of-another-method",

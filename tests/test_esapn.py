@@ -474,7 +474,7 @@ def test_searcher_errors() -> None:
 def test_job_row_losses_equal_a_per_example_loop() -> None:
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-    from jobs.train import add_row_losses
+    from models.scoring import add_row_losses
 
     # Three examples: user rows [2], [0], [2]; item rows [1, 3] (a two-id bag), [], [3].
     rows = KeyedJaggedTensor.from_lengths_sync(

@@ -3,21 +3,26 @@ the SAC target and updates, the static search on a tiny graph, and the streaming
 
 from __future__ import annotations
 
-import json
+import io
 import math
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
 from models.lightgcn import BPRRecipe, GraphTask
-from search.base import DayStats
+from search.base import DayStats, SearchContext
 from search.rowlevel import SupernetEnv
 from search.scall import (
     RecencyReplay,
     SacAgent,
     ScallConfig,
+    ScallLearner,
     ScallSearcher,
+    ScallSettings,
     Transition,
     pool_frequencies,
     powerlaw_shares,
@@ -342,6 +347,19 @@ def test_scall_search_runs_on_a_tiny_graph_and_meets_the_budget_exactly() -> Non
     )
     assert [s.action for s in again.history] == [s.action for s in result.history]
     np.testing.assert_array_equal(again.user_sizes, result.user_sizes)
+    # Recorded before the policy step moved into `ScallLearner` (shared with the job): the search is unchanged.
+    assert [x for s in result.history[:3] for x in (*s.action, s.fitness)] == pytest.approx(GOLDEN_STEPS, rel=1e-5)
+    assert result.action == pytest.approx(GOLDEN_FINAL, rel=1e-5)
+    assert result.reference_fitness == pytest.approx(0.5187007188796997, rel=1e-5)
+
+
+# `scall_search` on the tiny graph above: the first three steps' (sampled action, fitness) and the final action.
+GOLDEN_STEPS = [
+    *(0.674841582775116, 0.7737836837768555, 0.6170178055763245, 0.5063846111297607),
+    *(0.04004153609275818, 0.994428277015686, 0.12289142608642578, 0.5417268872261047),
+    *(0.2876492738723755, 0.9602286219596863, 0.3203572630882263, 0.5352044105529785),
+]
+GOLDEN_FINAL = (0.47421494126319885, 0.5908825397491455, 0.5798234939575195)
 
 
 def test_scall_search_checks_its_inputs() -> None:
@@ -417,6 +435,14 @@ def test_searcher_meets_the_budget_exactly_every_day_and_sizes_follow_the_day() 
         last_user = np.asarray(plan["user"].row_dims)
 
 
+def _torch_round_trip(state: object) -> object:
+    """What the job does with a searcher's state: `torch.save`, then `torch.load(weights_only=False)`."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
 def test_searcher_state_dict_round_trip_gives_the_same_plans() -> None:
     budget = Budget(200 * 5, "logical")
     days = _days(4, seed=3)
@@ -425,11 +451,11 @@ def test_searcher_state_dict_round_trip_gives_the_same_plans() -> None:
     for stats in days[:2]:
         first.observe(stats)
         first.propose()
-    state = json.loads(json.dumps(first.state_dict()))  # the job saves it as JSON
+    state = _torch_round_trip(first.state_dict())
 
     second = ScallSearcher(budget, 16, config=ScallConfig(d_max=16, user_groups=8, hidden=16), seed=1)
     second.initial_plan(["user", "item"], {"user": 80, "item": 120})
-    second.load_state_dict(state)
+    second.load_state_dict(state)  # type: ignore[arg-type]
     for stats in days[2:]:
         a, b = first, second
         a.observe(stats)
@@ -476,3 +502,197 @@ def test_searcher_with_sizes_in_multiples_of_4_spends_exactly_the_stored_budget(
         ).initial_plan(["user", "item", "tags"], CAPACITY)
     with pytest.raises(ValueError, match="divide d_max"):
         ScallSearcher(budget, 30, action=(0.5, 0.5, 0.5), multiple=4)
+
+
+# ---- the policy step and SCALL learning in the job ----------------------------------------------------------------
+
+
+class _ShareEnv:
+    """A stand-in for the job's environment: fitness rises with the users' share of the parameters (a bandit the
+    policy can learn); records every call."""
+
+    def __init__(self, rows: Mapping[str, int] | None = None) -> None:
+        self.rows = rows
+        self.calls: list[dict[str, np.ndarray]] = []
+
+    def fitness(self, sizes: Mapping[str, np.ndarray]) -> float:
+        if self.rows is not None:
+            assert {f: s.size for f, s in sizes.items()} == self.rows  # one size per vocabulary row
+        self.calls.append({f: np.array(s) for f, s in sizes.items()})
+        users, items = float(sizes["user"].sum()), float(sizes["item"].sum())
+        return 0.5 + 0.1 * users / (users + items)
+
+    def row_quality(self, sizes: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise AssertionError("SCALL scores whole plans, never rows")
+
+
+def _share_fitness(users: np.ndarray, items: np.ndarray) -> float:
+    return 0.5 + 0.1 * float(users.sum()) / float(users.sum() + items.sum())
+
+
+def _learner_env(cfg: ScallConfig) -> tuple[np.ndarray, np.ndarray, torch.Tensor, object, object]:
+    rng = np.random.default_rng(0)
+    uf, itf = rng.zipf(1.5, 30).astype(np.float64), rng.zipf(1.5, 50).astype(np.float64)
+    zeros = np.zeros(cfg.d_max)
+
+    def sizes(action: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return sample_sizes(action, uf, itf, 80 * 5, cfg)
+
+    def next_state(ratio: float, users: np.ndarray, items: np.ndarray) -> torch.Tensor:
+        return scall_state(uf, itf, ratio, zeros, zeros, users, items, cfg)
+
+    return uf, itf, scall_state(uf, itf, 1.0, zeros, zeros, *sizes(np.full(3, 0.5)), cfg), sizes, next_state
+
+
+def test_learner_step_is_act_sample_score_store_update_as_a_plain_reference() -> None:
+    cfg = ScallConfig(d_max=16, user_groups=8, hidden=16)
+    _, _, state, sizes, next_state = _learner_env(cfg)
+    learner = ScallLearner(cfg, seed=3)
+    agent, replay = SacAgent(cfg, seed=3), RecencyReplay(cfg.replay_capacity, np.random.default_rng(3))
+    ref_state = state
+    for _ in range(15):  # past 12 transitions: the large batch
+        out = learner.step(state, sizes, _share_fitness, 0.55, next_state)  # type: ignore[arg-type]
+        # The reference: the loop `scall_search` had before the step was shared.
+        action, mean = agent.act(ref_state)
+        users, items = sizes(action)  # type: ignore[operator]
+        ratio = _share_fitness(users, items) / 0.55
+        after = next_state(ratio, users, items)  # type: ignore[operator]
+        replay.add(Transition(ref_state, torch.from_numpy(action).float(), cfg.rescale_reward(ratio), after))
+        for _ in range(cfg.updates_per_step):
+            agent.update(replay.sample(cfg.batch_size(len(replay))))
+        np.testing.assert_array_equal(out.action, action)
+        np.testing.assert_array_equal(out.mean_action, mean)
+        np.testing.assert_array_equal(out.user_sizes, users)
+        assert out.ratio == ratio and out.reward == cfg.rescale_reward(ratio)
+        torch.testing.assert_close(out.next_state, after, rtol=0, atol=0)
+        state, ref_state = out.next_state, after
+    assert learner.agent.updates == agent.updates == 45 and len(learner.replay) == 15
+    for p, q in zip(learner.agent.actor.parameters(), agent.actor.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_learner_state_dict_resumes_exactly() -> None:
+    cfg = ScallConfig(d_max=16, user_groups=8, hidden=16)
+    _, _, state0, sizes, next_state = _learner_env(cfg)
+    first = ScallLearner(cfg, seed=0)
+    state = state0
+    for _ in range(7):
+        state = first.step(state, sizes, _share_fitness, 0.55, next_state).next_state  # type: ignore[arg-type]
+    saved = _torch_round_trip(first.state_dict())
+    second = ScallLearner(cfg, seed=99)  # other weights and RNGs: everything must come from the state
+    second.load_state_dict(saved)  # type: ignore[arg-type]
+    a = b = state
+    for _ in range(8):  # crosses the large-batch threshold after the cut
+        oa = first.step(a, sizes, _share_fitness, 0.55, next_state)  # type: ignore[arg-type]
+        ob = second.step(b, sizes, _share_fitness, 0.55, next_state)  # type: ignore[arg-type]
+        np.testing.assert_array_equal(oa.action, ob.action)
+        a, b = oa.next_state, ob.next_state
+    sa, sb = first.state_dict(), second.state_dict()
+    for key in ("actor", "critic", "target_critic"):
+        for name, t in sa["agent"][key].items():
+            torch.testing.assert_close(t, sb["agent"][key][name], rtol=0, atol=0)
+    for k, v in sa["agent"]["critic_optimizer"]["state"].items():  # Adam moments too
+        torch.testing.assert_close(v["exp_avg_sq"], sb["agent"]["critic_optimizer"]["state"][k]["exp_avg_sq"])
+    assert sa["replay"]["rng"] == sb["replay"]["rng"] and len(sa["replay"]["items"]) == 15
+
+
+def _learning_searcher(seed: int = 0, env_steps: int = 10, **config: Any) -> ScallSearcher:
+    cfg = ScallConfig(d_max=32, user_groups=8, hidden=32, **config)
+    budget = Budget(10 * 8 + 200 * 12, "parameters")
+    return ScallSearcher(budget, 32, config=cfg, other_dim=8, multiple=4, seed=seed, env_steps=env_steps, env_batches=2)
+
+
+def test_searcher_learns_on_the_environment_and_every_plan_is_exactly_the_budget() -> None:
+    """The policy steps on each day's environment, rewarded against the ES plan there, and moves toward what the
+    environment rewards (here: a larger user share)."""
+    bandit: dict[str, Any] = {"gamma": 0.0, "actor_lr": 3e-3, "critic_lr": 3e-3, "entropy_alpha": 0.05}
+    searcher = _learning_searcher(**bandit)
+    assert searcher.env_batches == 2  # the job holds out two batches a day
+    initial = searcher.initial_plan(["user", "item", "tags"], CAPACITY)
+    es_users = np.asarray(initial["user"].row_dims)
+    fresh = _learning_searcher(**bandit)  # the same seed, never stepped
+    env = _ShareEnv({"user": 80, "item": 120})
+    actions = []
+    for stats in _days(4, seed=1):
+        searcher.observe(replace(stats, env=env))
+        plan = searcher.propose()
+        assert plan is not None
+        assert plan.parameters == plan.logical_parameters == 10 * 8 + 200 * 12  # exactly, every day
+        assert all((np.asarray(plan[f].row_dims) % 4 == 0).all() for f in ("user", "item"))
+        actions.append(plan.provenance["action"])
+    assert len(env.calls) == 4 * (1 + 10)  # per day: the ES reference, then the steps
+    np.testing.assert_array_equal(env.calls[0]["user"], es_users)  # the reference is the ES plan
+    assert len(searcher.history) == 40 and searcher.agent is not None and searcher.agent.updates == 120
+    assert all(
+        h["reference"] == pytest.approx(_share_fitness(es_users, env.calls[0]["item"])) for h in searcher.history
+    )
+    assert searcher.last_ratio == pytest.approx(searcher.history[-1]["fitness"] / searcher.history[-1]["reference"])
+    assert fresh.agent is not None
+    untrained = fresh.agent.actor.state_dict()
+    assert any(not torch.equal(t, untrained[k]) for k, t in searcher.agent.actor.state_dict().items())
+    assert actions[0] != actions[-1]
+    assert actions[-1][0] > 0.85, actions  # the user share the environment rewards (0.4 is ES's, ~0.5 untrained)
+
+
+def test_searcher_learning_resumes_exactly_through_torch_save() -> None:
+    days = _days(4, seed=2)
+    first = _learning_searcher(seed=5, env_steps=3)
+    first.initial_plan(["user", "item", "tags"], CAPACITY)
+    for stats in days[:2]:
+        first.observe(replace(stats, env=_ShareEnv()))
+        first.propose()
+    state = _torch_round_trip(first.state_dict())
+    second = _learning_searcher(seed=5, env_steps=3)
+    second.initial_plan(["user", "item", "tags"], CAPACITY)
+    second.load_state_dict(state)  # type: ignore[arg-type]
+    for stats in days[2:]:
+        first.observe(replace(stats, env=_ShareEnv()))
+        second.observe(replace(stats, env=_ShareEnv()))
+        pa, pb = first.propose(), second.propose()
+        assert pa is not None and pb is not None
+        assert pa.provenance["action"] == pb.provenance["action"]
+        for f in ("user", "item"):
+            np.testing.assert_array_equal(pa[f].row_dims, pb[f].row_dims)
+    assert first.history == second.history and first.last_ratio == second.last_ratio
+    assert first.agent is not None and second.agent is not None
+    for p, q in zip(first.agent.critic.parameters(), second.agent.critic.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_searcher_learning_needs_an_environment_and_a_usable_reference(caplog: pytest.LogCaptureFixture) -> None:
+    searcher = _learning_searcher(env_steps=2)
+    searcher.initial_plan(["user", "item", "tags"], CAPACITY)
+    day = _days(1)[0]
+    with pytest.raises(PlanError, match="env_steps=0"):
+        searcher.observe(day)
+
+    class _Zero:
+        def fitness(self, sizes: Mapping[str, np.ndarray]) -> float:
+            return 0.0
+
+        def row_quality(self, sizes: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+            raise AssertionError("unused")
+
+    searcher.observe(replace(day, env=_Zero()))  # an AUC of nothing: no learning today, a warning
+    assert searcher.agent is not None and searcher.agent.updates == 0 and "does not learn today" in caplog.text
+    plan = searcher.propose()
+    assert plan is not None and plan.parameters == 10 * 8 + 200 * 12
+
+
+def test_fixed_action_holds_out_nothing_and_settings_are_checked() -> None:
+    fixed = ScallSearcher.from_config(ScallSettings(action=(0.5, 0.1, 0.1)), _context())
+    assert fixed.env_batches == 0 and fixed.env_steps == 0 and fixed.agent is None
+    learned = ScallSearcher.from_config(ScallSettings(), _context())
+    assert (learned.env_steps, learned.env_batches) == (4, 4) and learned.agent is not None
+    untrained = ScallSearcher.from_config(ScallSettings(env_steps=0), _context())
+    assert untrained.env_batches == 0  # nothing learned: nothing held out
+    with pytest.raises(ValueError, match="env_batches=0 holds none out"):
+        ScallSettings(env_batches=0)
+    ScallSettings(env_batches=0, env_steps=0)
+    ScallSettings(action=(0.5, 0.1, 0.1), env_batches=0)
+    with pytest.raises(ValueError, match="env_steps must be an integer >= 0, got -1"):
+        ScallSettings(env_steps=-1)
+
+
+def _context() -> SearchContext:
+    return SearchContext("scall", features=("user", "item"), dim=16, budget=200 * 8)
