@@ -59,17 +59,37 @@ stops when the deterministic action's ratio changed by at most `converge_tol` ov
 ran, or at `max_steps`. The result is the deterministic action's sizes at the final state (the code's exploitation
 action), plus the best plan by fitness seen during the search.
 
-**Streaming** (§6.5, `ScallSearcher`): the training job's day loop has no environment to step in, so the searcher
-applies a fixed action, or the deterministic action of a given (e.g. `scall_search`-trained) policy, to each day's
-frequencies: `observe` reads the vocabularies' cumulative `row_counts`, `propose` returns a row-level plan meeting
-the logical budget exactly. Decisions: the ranking frequency is the day's counts (the code's frequencies are the
-current segment's counts, 0 for rows seen only earlier), ties broken by cumulative counts, then row id; so rows
-never seen rank last and get the smallest shares, and sizes grow and shrink with each day's traffic. The sizes
-for day t + 1 come from day t's counts (the job proposes after training on a day; the code, offline, uses the
-segment's own counts). The policy's state sees the frequencies, reward 1.0, zero embeddings (the searcher cannot
-see the tables) and the last plan's spreads. The initial plan is SCALL's segment-0 uniform plan (ES), made exact by
-giving the remainder one unit per row to the first rows. Features other than the user and item features get the
-field-level dim `other_dim`, whose parameters come off the budget first.
+**One policy step** (`ScallLearner`): the agent and its replay, and the step both environments take: act (a sampled
+action and the deterministic one), sizes from the sampler, fitness, reward `rescale(fitness / reference)`, the next
+state, a replay transition, `updates_per_step` SAC updates. `scall_search` steps it on a `SupernetEnv` and
+`ScallSearcher` on the job's `DayStats.env`; neither has a copy of the loop.
+
+**Streaming** (§6.5, `ScallSearcher`): the policy learns in the job. After each day, `observe` takes `env_steps`
+policy steps on the job's environment (the live sharded model as trained on the day, scored on the day's last
+`env_batches` batches of each rank, which are never trained on: `jobs/environment.py`), rewarded against the ES
+plan's fitness on the same environment that day (one more evaluation); then `propose` applies the deterministic
+action at the state the steps end in, as the code's segment loop applies its exploitation action after
+`update_policy`. With a fixed `action` (the ablation) nothing is learned and no batch is held out. The sampler
+ranks by the day's counts (the code's frequencies are the current segment's counts, 0 for rows seen only earlier),
+ties broken by cumulative counts, then row id; so rows never seen rank last and get the smallest shares, and sizes
+grow and shrink with each day's traffic. The sizes for day t + 1 come from day t's counts and model (the job
+proposes after training on a day; the code, offline, uses the segment's own counts). Decisions:
+- *State.* The day's frequency ranking (the dense rank of the ranking key, pooled as above), the last reward ratio
+  (1.0 before the first step, then carried across days, as the code carries its last reward), `|U| / (|U| + |V|)`,
+  and the spreads of the sizes last evaluated or applied. The mean user and item ego embeddings are **zeros**: the
+  searcher cannot read the sharded tables (a gather of two full tables every step is what the job cannot afford),
+  so those `2·d_max` inputs are constant and the policy learns from the rest.
+- *Reference.* The code divides by the fitness of the previous segment's converged run after 200 batches; the job
+  has no second run, so the reference is the ES plan (every row the same size, in multiples of 4, as
+  `initial_plan`) on the same held-out batches and model that day. A reference that is not a positive number (e.g.
+  an AUC over held-out batches of one class) skips that day's learning with a warning, on every rank alike.
+- *Ranks.* The environment's fitness is all-reduced and every rank seeds the agent and the replay alike, so every
+  rank takes the same steps and ends with the same agent and the same plan (the job checks the plan's digest).
+- *Exactness.* Sampled and proposed sizes are multiples of `multiple` (4 in the job), so every plan's stored
+  parameters equal the budget exactly.
+Features other than the user and item features get the field-level dim `other_dim`, whose parameters come off the
+budget first. The initial plan is SCALL's segment-0 uniform plan (ES), made exact by giving the remainder one unit
+per row to the first rows.
 """
 
 from __future__ import annotations
@@ -79,7 +99,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -88,7 +108,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from search.base import DayStats, SearchContext, Searcher
+from search.base import DayStats, Environment, SearchContext, Searcher
 from search.rowlevel import SupernetEnv, allocate, check_row_budget, job_plan, row_plan, table_rows, uniform_sizes
 from sharding.plan import Budget, DimensionPlan, PlanError
 
@@ -103,19 +123,44 @@ class ScallSettings:
     """SCALL's section of a job config (`search.scall`).
 
     Args:
-        action: a fixed `(user share, α_U, α_V)` in (0, 1)³ (the fixed-action ablation); None takes the policy's
-            deterministic action.
+        action: a fixed `(user share, α_U, α_V)` in (0, 1)³ (the fixed-action ablation: nothing is learned and no
+            batch is held out, `env_steps` and `env_batches` are ignored); None: the SAC policy learns in the job
+            and its deterministic action sizes the next day.
         frequency: rows are ranked by the last `day`'s counts (ties by the cumulative counts) or `cumulative`.
+        env_steps: policy steps (each one evaluation of the live model, plus one a day for the ES reference) after
+            every day; 0 applies the policy without learning.
+        env_batches: batches at the end of each day's training stream, per rank, held out (never trained on) for
+            the environment the policy steps are scored on.
     """
 
     action: tuple[float, ...] | None = None
     frequency: Literal["day", "cumulative"] = "day"
+    env_steps: int = 4
+    env_batches: int = 4
 
     def __post_init__(self) -> None:
+        errors = []
         if self.action is not None and (len(self.action) != 3 or not all(0.0 < a < 1.0 for a in self.action)):
-            raise ValueError(f"search.scall.action must be three numbers in (0, 1), got {list(self.action)}")
+            errors.append(f"search.scall.action must be three numbers in (0, 1), got {list(self.action)}")
         if self.frequency not in ("day", "cumulative"):
-            raise ValueError(f"search.scall.frequency is '{self.frequency}', expected 'day' or 'cumulative'")
+            errors.append(f"search.scall.frequency is '{self.frequency}', expected 'day' or 'cumulative'")
+        for name in ("env_steps", "env_batches"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                errors.append(f"search.scall.{name} must be an integer >= 0, got {value!r}")
+        if not errors and self.learns and self.env_batches == 0:
+            errors.append(
+                f"search.scall.env_steps={self.env_steps} scores each step on held-out batches, but "
+                "search.scall.env_batches=0 holds none out. Fix: set env_batches >= 1 (e.g. 4), or env_steps=0 to "
+                "apply the policy without learning, or a fixed search.scall.action"
+            )
+        if errors:
+            raise ValueError("; ".join(errors))
+
+    @property
+    def learns(self) -> bool:
+        """Whether the policy learns in the job (no fixed action and at least one step a day)."""
+        return self.action is None and self.env_steps > 0
 
 
 @dataclass(frozen=True)
@@ -527,6 +572,22 @@ class RecencyReplay:
             torch.stack([t.next_state for t in chosen]),
         )
 
+    def state_dict(self) -> dict[str, Any]:
+        """The transitions held (oldest first) and the sampling RNG's state."""
+        return {
+            "items": [
+                {"state": t.state, "action": t.action, "reward": t.reward, "next_state": t.next_state}
+                for t in self.items
+            ],
+            "rng": copy.deepcopy(self.rng.bit_generator.state),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.items.clear()
+        for t in state["items"]:
+            self.items.append(Transition(t["state"], t["action"], float(t["reward"]), t["next_state"]))
+        self.rng.bit_generator.state = copy.deepcopy(state["rng"])
+
 
 class SacAgent:
     """SCALL's Soft Actor-Critic: actor, twin critics and target critics with their optimisers.
@@ -592,12 +653,128 @@ class SacAgent:
         self.updates += 1
         return {"critic_loss": critic_loss.item(), "actor_loss": actor_loss.item()}
 
+    def state_dict(self) -> dict[str, Any]:
+        """Actor, critics, target critics, both Adam states, the sampling generator and the update count (copies:
+        later updates do not change a state taken before them)."""
+        return copy.deepcopy(
+            {
+                "actor": self.actor.state_dict(),
+                "critic": self.critic.state_dict(),
+                "target_critic": self.target_critic.state_dict(),
+                "actor_optimizer": self.actor_optimizer.state_dict(),
+                "critic_optimizer": self.critic_optimizer.state_dict(),
+                "generator": self.generator.get_state(),
+                "updates": self.updates,
+            }
+        )
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore from `state_dict()` of an agent with the same config."""
+        self.actor.load_state_dict(state["actor"])
+        self.critic.load_state_dict(state["critic"])
+        self.target_critic.load_state_dict(state["target_critic"])
+        self.actor_optimizer.load_state_dict(state["actor_optimizer"])
+        self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+        self.generator.set_state(state["generator"].clone())
+        self.updates = int(state["updates"])
+
 
 def ratio_converged(ratios: Sequence[float], window: int, tol: float) -> bool:
     """Whether each consecutive change among the last `window` ratio means is at most `tol` (`has_converged`)."""
     if len(ratios) < window:
         return False
     return bool(np.all(np.abs(np.diff(np.asarray(ratios[-window:], dtype=np.float64))) <= tol))
+
+
+# ---- the policy step, shared by both environments -----------------------------------------------------------------
+
+SizesFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+FitnessFn = Callable[[np.ndarray, np.ndarray], float]
+NextStateFn = Callable[[float, np.ndarray, np.ndarray], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LearnerStep:
+    """What one policy step did.
+
+    Args:
+        action: the sampled action, `[3]` in (0, 1).
+        mean_action: the deterministic action at the same state.
+        user_sizes: the sampled action's user sizes.
+        item_sizes: its item sizes.
+        fitness: their fitness.
+        ratio: `fitness / reference` (the next state's last reward).
+        reward: the rescaled reward stored in the replay.
+        next_state: the state after the step.
+    """
+
+    action: np.ndarray
+    mean_action: np.ndarray
+    user_sizes: np.ndarray
+    item_sizes: np.ndarray
+    fitness: float
+    ratio: float
+    reward: float
+    next_state: torch.Tensor
+
+
+class ScallLearner:
+    """SCALL's policy and its replay, and the one environment step both `scall_search` (a `SupernetEnv`) and
+    `ScallSearcher` (the job's environment) take (methods.md §6.4 "Environment step").
+
+    Args:
+        config: the sampler's and the agent's settings.
+        seed: seeds a fresh agent (`SacAgent(config, seed)`) and the replay's RNG.
+        agent: a policy to go on from (e.g. `ScallResult.agent`) instead of a fresh one.
+    """
+
+    def __init__(self, config: ScallConfig, seed: int = 0, agent: SacAgent | None = None) -> None:
+        if agent is not None and agent.config.state_size != config.state_size:
+            raise ValueError(
+                f"the agent's state size {agent.config.state_size} does not match the config's {config.state_size} "
+                "(user_groups and d_max must agree)"
+            )
+        self.config = config
+        self.agent = agent if agent is not None else SacAgent(config, seed)
+        self.replay = RecencyReplay(config.replay_capacity, np.random.default_rng(seed))
+
+    def step(
+        self, state: torch.Tensor, sizes: SizesFn, fitness: FitnessFn, reference: float, next_state: NextStateFn
+    ) -> LearnerStep:
+        """One environment step: act at `state`, size the rows, score them, store the transition, update the agent.
+
+        Args:
+            state: the current state (`scall_state`).
+            sizes: the sampler: action → (user sizes, item sizes).
+            fitness: the environment: (user sizes, item sizes) → fitness (higher is better).
+            reference: the fitness the reward is relative to (the ES plan's), > 0.
+            next_state: (reward ratio, user sizes, item sizes) → the state after the step.
+
+        Returns:
+            The step's action, sizes, fitness, reward and next state.
+        """
+        cfg = self.config
+        action, mean = self.agent.act(state)
+        users, items = sizes(action)
+        fit = float(fitness(users, items))
+        ratio = fit / reference
+        reward = cfg.rescale_reward(ratio)
+        after = next_state(ratio, users, items)
+        self.replay.add(Transition(state, torch.from_numpy(action).float(), reward, after))
+        for _ in range(cfg.updates_per_step):
+            self.agent.update(self.replay.sample(cfg.batch_size(len(self.replay))))
+        return LearnerStep(action, mean, users, items, fit, ratio, reward, after)
+
+    def mean_action(self, state: torch.Tensor) -> np.ndarray:
+        """The policy's deterministic action at `state` (clipped as the sampler clips it)."""
+        return clip_action(self.agent.mean_action(state))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"agent": self.agent.state_dict(), "replay": self.replay.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.agent.load_state_dict(state["agent"])
+        self.replay.load_state_dict(state["replay"])
 
 
 # ---- the static search ------------------------------------------------------------------------------------------
@@ -708,30 +885,34 @@ def scall_search(
         )
     state = scall_state(uf, itf, 1.0, *_mean_rows(env), ref_users, ref_items, config)
 
-    agent = SacAgent(config, seed)
-    replay = RecencyReplay(config.replay_capacity, np.random.default_rng(seed))
+    learner = ScallLearner(config, seed)
     history: list[ScallStep] = []
     ratios: list[float] = []
     best = (-math.inf, ref_users, ref_items)
+
+    def sizes(action: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return sample_sizes(action, uf, itf, budget, config)
+
+    def fitness_of(users: np.ndarray, items: np.ndarray) -> float:
+        return env.fitness(env.metrics(users, items))
+
+    def next_state(ratio: float, users: np.ndarray, items: np.ndarray) -> torch.Tensor:
+        return scall_state(uf, itf, ratio, *_mean_rows(env), users, items, config)
+
     for step in range(config.max_steps):
-        action, mean = agent.act(state)
-        ratios.append(float(mean[0]))
-        users, items = sample_sizes(action, uf, itf, budget, config)
-        fitness = env.fitness(env.metrics(users, items))
-        ratio = fitness / reference_fitness
-        reward = config.rescale_reward(ratio)
-        next_state = scall_state(uf, itf, ratio, *_mean_rows(env), users, items, config)
-        replay.add(Transition(state, torch.from_numpy(action).float(), reward, next_state))
-        for _ in range(config.updates_per_step):
-            agent.update(replay.sample(config.batch_size(len(replay))))
-        if fitness > best[0]:
-            best = (fitness, users, items)
-        history.append(ScallStep(_as_action(action), _as_action(mean), fitness, reward))
-        logger.debug("scall step %d: action %s fitness %.5f reward %.3f", step, np.round(action, 4), fitness, reward)
-        state = next_state
+        out = learner.step(state, sizes, fitness_of, reference_fitness, next_state)
+        ratios.append(float(out.mean_action[0]))
+        if out.fitness > best[0]:
+            best = (out.fitness, out.user_sizes, out.item_sizes)
+        history.append(ScallStep(_as_action(out.action), _as_action(out.mean_action), out.fitness, out.reward))
+        logger.debug(
+            "scall step %d: action %s fitness %.5f reward %.3f", step, np.round(out.action, 4), out.fitness, out.reward
+        )
+        state = out.next_state
         if step + 1 > config.min_steps and ratio_converged(ratios, config.converge_window, config.converge_tol):
             break
 
+    agent = learner.agent
     final = agent.mean_action(state)
     users, items = sample_sizes(final, uf, itf, budget, config)
     fitness = env.fitness(env.metrics(users, items))
@@ -783,23 +964,29 @@ def _dense_rank(primary: np.ndarray, secondary: np.ndarray) -> np.ndarray:
 
 
 class ScallSearcher(Searcher):
-    """SCALL in the training job's day loop: each day, the sampler sizes every user and item row by its frequency
-    rank under an exact logical budget (module docstring, "Streaming").
+    """SCALL in the training job's day loop: each day the policy takes a few steps on the job's environment, then
+    the sampler sizes every user and item row by its frequency rank under an exact budget with the policy's
+    deterministic action, or with a fixed action (module docstring, "Streaming").
 
     Args:
         budget: the logical budget (`Budget(unit="logical")`), covering every row of every feature.
         d_max: the largest size (the plan's output width).
         user_feature: the feature whose rows are users.
         item_feature: the feature whose rows are items.
-        action: a fixed `(ratio, α_U, α_V)`; None uses `agent`'s deterministic action.
-        agent: the policy (e.g. `ScallResult.agent`); None with no `action` builds a fresh one from `config`, `seed`.
+        action: a fixed `(ratio, α_U, α_V)` (nothing is learned); None uses the policy's deterministic action.
+        agent: the policy to start from (e.g. `ScallResult.agent`); None with no `action` builds a fresh one from
+            `config` and `seed`.
         config: sampler and policy settings (`config.d_max` must equal `d_max`); default `ScallConfig(d_max=d_max)`.
         frequency: `day` ranks rows by the last day's counts (SCALL's current-segment frequencies), ties by the
             cumulative counts; `cumulative` ranks by the cumulative counts.
         other_dim: the field-level dim of every other feature (default `d_max`).
-        seed: seeds a fresh agent.
+        seed: seeds a fresh agent and the replay.
         multiple: sizes are multiples of this (4: every row's logical dim is its physical width, DESIGN.md decision
             5, so the budget may be counted in stored `parameters`; 1: any size, `logical` budget).
+        env_steps: policy steps on `DayStats.env` after every day (0: the policy does not learn; ignored with a
+            fixed `action`).
+        env_batches: the batches per rank the job holds out for that environment (the searcher's `env_batches`;
+            0 whenever nothing is learned, so the job then trains on every batch).
     """
 
     name = "scall"
@@ -825,6 +1012,8 @@ class ScallSearcher(Searcher):
             other_dim=context.other_dim,
             seed=context.seed,
             multiple=4,  # sizes are stored widths: the plan's parameters are exactly the budget
+            env_steps=settings.env_steps,
+            env_batches=settings.env_batches,
         )
 
     def __init__(
@@ -840,6 +1029,8 @@ class ScallSearcher(Searcher):
         other_dim: int | None = None,
         seed: int = 0,
         multiple: int = 1,
+        env_steps: int = 0,
+        env_batches: int = 0,
     ) -> None:
         if multiple < 1 or d_max % multiple:
             raise ValueError(f"multiple must be >= 1 and divide d_max ({d_max}), got {multiple}")
@@ -857,25 +1048,31 @@ class ScallSearcher(Searcher):
             raise ValueError(f"config.d_max is {self.config.d_max} but d_max is {d_max}")
         if frequency not in ("day", "cumulative"):
             raise ValueError(f"frequency is '{frequency}', expected 'day' or 'cumulative'")
+        if env_steps < 0 or env_batches < 0:
+            raise ValueError(f"env_steps and env_batches must be >= 0, got {env_steps} and {env_batches}")
         self.budget, self.d_max, self.frequency = budget, d_max, frequency
         self.user_feature, self.item_feature = user_feature, item_feature
         self.other_dim = d_max if other_dim is None else other_dim
         if self.other_dim < 1:
             raise ValueError(f"other_dim must be >= 1, got {self.other_dim}")
         self.action = None if action is None else clip_action(action)
-        self.agent = agent if agent is not None or action is not None else SacAgent(self.config, seed)
-        if self.agent is not None and self.agent.config.state_size != self.config.state_size:
-            raise ValueError(
-                f"the agent's state size {self.agent.config.state_size} does not match the config's "
-                f"{self.config.state_size} (user_groups and d_max must agree)"
-            )
+        self.learner = None if action is not None else ScallLearner(self.config, seed, agent)
+        self.env_steps = env_steps if self.learner is not None else 0
+        self.env_batches = env_batches if self.env_steps > 0 else 0  # the fixed-action job trains on every batch
         self.features: list[str] = []
         self.num_embeddings: dict[str, int] = {}
         self.previous: dict[str, np.ndarray] = {}  # cumulative counts at the day before the last observed one
         self.current: dict[str, np.ndarray] = {}  # cumulative counts after the last observed day
         self.day_index: int | None = None
         self.pending = False
-        self.spreads = (0.0, 0.0)
+        self.spreads = (0.0, 0.0)  # of the sizes last evaluated or applied
+        self.last_ratio = 1.0  # the last reward ratio (the ES plan's own before the first step)
+        self.history: list[dict[str, Any]] = []  # one record per policy step
+
+    @property
+    def agent(self) -> SacAgent | None:
+        """The policy (None with a fixed action)."""
+        return None if self.learner is None else self.learner.agent
 
     # -- the interface --
 
@@ -886,13 +1083,16 @@ class ScallSearcher(Searcher):
             raise PlanError(f"SCALL sizes the features {missing}, which are not among the job's features {features}")
         self.features = list(features)
         self.num_embeddings = {f: int(num_embeddings[f]) for f in features}
-        n_users, n_items = self._rows()
-        m = self.multiple
-        units = allocate(np.ones(n_users + n_items), self._row_budget() // m, 1, self.d_max // m)
-        sizes = units * m
-        return self._plan(sizes[:n_users], sizes[n_users:], {"method": "scall", "day_index": None})
+        users, items = self._es_sizes()
+        return self._plan(users, items, {"method": "scall", "day_index": None})
 
     def observe(self, stats: DayStats) -> None:
+        """Take in the day's counts and, when the policy learns, take `env_steps` steps on `stats.env`.
+
+        Raises:
+            PlanError: before `initial_plan`, a day without the user's or item's `row_counts`, or no environment
+                while the policy learns.
+        """
         if not self.features:
             raise PlanError("ScallSearcher.observe before initial_plan: the searcher does not know the tables yet")
         for f in (self.user_feature, self.item_feature):
@@ -903,24 +1103,32 @@ class ScallSearcher(Searcher):
             self.current[f] = padded
         self.day_index = stats.day_index
         self.pending = True
+        if self.env_steps:
+            if stats.env is None:
+                raise PlanError(
+                    "SCALL learns its policy on the job's environment (DayStats.env), but none was given. Fix: hold "
+                    "out batches (search.scall.env_batches >= 1), or set search.scall.env_steps=0 to apply the policy "
+                    "without learning"
+                )
+            self._learn(stats.env)
 
     def propose(self) -> DimensionPlan | None:
         if not self.pending:
             return None
         self.pending = False
-        users_key, items_key = (self._ranking_key(f) for f in (self.user_feature, self.item_feature))
-        action = self.action if self.action is not None else self._policy_action(users_key, items_key)
-        m = self.multiple
-        coarse = replace(self.config, d_max=self.d_max // m, d_min=1) if m > 1 else self.config
-        users, items = sample_sizes(action, users_key, items_key, self._row_budget() // m, coarse)
-        users, items = users * m, items * m
-        self.spreads = (
-            size_spread(users, self.config.d_min, self.d_max),
-            size_spread(items, self.config.d_min, self.d_max),
-        )
+        users_key, items_key = self._keys()
+        if self.action is not None:
+            action = self.action
+        else:
+            assert self.learner is not None  # the constructor builds one when no action is given
+            action = self.learner.mean_action(self._state(users_key, items_key))
+        users, items = self._sizes(action, users_key, items_key)
+        self.spreads = self._spreads(users, items)
         return self._plan(users, items, {"method": "scall", "day_index": self.day_index, "action": action.tolist()})
 
     def state_dict(self) -> dict[str, Any]:
+        """Counts, the pending proposal, the state's last ratio and spreads, the step history and the learner (agent
+        with its optimisers and generator, replay with its RNG); tensors included (the job uses `torch.save`)."""
         return {
             "features": self.features,
             "num_embeddings": self.num_embeddings,
@@ -929,6 +1137,9 @@ class ScallSearcher(Searcher):
             "day_index": self.day_index,
             "pending": self.pending,
             "spreads": list(self.spreads),
+            "last_ratio": self.last_ratio,
+            "history": copy.deepcopy(self.history),
+            "learner": None if self.learner is None else self.learner.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -940,8 +1151,97 @@ class ScallSearcher(Searcher):
         self.pending = bool(state.get("pending", False))
         spreads = state.get("spreads", (0.0, 0.0))
         self.spreads = (float(spreads[0]), float(spreads[1]))
+        self.last_ratio = float(state.get("last_ratio", 1.0))
+        self.history = copy.deepcopy(list(state.get("history", [])))
+        if self.learner is not None and state.get("learner") is not None:
+            self.learner.load_state_dict(state["learner"])
 
     # -- helpers --
+
+    def _learn(self, env: Environment) -> None:
+        """`env_steps` policy steps on the day's environment, rewarded against the ES plan's fitness on it."""
+        assert self.learner is not None
+        users_f, items_f = self.user_feature, self.item_feature
+        users_key, items_key = self._keys()
+        es_users, es_items = self._es_sizes()
+        reference = float(env.fitness({users_f: es_users, items_f: es_items}))
+        if not (math.isfinite(reference) and reference > 0):
+            logger.warning(
+                "scall day %s: the ES plan's fitness on the held-out batches is %s; SCALL's reward divides by it, so "
+                "the policy does not learn today (more held-out batches, search.scall.env_batches, may help)",
+                self.day_index,
+                reference,
+            )
+            return
+
+        def sizes(action: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            return self._sizes(action, users_key, items_key)
+
+        def fitness(users: np.ndarray, items: np.ndarray) -> float:
+            return env.fitness({users_f: users, items_f: items})
+
+        def next_state(ratio: float, users: np.ndarray, items: np.ndarray) -> torch.Tensor:
+            return self._state(users_key, items_key, ratio, self._spreads(users, items))
+
+        for _ in range(self.env_steps):
+            out = self.learner.step(self._state(users_key, items_key), sizes, fitness, reference, next_state)
+            self.last_ratio, self.spreads = out.ratio, self._spreads(out.user_sizes, out.item_sizes)
+            self.history.append(
+                {
+                    "day_index": self.day_index,
+                    "action": out.action.tolist(),
+                    "mean_action": out.mean_action.tolist(),
+                    "fitness": out.fitness,
+                    "reference": reference,
+                    "reward": out.reward,
+                }
+            )
+        last = self.history[-1]
+        logger.info(
+            "scall day %s: %d policy steps, last action %s fitness %.5f (ES %.5f) reward %.3f",
+            self.day_index,
+            self.env_steps,
+            np.round(last["action"], 4).tolist(),
+            last["fitness"],
+            reference,
+            last["reward"],
+        )
+
+    def _keys(self) -> tuple[np.ndarray, np.ndarray]:
+        return self._ranking_key(self.user_feature), self._ranking_key(self.item_feature)
+
+    def _state(
+        self,
+        users_key: np.ndarray,
+        items_key: np.ndarray,
+        ratio: float | None = None,
+        spreads: tuple[float, float] | None = None,
+    ) -> torch.Tensor:
+        """The policy's state: the day's ranking, the last reward ratio, zero mean embeddings (the searcher cannot
+        read the sharded tables), the size spreads."""
+        zeros = np.zeros(self.d_max)
+        ratio = self.last_ratio if ratio is None else ratio
+        return _state(
+            users_key, items_key, ratio, zeros, zeros, self.spreads if spreads is None else spreads, self.config
+        )
+
+    def _sizes(self, action: np.ndarray, users_key: np.ndarray, items_key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The sampler's sizes for `action`, multiples of `multiple` summing exactly to the rows' budget."""
+        m = self.multiple
+        coarse = replace(self.config, d_max=self.d_max // m, d_min=1) if m > 1 else self.config
+        users, items = sample_sizes(action, users_key, items_key, self._row_budget() // m, coarse)
+        return users * m, items * m
+
+    def _es_sizes(self) -> tuple[np.ndarray, np.ndarray]:
+        """Equal sizes (multiples of `multiple`), the remainder one unit per row on the first rows."""
+        n_users, n_items = self._rows()
+        m = self.multiple
+        units = allocate(np.ones(n_users + n_items), self._row_budget() // m, 1, self.d_max // m)
+        sizes = units * m
+        return sizes[:n_users], sizes[n_users:]
+
+    def _spreads(self, users: np.ndarray, items: np.ndarray) -> tuple[float, float]:
+        return size_spread(users, self.config.d_min, self.d_max), size_spread(items, self.config.d_min, self.d_max)
 
     def _rows(self) -> tuple[int, int]:
         return self.num_embeddings[self.user_feature], self.num_embeddings[self.item_feature]
@@ -977,13 +1277,6 @@ class ScallSearcher(Searcher):
             return cumulative.astype(np.float64)
         day = cumulative - self.previous[feature]
         return _dense_rank(day, cumulative).astype(np.float64)
-
-    def _policy_action(self, users_key: np.ndarray, items_key: np.ndarray) -> np.ndarray:
-        if self.agent is None:  # unreachable: the constructor builds one when no action is given
-            raise PlanError("ScallSearcher has neither an action nor a policy")
-        zeros = np.zeros(self.d_max)
-        state = _state(users_key, items_key, 1.0, zeros, zeros, self.spreads, self.config)
-        return clip_action(self.agent.mean_action(state))
 
     def _plan(self, users: np.ndarray, items: np.ndarray, provenance: Mapping[str, Any]) -> DimensionPlan:
         rows = {self.user_feature: users, self.item_feature: items}

@@ -213,7 +213,12 @@ def test_method_sections_are_the_methods_own_and_validated_there() -> None:
     assert "autodim" not in both.to_dict()["search"] and both.search.method == "scall"
     cfg = load_config(None, [*scall, "search.scall.action=[0.5,0.2,0.3]"])
     assert cfg.search.settings.action == (0.5, 0.2, 0.3)
-    assert cfg.to_dict()["search"]["scall"] == {"action": [0.5, 0.2, 0.3], "frequency": "day"}
+    assert cfg.to_dict()["search"]["scall"] == {
+        "action": [0.5, 0.2, 0.3],
+        "frequency": "day",
+        "env_steps": 4,
+        "env_batches": 4,
+    }
     autodim = load_config(None, ["search.method=autodim", "data.protocol=random", "search.autodim.arch_lr=0.5"])
     assert autodim.search.settings.arch_lr == 0.5 and autodim.search.settings.seed is None
     with pytest.raises(ConfigError, match=r"unknown search.method 'nope'; the registered methods are \[.*'autodim'"):

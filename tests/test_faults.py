@@ -47,8 +47,9 @@ def _scall_args(data: Path, out: Path, name: str, *extra: str) -> list[str]:
         + (capacity["user"] + capacity["item"]) * 8
     )
     return tiny_job_args(
-        data, out, name, "search.method=scall", "search.dim=16", f"search.budget={budget}", "train.resume=auto", *extra
-    )
+        data, out, name, "search.method=scall", "search.dim=16", f"search.budget={budget}", "train.resume=auto",
+        "search.scall.action=[0.5,0.1,0.1]", *extra,
+    )  # fmt: skip
 
 
 def _records(run: Path) -> list[dict[str, object]]:
