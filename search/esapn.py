@@ -69,7 +69,10 @@ and the argmax policy that sets the sizes drifts; the official MLP version diffe
 statistics. This implementation keeps the algorithm as published rather than inventing a look-ahead reward.
 
 In the training job (`EsapnSearcher`, `search.method=esapn`): the same policies, state and REINFORCE update, acting
-once per day of a prequential stream instead of once per batch (the issue's "batched, e.g. once per day"):
+once per day of a prequential stream instead of once per batch (the issue's "batched, e.g. once per day"). The
+algorithm exists once, as `EsapnController` (policies, their optimisers, the sampled and greedy actions, the
+REINFORCE step and its state); `esapn_search` and `EsapnSearcher` are its two schedules. Per batch inside the job
+would re-shard the tables at every step, so the job's schedule is per day:
 
 - The job evaluates each day before training on it and reports every user and item row's mean example loss in that
   evaluation, all-reduced over the ranks (`DayStats.row_losses`). After day t−1's training, `propose` samples
@@ -100,8 +103,7 @@ chain's own `Σ d_i d_{i+1}`, and the top bucket's map is the identity); `load_e
 
 from __future__ import annotations
 
-import base64
-import io
+import copy
 import itertools
 import logging
 import math
@@ -406,6 +408,66 @@ def sample_actions(logits: torch.Tensor, generator: torch.Generator) -> torch.Te
     return torch.multinomial(torch.softmax(logits.detach(), dim=1), 1, generator=generator).squeeze(1)
 
 
+class EsapnController:
+    """ESAPN's decision-maker, the one implementation both schedules drive: the per-batch paper loop (`esapn_search`,
+    whose controller trials are undone) and the job's per-day searcher (`EsapnSearcher`, whose trials are real and
+    rewarded once a day has trained at the new sizes). Per entity: the keep/enlarge policy on (popularity bucket,
+    size index), its Adam optimiser and the REINFORCE step; every sampled action comes from one generator.
+
+    Args:
+        entities: the entity names (users first), in the order their policies are initialised.
+        config: the policies' widths, popularity buckets and learning rate.
+        seed: seeds the policies' default initialisation, without touching the global RNG.
+        generator: draws the sampled actions.
+    """
+
+    def __init__(self, entities: tuple[str, ...], config: EsapnConfig, seed: int, generator: torch.Generator) -> None:
+        self.config = config
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.policies = {e: EsapnPolicy(config) for e in entities}
+        self.optimizers = {
+            e: torch.optim.Adam(p.parameters(), lr=config.controller_lr) for e, p in self.policies.items()
+        }
+        self.generator = generator
+
+    def bucket(self, counts: torch.Tensor) -> torch.Tensor:
+        """The popularity state of rows with these running interaction counts."""
+        return popularity_bucket(counts, self.config.popularity_buckets)
+
+    def logits(self, entity: str, bucket: torch.Tensor, size_index: torch.Tensor) -> torch.Tensor:
+        """Masked [keep, enlarge] logits of `entity`'s rows (the policy in its current mode)."""
+        return self.policies[entity](bucket, size_index)
+
+    def sample(self, logits: torch.Tensor) -> torch.Tensor:
+        """Actions drawn from softmax(logits): the controller's trial."""
+        return sample_actions(logits, self.generator)
+
+    def update(
+        self, entity: str, logits: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor, baselines: torch.Tensor
+    ) -> torch.Tensor:
+        """One Adam step of `entity`'s policy on `−Σ log π(a|s)(R − b)`; the loss (detached)."""
+        loss = reinforce_loss(logits, actions, rewards, baselines)
+        optimizer = self.optimizers[entity]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "policies": {e: p.state_dict() for e, p in self.policies.items()},
+            "optimizers": {e: o.state_dict() for e, o in self.optimizers.items()},
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for e, policy in self.policies.items():
+            policy.load_state_dict(state["policies"][e])
+            self.optimizers[e].load_state_dict(state["optimizers"][e])
+        self.generator.set_state(state["generator"])
+
+
 def entity_means(ids: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The distinct ids (ascending) and the mean of `values` over each id's occurrences."""
     unique, inverse = torch.unique(ids, return_inverse=True)
@@ -445,12 +507,6 @@ class EsapnResult:
     embedding: EsapnEmbedding = field(repr=False)
 
 
-def _states(
-    embedding: EsapnEmbedding, entity: str, rows: torch.Tensor, counts: torch.Tensor, config: EsapnConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return popularity_bucket(counts[rows], config.popularity_buckets), embedding[entity].sizes[rows]
-
-
 def _batch_losses(
     task: GraphTask, ego: torch.Tensor, triples: tuple[torch.Tensor, torch.Tensor, torch.Tensor], decay: float
 ) -> torch.Tensor:
@@ -476,14 +532,11 @@ def esapn_search(task: GraphTask, config: EsapnConfig, recipe: BPRRecipe, seed: 
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
     embedding = EsapnEmbedding(task.num_users, task.num_items, config, generator)
-    with torch.random.fork_rng(devices=[]):  # the policies' default init, seeded without touching the global RNG
-        torch.manual_seed(seed)
-        policies = {e: EsapnPolicy(config) for e in ENTITIES}
+    controller = EsapnController(ENTITIES, config, seed, generator)
     tables = [w for e in ENTITIES for w in embedding[e].weights]
     transforms = [p for e in ENTITIES for p in embedding[e].transforms.parameters()]
     model_optimizer = torch.optim.Adam([{"params": tables}, {"params": transforms}], lr=recipe.lr)
     lr_scales = (1.0, config.transform_lr_scale)
-    policy_optimizers = {e: torch.optim.Adam(policies[e].parameters(), lr=config.controller_lr) for e in ENTITIES}
     sizes_of = {"user": task.num_users, "item": task.num_items}
     counts = {e: torch.zeros(n, dtype=torch.int64) for e, n in sizes_of.items()}
     last_loss = {e: torch.ones(n) for e, n in sizes_of.items()}
@@ -495,20 +548,7 @@ def esapn_search(task: GraphTask, config: EsapnConfig, recipe: BPRRecipe, seed: 
         triples = task.sample(recipe.batch, generator)
 
         if previous is not None and step % config.controller_every == 0:
-            record.update(
-                _controller_update(
-                    task,
-                    embedding,
-                    policies,
-                    policy_optimizers,
-                    previous,
-                    counts,
-                    last_loss,
-                    config,
-                    recipe.decay,
-                    generator,
-                )
-            )
+            record.update(_controller_update(task, embedding, controller, previous, counts, last_loss, recipe.decay))
 
         # Recommender update on the current batch: popularity now includes it, argmax actions, enlarge, one step.
         entities = triple_entities(triples)
@@ -517,7 +557,7 @@ def esapn_search(task: GraphTask, config: EsapnConfig, recipe: BPRRecipe, seed: 
             for e in ENTITIES:
                 counts[e] += torch.bincount(entities[e], minlength=sizes_of[e])
                 rows[e] = torch.unique(entities[e])
-                logits = policies[e](*_states(embedding, e, rows[e], counts[e], config))
+                logits = controller.logits(e, controller.bucket(counts[e][rows[e]]), embedding[e].sizes[rows[e]])
                 embedding.enlarge(e, rows[e][logits.argmax(1) == ENLARGE])
         for group, scale in zip(model_optimizer.param_groups, lr_scales, strict=True):
             group["lr"] = recipe.lr_at(step) * scale
@@ -564,22 +604,19 @@ def esapn_search(task: GraphTask, config: EsapnConfig, recipe: BPRRecipe, seed: 
 def _controller_update(
     task: GraphTask,
     embedding: EsapnEmbedding,
-    policies: Mapping[str, EsapnPolicy],
-    optimizers: Mapping[str, torch.optim.Optimizer],
+    controller: EsapnController,
     triples: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     counts: Mapping[str, torch.Tensor],
     last_loss: Mapping[str, torch.Tensor],
-    config: EsapnConfig,
     decay: float,
-    generator: torch.Generator,
 ) -> dict[str, float]:
     """One REINFORCE step of both policies on the previous batch (a trial: the model is left as it was)."""
     entities = triple_entities(triples)
     rows, logits, actions, undo = {}, {}, {}, {}
     for e in ENTITIES:
         rows[e] = torch.unique(entities[e])
-        logits[e] = policies[e](*_states(embedding, e, rows[e], counts[e], config))
-        actions[e] = sample_actions(logits[e], generator)
+        logits[e] = controller.logits(e, controller.bucket(counts[e][rows[e]]), embedding[e].sizes[rows[e]])
+        actions[e] = controller.sample(logits[e])
         undo[e] = embedding.enlarge(e, rows[e][actions[e] == ENLARGE])
     with torch.no_grad():
         per_triple = _batch_losses(task, embedding(), triples, decay)
@@ -589,10 +626,7 @@ def _controller_update(
     for e in ENTITIES:
         ids, mean_loss = entity_means(entities[e], per_triple)  # ids == rows[e]: both sorted and distinct
         reward, baseline = 1.0 - mean_loss, 1.0 - last_loss[e][ids]
-        loss = reinforce_loss(logits[e], actions[e], reward, baseline)
-        optimizers[e].zero_grad(set_to_none=True)
-        loss.backward()
-        optimizers[e].step()
+        loss = controller.update(e, logits[e], actions[e], reward, baseline)
         out |= {
             f"reward_{e}": float(reward.mean()),
             f"advantage_{e}": float((reward - baseline).mean()),
@@ -686,23 +720,6 @@ def size_ladder(d_max: int) -> tuple[int, ...]:
     while dims[-1] * 2 < d_max:
         dims.append(dims[-1] * 2)
     return (*dims, d_max)
-
-
-def _json_list(a: np.ndarray) -> list[Any]:
-    """`a` as a list for strict JSON: nan (a row with no loss that day) becomes None (read back as nan)."""
-    if a.dtype.kind == "f":
-        return [None if not math.isfinite(x) else x for x in a.tolist()]
-    return a.tolist()
-
-
-def _tensor_blob(obj: Any) -> str:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def _from_blob(blob: str) -> Any:
-    return torch.load(io.BytesIO(base64.b64decode(blob)), weights_only=True)
 
 
 @dataclass(frozen=True)
@@ -827,13 +844,7 @@ class EsapnSearcher(Searcher):
         self.budget = budget
         self.entities = (user_feature, item_feature)
         self.row_loss_features = self.entities
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            self.policies = {f: EsapnPolicy(self.config) for f in self.entities}
-        self.optimizers = {
-            f: torch.optim.Adam(p.parameters(), lr=self.config.controller_lr) for f, p in self.policies.items()
-        }
-        self.generator = torch.Generator().manual_seed(seed)
+        self.controller = EsapnController(self.entities, self.config, seed, torch.Generator().manual_seed(seed))
         self.features: list[str] = []
         self.num_embeddings: dict[str, int] = {}
         self.size_index: dict[str, np.ndarray] = {}  # each row's index into the candidate sizes
@@ -907,11 +918,11 @@ class EsapnSearcher(Searcher):
             rows = rows[rows > 0]
             if rows.size < 2:  # the policies' BatchNorm needs two rows
                 continue
-            bucket = popularity_bucket(torch.from_numpy(self.counts[f][rows]), self.config.popularity_buckets)
+            bucket = self.controller.bucket(torch.from_numpy(self.counts[f][rows]))
             size = torch.from_numpy(self.size_index[f][rows])
             with torch.no_grad():
-                logits = self.policies[f](bucket, size)
-            actions = sample_actions(logits, self.generator)
+                logits = self.controller.logits(f, bucket, size)
+            actions = self.controller.sample(logits)
             chosen[f] = {
                 "rows": rows,
                 "bucket": bucket.numpy(),
@@ -932,46 +943,30 @@ class EsapnSearcher(Searcher):
         return self._plan({"method": "esapn", "day_index": self.day_index, "enlarged": grew})
 
     def state_dict(self) -> dict[str, Any]:
-        arrays = {
-            name: {f: a.tolist() for f, a in getattr(self, name).items()}
-            for name in ("size_index", "counts", "day_counts")
-        }
-        return {
-            "features": self.features,
-            "num_embeddings": self.num_embeddings,
-            **arrays,
-            "trials": {f: [{k: _json_list(v) for k, v in t.items()} for t in ts] for f, ts in self.trials.items()},
-            "pending": self.pending,
-            "day_index": self.day_index,
-            "history": self.history,
-            "torch": _tensor_blob(
-                {
-                    "policies": {f: p.state_dict() for f, p in self.policies.items()},
-                    "optimizers": {f: o.state_dict() for f, o in self.optimizers.items()},
-                    "generator": self.generator.get_state(),
-                }
-            ),
-        }
+        """Everything a resumed run needs (saved with `torch.save` in the checkpoint's `searcher.pt`): copies, so a
+        later step does not change a saved state."""
+        return copy.deepcopy(
+            {
+                "features": self.features,
+                "num_embeddings": self.num_embeddings,
+                **{name: getattr(self, name) for name in ("size_index", "counts", "day_counts", "trials")},
+                "pending": self.pending,
+                "day_index": self.day_index,
+                "history": self.history,
+                "controller": self.controller.state_dict(),
+            }
+        )
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.features = list(state.get("features", []))
-        self.num_embeddings = {f: int(n) for f, n in state.get("num_embeddings", {}).items()}
-        for name in ("size_index", "counts", "day_counts"):
-            setattr(self, name, {f: np.asarray(a, dtype=np.int64) for f, a in state.get(name, {}).items()})
-        dtypes = {"before": np.float64, "executed": bool}
-        self.trials = {
-            f: [{k: np.asarray(v, dtype=dtypes.get(k, np.int64)) for k, v in t.items()} for t in ts]
-            for f, ts in state.get("trials", {}).items()
-        }
-        self.pending = bool(state.get("pending", False))
-        self.day_index = state.get("day_index")
-        self.history = list(state.get("history", []))
-        if "torch" in state:
-            blob = _from_blob(state["torch"])
-            for f in self.entities:
-                self.policies[f].load_state_dict(blob["policies"][f])
-                self.optimizers[f].load_state_dict(blob["optimizers"][f])
-            self.generator.set_state(blob["generator"])
+        state = copy.deepcopy(dict(state))
+        self.features = list(state["features"])
+        self.num_embeddings = dict(state["num_embeddings"])
+        for name in ("size_index", "counts", "day_counts", "trials"):
+            setattr(self, name, state[name])
+        self.pending = bool(state["pending"])
+        self.day_index = state["day_index"]
+        self.history = list(state["history"])
+        self.controller.load_state_dict(state["controller"])
 
     # -- helpers --
 
@@ -986,14 +981,10 @@ class EsapnSearcher(Searcher):
         reward = torch.from_numpy(1.0 - now[use]).float()
         baseline = torch.from_numpy(1.0 - trial["before"][use]).float()
         advantage = reward - baseline
-        policy = self.policies[f]
-        policy.train()
-        logits = policy(torch.from_numpy(trial["bucket"]), torch.from_numpy(trial["size"]))[torch.from_numpy(use)]
+        self.controller.policies[f].train()
+        logits = self.controller.logits(f, torch.from_numpy(trial["bucket"]), torch.from_numpy(trial["size"]))
         actions = torch.from_numpy(trial["action"][use])
-        loss = reinforce_loss(logits, actions, reward, baseline + advantage.mean())
-        self.optimizers[f].zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizers[f].step()
+        loss = self.controller.update(f, logits[torch.from_numpy(use)], actions, reward, baseline + advantage.mean())
         enlarged = actions == ENLARGE
         self.history.append(
             {
@@ -1002,7 +993,7 @@ class EsapnSearcher(Searcher):
                 f"enlarged_{f}": float(enlarged.sum()),
                 f"advantage_enlarged_{f}": float(advantage[enlarged].mean()) if enlarged.any() else None,
                 f"advantage_kept_{f}": float(advantage[~enlarged].mean()) if (~enlarged).any() else None,
-                f"policy_loss_{f}": float(loss.detach()),
+                f"policy_loss_{f}": float(loss),
             }
         )
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-import json
+import io
 import math
 
 import numpy as np
@@ -402,7 +402,7 @@ def test_searcher_policy_step_raises_the_log_probability_of_actions_with_a_posit
     for _ in range(6):
         stats = stream.next_day()
         due = {f: ts[0] for f, ts in searcher.trials.items() if ts and "before" in ts[0]}
-        before = {f: copy.deepcopy(p) for f, p in searcher.policies.items()}
+        before = {f: copy.deepcopy(p) for f, p in searcher.controller.policies.items()}
         searcher.observe(stats)
         for f, trial in due.items():
             # The proposal of two days ago, on the rows evaluated on both days since: R − b = their loss drop over
@@ -413,7 +413,10 @@ def test_searcher_policy_step_raises_the_log_probability_of_actions_with_a_posit
             inputs = (torch.from_numpy(trial["bucket"]), torch.from_numpy(trial["size"]))
             actions = torch.from_numpy(trial["action"])[:, None]
             with torch.no_grad():
-                delta = [torch.log_softmax(p(*inputs), 1).gather(1, actions) for p in (searcher.policies[f], before[f])]
+                delta = [
+                    torch.log_softmax(p(*inputs), 1).gather(1, actions)
+                    for p in (searcher.controller.policies[f], before[f])
+                ]
             step = (delta[0] - delta[1]).squeeze(1).numpy()[use]
             # REINFORCE moves log π(a|s) up where the advantage is positive and down where it is negative.
             correlations.append(np.corrcoef(gain - gain.mean(), step)[0, 1])
@@ -425,7 +428,7 @@ def test_searcher_policy_step_raises_the_log_probability_of_actions_with_a_posit
     assert all(h[k] is not None for h in searcher.history for k in h if k.startswith("policy_loss"))
 
 
-def test_searcher_state_dict_round_trip_through_json_gives_the_same_plans() -> None:
+def test_searcher_state_dict_round_trip_through_a_checkpoint_file_gives_the_same_plans() -> None:
     config = EsapnConfig(candidate_dims=size_ladder(32), hidden=16)
     budget = Budget(5 * 8 + 100 * 12, "parameters")
     first = EsapnSearcher(budget, config=config, other_dim=8, seed=3)
@@ -435,7 +438,10 @@ def test_searcher_state_dict_round_trip_through_json_gives_the_same_plans() -> N
         first.observe(stream.next_day())
         first.propose()
     second = EsapnSearcher(budget, config=config, other_dim=8, seed=99)  # the state carries the seed's effects
-    second.load_state_dict(json.loads(json.dumps(first.state_dict(), allow_nan=False)))  # the job saves JSON
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)  # as the job saves it, in the checkpoint's searcher.pt
+    saved = first.state_dict()
+    second.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=False))
     for _ in range(3):
         stats = stream.next_day()
         first.observe(stats)
@@ -446,8 +452,14 @@ def test_searcher_state_dict_round_trip_through_json_gives_the_same_plans() -> N
             for f in ("user", "item"):
                 np.testing.assert_array_equal(a[f].row_dims, b[f].row_dims)
     assert first.history == second.history and len(first.history) == 8  # rewarded on days 3-6, both policies
+    # A saved state is a copy: the steps after it did not change it.
+    reloaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    assert saved["history"] == reloaded["history"] and len(saved["history"]) == 2
     for f in ("user", "item"):
-        for p, q in zip(first.policies[f].parameters(), second.policies[f].parameters(), strict=True):
+        np.testing.assert_array_equal(saved["size_index"][f], reloaded["size_index"][f])
+        for p, q in zip(
+            first.controller.policies[f].parameters(), second.controller.policies[f].parameters(), strict=True
+        ):
             torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
