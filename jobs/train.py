@@ -50,7 +50,6 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from torchrec.datasets.utils import Batch
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
-from torchrec.optim.keyed import CombinedOptimizer
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from tqdm import tqdm
 
@@ -81,14 +80,11 @@ from sharding.checkpoint import (
 )
 from sharding.distributed import (
     BudgetError,
-    MemoryReport,
     attach_fused_optimizer,
-    combined_optimizer,
     plan_sharding,
-    shard_model,
 )
-from sharding.embedding import PlannedEmbedding, RowRemap
-from sharding.live import Reconfiguration
+from sharding.embedding import PlannedEmbedding
+from sharding.live import PlannedModel
 from sharding.plan import DimensionPlan, PlanError
 
 logger = logging.getLogger(__name__)
@@ -272,7 +268,7 @@ class Trainer:
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.run_dir = cfg.run_dir
         self.features = dataset.spec.feature_names
-        self.searcher, self.plan = searcher, plan
+        self.searcher, self.initial_plan = searcher, plan
         self.capacity = {f.feature: f.num_embeddings for f in plan.features}
         self.vocab = VocabularySet(self.features, capacity=self.capacity)
         self.result = TrainResult(self.run_dir)
@@ -298,25 +294,33 @@ class Trainer:
         hook = self.searcher.model_hook(self.rank) if search else None
         return build_recommender(self.cfg, self.dataset.spec, plan, device, hook, self.searcher.hook_width)
 
-    def build(self, plan: DimensionPlan, search: bool = False) -> MemoryReport:
-        """Build the model for `plan` on meta, plan its sharding under the budget, and wrap it in DMP."""
-        meta = self._model(plan, "meta", search)
-        attach_fused_optimizer(meta, self.cfg.sharding)
-        sharding_plan, report = plan_sharding(
-            meta, self.cfg.sharding, world_size=self.world_size, compute_device=self.device.type, pg=self.pg
+    def build(self, plan: DimensionPlan) -> None:
+        """Build, plan under the budget and shard the model of `plan` (`sharding.live.PlannedModel`), with the
+        searcher's hook and step where the run is in a search phase, and the streams keyed by its tables."""
+        self.live = PlannedModel(
+            plan,
+            lambda p: self._model(p, "meta", self._in_search()),
+            self.cfg.sharding,
+            self.cfg.model.dense_lr,
+            self.device,
+            self.pg,
+            seed=self.cfg.train.seed + self.rank,
+            exclude=self._attach_search_step,
         )
-        torch.manual_seed(self.cfg.train.seed + self.rank)
-        self.dmp: DistributedModelParallel = shard_model(meta, sharding_plan, self.pg, self.device)
-        self.recommender = next(m for m in self.dmp.modules() if isinstance(m, Recommender))
+        self._attach_streams()
+
+    def _attach_search_step(self, dmp: DistributedModelParallel) -> set[str]:
+        """On a newly sharded model: its recommender, the searcher's own step over its hook (if any), and the names
+        of the parameters that step trains (the combined optimizer leaves them out)."""
+        self.recommender = next(m for m in dmp.modules() if isinstance(m, Recommender))
         hook = self.recommender.head
         self.search_step = self.searcher.search_step(hook) if hook is not None else None
         owned = {id(p) for p in self.search_step.parameters()} if self.search_step is not None else set()
-        owned_names = {name for name, p in self.dmp.named_parameters() if id(p) in owned}
-        self.optimizer: CombinedOptimizer = combined_optimizer(
-            self.dmp, self.cfg.model.dense_lr, exclude=owned_names.__contains__
-        )
-        self.plan, self.memory = plan, report
-        self.remap = RowRemap(plan)
+        return {name for name, p in dmp.named_parameters() if id(p) in owned}
+
+    def _attach_streams(self) -> None:
+        """The day streams, keyed by the live plan's tables."""
+        remap = self.live.remap
         stream_cfg = StreamConfig(batch_size=self.cfg.data.batch_size, prefetch=self.cfg.data.prefetch)
         names = ("train", "valid", "test") if self.static else ("all",)
         self.streams = {
@@ -327,11 +331,10 @@ class Trainer:
                 rank=self.rank,
                 world_size=self.world_size,
                 row_filter=self.split.row_filter(name) if self.split is not None else None,
-                keying=None if self.remap.identity else self.remap,
+                keying=None if remap.identity else remap,
             )
             for name in names
         }
-        return report
 
     def setup(self, resume: bool) -> None:
         # Rank 0 picks the checkpoint (skipping damaged ones, by name) and every rank loads that one.
@@ -362,17 +365,17 @@ class Trainer:
             self.result.days = [DayResult(**d) for d in progress["days"]]
             self.result.epochs = progress["epochs"]
             self.result.phase_seconds = progress["phase_seconds"]
-            self.build(DimensionPlan.load(ckpt / "plan"), search=self._in_search())
+            self.build(DimensionPlan.load(ckpt / "plan"))
             state = self._state()
             load_checkpoint(ckpt, state, self.pg)
-            self.dmp.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optim"])
+            self.live.dmp.load_state_dict(state["model"])
+            self.live.optimizer.load_state_dict(state["optim"])
             if self.search_step is not None and search_state.get("search_step") is not None:
                 self.search_step.load_state_dict(search_state["search_step"])
             if _rank0():
                 logger.info("resumed from %s at %s", ckpt, self.position)
         else:
-            self.build(self.plan, search=self._in_search())
+            self.build(self.initial_plan)
         if _rank0():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_text_atomic(self.run_dir / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
@@ -381,12 +384,12 @@ class Trainer:
             records = [asdict(d) for d in self.result.days] + list(self.result.epochs)
             write_text_atomic(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
             # The checkpoint's plan: a kill after a day's checkpoint but before its record left plan/ a day behind.
-            self.plan.save(self.run_dir / "plan")
-            logger.info("dimension plan:\n%s", self.plan.summary())
-            logger.info("%s", self.memory.summary())
+            self.live.plan.save(self.run_dir / "plan")
+            logger.info("dimension plan:\n%s", self.live.plan.summary())
+            logger.info("%s", self.live.memory.summary())
 
     def _state(self) -> dict[str, Any]:
-        return {"model": self.dmp.state_dict(), "optim": self.optimizer.state_dict()}
+        return {"model": self.live.dmp.state_dict(), "optim": self.live.optimizer.state_dict()}
 
     # ---- data ----------------------------------------------------------------------------------------------
     def _batches(self, split: str, days: list[Day], grow: bool) -> Iterator[Batch]:
@@ -424,7 +427,7 @@ class Trainer:
                 continue
             if self.cfg.train.max_units is not None and unit.number > self.cfg.train.max_units:
                 logger.info("stopping before unit %d (train.max_units); --resume continues", unit.number)
-                self.result.plan = self.plan
+                self.result.plan = self.live.plan
                 return self.result
             evaluation, row_losses = self.evaluate_day(unit)
             loss, examples, speed = self.train_day(unit)
@@ -444,7 +447,7 @@ class Trainer:
                 self._log(record_)  # after its checkpoint: the metrics never name a day a resume would redo
         if self.static:
             self.test()
-        self.result.plan = self.plan
+        self.result.plan = self.live.plan
         return self.result
 
     def _next(self, unit: Unit) -> tuple[int, int, int]:
@@ -470,8 +473,8 @@ class Trainer:
         over all ranks (nan for rows with no example), for searchers rewarded per row.
         """
         wanted = self.searcher.row_loss_features if row_losses is not None else ()
-        scorer = Scorer(self.dataset.spec.task, {f: self.plan[f].num_embeddings for f in wanted})
-        score(self.dmp, self._batches_with_rows(split, days, grow=False), scorer)
+        scorer = Scorer(self.dataset.spec.task, {f: self.live.plan[f].num_embeddings for f in wanted})
+        score(self.live.dmp, self._batches_with_rows(split, days, grow=False), scorer)
         # Sums and score histograms are all-reduced; no logit leaves its rank (DESIGN.md decision 13).
         scorer.reduce(lambda t: all_reduce(t, self.pg))
         if row_losses is not None:
@@ -481,7 +484,7 @@ class Trainer:
     def test(self) -> None:
         test = self.evaluate("test", self.days)
         self.result.test = test
-        self._log({"phase": "final", "split": "test", "eval": test, "embedding_parameters": self.plan.parameters})
+        self._log({"phase": "final", "split": "test", "eval": test, "embedding_parameters": self.live.plan.parameters})
         if _rank0():
             logger.info("test: %s", {k: round(v, 4) for k, v in test.items()})
 
@@ -499,7 +502,7 @@ class Trainer:
         """Train on one day: (mean loss, examples, examples/s) over all ranks. A searcher's own step, where it has
         one, runs between model-weight steps; otherwise `TrainPipelineSparseDist` overlaps the input distribution
         with the step."""
-        self.dmp.train()
+        self.live.dmp.train()
         steps = self._steps(self.train_split, unit.day)
         # A stream's searcher environment: the day's last batches, never trained on (a static one uses validation).
         held = 0 if self.static else min(self.searcher.env_batches, max(steps - 1, 0))
@@ -523,7 +526,7 @@ class Trainer:
         return self._finish(loss_sum, examples, elapsed)
 
     def _pipelined(self, batches: Iterator[Batch]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        pipeline = TrainPipelineSparseDist(self.dmp, self.optimizer, self.device, execute_all_batches=True)
+        pipeline = TrainPipelineSparseDist(self.live.dmp, self.live.optimizer, self.device, execute_all_batches=True)
         try:
             while True:
                 try:
@@ -546,13 +549,13 @@ class Trainer:
 
         for batch in batches:
             step.before_step()
-            self.optimizer.zero_grad()
-            loss, (_, _, labels) = self.dmp(batch)
+            self.live.optimizer.zero_grad()
+            loss, (_, _, labels) = self.live.dmp(batch)
             loss.backward()
-            self.optimizer.step()
+            self.live.optimizer.step()
             yield loss, labels
-            if step.after_step(self.dmp, freeze, validation):
-                self.optimizer.zero_grad()
+            if step.after_step(self.live.dmp, freeze, validation):
+                self.live.optimizer.zero_grad()
         step.end_pass()
 
     def _accumulate(self, loss: float, examples: int, speed: float) -> None:
@@ -578,9 +581,9 @@ class Trainer:
         if proposal is None:
             return False
         self._check_same_plan(proposal)
-        if plan_digest(proposal) == plan_digest(self.plan):
+        if plan_digest(proposal) == plan_digest(self.live.plan):
             return False
-        self.reconfigure(proposal, search=self._in_search())
+        self.reconfigure(proposal)
         return True
 
     def _environment(self, batches: list[tuple[KeyedJaggedTensor, Batch]] | None = None) -> ModelEnvironment | None:
@@ -589,7 +592,7 @@ class Trainer:
         if not self.searcher.env_batches or (self.static and batches is None):
             return None
         return ModelEnvironment(
-            self.dmp,
+            self.live.dmp,
             self.recommender,
             self.dataset.spec.task,
             self.held_out if batches is None else batches,
@@ -606,7 +609,7 @@ class Trainer:
         if end is None:
             return False
         self._check_same_plan(end.plan)
-        self.reconfigure(end.plan, search=self._in_search(), from_scratch=end.from_scratch)
+        self.reconfigure(end.plan, from_scratch=end.from_scratch)
         return True
 
     def _check_same_plan(self, plan: DimensionPlan) -> None:
@@ -619,28 +622,22 @@ class Trainer:
                 "deterministic across ranks. Decide from all-reduced statistics, or on rank 0 and broadcast"
             )
 
-    def reconfigure(self, new_plan: DimensionPlan, search: bool = False, from_scratch: bool = False) -> None:
-        """Move to `new_plan` (`sharding.live.Reconfiguration`): DCP-save the model and optimizer, build and shard
-        the new tables under the budget, then load shard by shard: unchanged tables (and their fused optimizer
-        state) bit for bit, only the changed tables' rows migrated (prefix slice or pad, their row state carried).
-
-        `from_scratch` migrates nothing: the new tables and dense model keep exactly the initialisation a fresh run
-        of `new_plan` would get (a retrain from scratch at the new dims); the tables are still rebuilt and
-        re-planned the same way.
-        """
-        if from_scratch:
-            self.build(new_plan, search)
-        else:
-            scratch = self.run_dir / "reconfigure"
-            move = Reconfiguration(self.plan, new_plan)
-            move.save(scratch, self.dmp, self.optimizer, pg=self.pg)
-            self.fault.hit("reconfigure", self.rank, self.position[2])
-            self.build(new_plan, search)
-            move.load(scratch, self.dmp, self.optimizer, pg=self.pg)
+    def reconfigure(self, new_plan: DimensionPlan, from_scratch: bool = False) -> None:
+        """Move the live model to `new_plan` (`PlannedModel.reconfigure`): unchanged tables and their fused optimizer
+        state bit for bit, only the changed tables' rows migrated (prefix slice or pad, their row state carried);
+        `from_scratch` migrates nothing (a retrain at the new dims). Then the streams follow the new tables."""
+        scratch = self.run_dir / "reconfigure"
+        self.live.reconfigure(
+            new_plan,
+            scratch,
+            from_scratch=from_scratch,
+            saved=lambda: self.fault.hit("reconfigure", self.rank, self.position[2]),
+        )
+        self._attach_streams()
         dist.barrier(group=self.pg)
         if _rank0():
-            shutil.rmtree(self.run_dir / "reconfigure", ignore_errors=True)
-            logger.info("reconfigured to the new plan:\n%s\n%s", new_plan.summary(), self.memory.summary())
+            shutil.rmtree(scratch, ignore_errors=True)
+            logger.info("reconfigured to the new plan:\n%s\n%s", new_plan.summary(), self.live.memory.summary())
 
     # ---- records and checkpoints ---------------------------------------------------------------------------
     def day_record(
@@ -659,9 +656,9 @@ class Trainer:
             train_loss=loss,
             train_examples=examples,
             examples_per_s=speed,
-            embedding_bytes_per_rank=self.memory.per_rank_bytes,
-            embedding_parameters=self.plan.parameters,
-            embedding_logical_parameters=self.plan.logical_parameters,
+            embedding_bytes_per_rank=self.live.memory.per_rank_bytes,
+            embedding_parameters=self.live.plan.parameters,
+            embedding_logical_parameters=self.live.plan.logical_parameters,
             peak_rss_mb=_peak_rss_mb(self.pg),
             reconfigured=reconfigured,
         )
@@ -690,8 +687,8 @@ class Trainer:
             "train_examples": acc["examples"],
             "seconds": acc["seconds"],
             "examples_per_s": acc["examples"] / max(acc["seconds"], 1e-9),
-            "embedding_parameters": self.plan.parameters,
-            "embedding_bytes_per_rank": self.memory.per_rank_bytes,
+            "embedding_parameters": self.live.plan.parameters,
+            "embedding_bytes_per_rank": self.live.memory.per_rank_bytes,
             "peak_rss_mb": _peak_rss_mb(self.pg),
             **self.searcher.epoch_record(self.recommender.head),
         }
@@ -703,7 +700,7 @@ class Trainer:
 
     def checkpoint(self, name: str) -> None:
         def extra(tmp: Path) -> None:
-            self.plan.save(tmp / "plan")
+            self.live.plan.save(tmp / "plan")
             self.vocab.save(tmp / "vocab")
             step_state = self.search_step.state_dict() if self.search_step is not None else None
             torch.save({"searcher": self.searcher.state_dict(), "search_step": step_state}, tmp / SEARCHER_FILE)
@@ -728,7 +725,7 @@ class Trainer:
         if _rank0():
             with (self.run_dir / "metrics.jsonl").open("a") as fh:
                 fh.write(json.dumps(record_) + "\n")
-            self.plan.save(self.run_dir / "plan")
+            self.live.plan.save(self.run_dir / "plan")
 
 
 def print_summary(result: TrainResult, budget_bytes: int | None) -> None:

@@ -39,7 +39,9 @@
    between a fused and a data-parallel placement, or a new number of column shards) keeps its weights bit for bit
    and has its state converted by the same rules with every row mapping to itself.
 
-`reconfigure_live` does both steps for a caller that holds both models at once. The diff between two plans
+`PlannedModel` is the live model the job trains (plan, DMP, combined optimizer, remap, memory report), and its
+`reconfigure` is these two steps around a rebuild. `reconfigure_live` does both steps for a caller that holds both
+models at once. The diff between two plans
 (`Reconfiguration.moves`) is plain data and needs no process group.
 """
 
@@ -47,7 +49,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -60,9 +62,12 @@ from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.tensor import DTensor
-from torchrec.optim.keyed import KeyedOptimizer
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 
 from sharding.checkpoint import RowTransform, read_tensors, save_checkpoint, tensor_metadata
+from sharding.distributed import ShardingConfig, attach_fused_optimizer, combined_optimizer, plan_sharding, shard_model
+from sharding.embedding import RowRemap
 from sharding.plan import DimensionPlan, FeaturePlan, TableSpec
 
 logger = logging.getLogger(__name__)
@@ -614,3 +619,83 @@ def reconfigure_live(
     move = Reconfiguration(old_plan, new_plan, transform=transform, table_prefix=table_prefix)
     move.save(scratch, old_dmp, old_optimizer, pg)
     return move.load(scratch, new_dmp, new_optimizer, pg)
+
+
+class PlannedModel:
+    """The live sharded model of one `DimensionPlan`, as the job trains it: the plan, its
+    `DistributedModelParallel` (tables placed by TorchRec's planner under `sharding.budget_bytes`), the
+    `CombinedOptimizer` (the fused table optimizer plus Adagrad over the dense parameters), the vocabulary-to-table
+    `RowRemap` and the planner's `MemoryReport`. `reconfigure` moves it to another plan in place.
+
+    Args:
+        plan: the plan to build.
+        make_model: the unsharded model of a plan, built on `meta` (the fused optimizer is attached here).
+        sharding: the planner's and the fused optimizer's settings.
+        dense_lr: the dense Adagrad's learning rate.
+        device: this rank's compute device.
+        pg: the process group the tables are sharded over.
+        seed: this rank's initialisation seed: every build of a plan initialises its tables the same way, so a
+            rebuild from scratch is what a fresh run of that plan starts from.
+        exclude: given the sharded model, the names of the dense parameters the combined optimizer leaves out (a
+            searcher's own step trains them).
+    """
+
+    def __init__(
+        self,
+        plan: DimensionPlan,
+        make_model: Callable[[DimensionPlan], nn.Module],
+        sharding: ShardingConfig,
+        dense_lr: float,
+        device: torch.device,
+        pg: dist.ProcessGroup,
+        seed: int,
+        exclude: Callable[[DistributedModelParallel], set[str]] | None = None,
+    ) -> None:
+        self.make_model, self.sharding, self.dense_lr = make_model, sharding, dense_lr
+        self.device, self.pg, self.seed, self.exclude = device, pg, seed, exclude
+        self._build(plan)
+
+    def _build(self, plan: DimensionPlan) -> None:
+        meta = self.make_model(plan)
+        attach_fused_optimizer(meta, self.sharding)
+        sharding_plan, self.memory = plan_sharding(
+            meta, self.sharding, world_size=dist.get_world_size(self.pg), compute_device=self.device.type, pg=self.pg
+        )
+        torch.manual_seed(self.seed)
+        self.dmp: DistributedModelParallel = shard_model(meta, sharding_plan, self.pg, self.device)
+        excluded = self.exclude(self.dmp) if self.exclude is not None else set()
+        self.optimizer: CombinedOptimizer = combined_optimizer(self.dmp, self.dense_lr, exclude=excluded.__contains__)
+        self.plan, self.remap = plan, RowRemap(plan)
+
+    def reconfigure(
+        self,
+        new_plan: DimensionPlan,
+        scratch: Path,
+        from_scratch: bool = False,
+        saved: Callable[[], None] | None = None,
+    ) -> ReconfigurationReport | None:
+        """Move to `new_plan` (`Reconfiguration`): DCP-save this model and optimizer to `scratch` (each rank its own
+        shards), release them, build and shard the new plan's, then load shard by shard: unchanged tables and their
+        fused optimizer row state bit for bit, changed tables' rows migrated with their state (module docstring).
+        Collective over the process group; the caller removes `scratch` afterwards.
+
+        Args:
+            new_plan: the plan to move to.
+            scratch: a directory for the old state.
+            from_scratch: migrate nothing: the new tables and dense model keep exactly the initialisation a fresh
+                run of `new_plan` gets (a retrain at the new dims).
+            saved: called once the old state is on disk, before anything is rebuilt (the job's fault drills).
+
+        Returns:
+            What was kept, migrated and left fresh on this rank (None from scratch).
+        """
+        if from_scratch:
+            self._build(new_plan)
+            return None
+        move = Reconfiguration(self.plan, new_plan)
+        move.save(scratch, self.dmp, self.optimizer, pg=self.pg)
+        if saved is not None:
+            saved()
+        del self.dmp, self.optimizer  # the old model goes before the new one is built
+        self._build(new_plan)
+        return move.load(scratch, self.dmp, self.optimizer, pg=self.pg)
