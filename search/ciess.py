@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from search.base import DayStats, Phase, PhaseEnd, SearchConfigError, SearchContext, Searcher
-from search.rowlevel import SupernetEnv, allocate, check_row_budget, job_plan, table_rows
+from search.rowlevel import SupernetEnv, allocate, check_row_budget, job_plan, row_budget, table_rows
 from sharding.plan import Budget, DimensionPlan, PlanError
 
 logger = logging.getLogger(__name__)
@@ -716,16 +716,10 @@ class CiessSearcher(Searcher):
         return best
 
     def _row_budget(self) -> int:
-        others = sum(self.num_embeddings[f] * self.other_dim for f in self.features if f not in self.entities)
-        rows = self.budget.value - others
         n = sum(self.num_embeddings[f] for f in self.entities)
-        if rows < 4 * n:
-            raise PlanError(
-                f"the budget of {self.budget.value:,} parameters leaves {rows:,} for {n:,} user and item rows after "
-                f"the other features' {others:,} (at dim {self.other_dim}): below 4 per row. Raise search.budget to at "
-                f"least {others + 4 * n:,} or lower search.other_dim"
-            )
-        return rows
+        return row_budget(
+            self.budget.value, self.num_embeddings, self.entities, self.other_dim, 4 * n, "every row at dim 4"
+        )
 
     def _plan(self, users: np.ndarray, items: np.ndarray, provenance: Mapping[str, Any]) -> DimensionPlan:
         rows = dict(zip(self.entities, (users, items), strict=True))

@@ -75,7 +75,7 @@ from typing import Any
 import numpy as np
 
 from search.base import DayStats, SearchConfigError, SearchContext, Searcher
-from search.rowlevel import table_rows
+from search.rowlevel import row_budget, table_rows
 from sharding.plan import Budget, DimensionPlan, FeaturePlan, PlanError, physical_dim
 
 logger = logging.getLogger(__name__)
@@ -475,17 +475,9 @@ class MdSearcher(Searcher):
 
     def _row_budget(self) -> int:
         """The budget left for the user and item rows once the other features have their field-level dims."""
-        others = sum(self.num_embeddings[f] * physical_dim(self.other_dim) for f in self._others())
-        rows = self.budget - others
         need = min_budget([self.num_embeddings[f] for f in self.entities], self.d_max)
-        if rows < need:
-            raise PlanError(
-                f"search.budget={self.budget:,} is below the smallest MD plan: {need:,} parameters for the user and "
-                f"item rows at dim {MIN_DIM} (with a {MIN_DIM}x{self.d_max} projection each) plus {others:,} for the "
-                f"other features at dim {self.other_dim}. Raise search.budget to at least {need + others:,}, or lower "
-                "search.other_dim"
-            )
-        return rows
+        smallest = f"the smallest MD plan (every row at dim {MIN_DIM}, with a {MIN_DIM}x{self.d_max} projection each)"
+        return row_budget(self.budget, self.num_embeddings, self.entities, physical_dim(self.other_dim), need, smallest)
 
     def _plan(
         self, counts: Mapping[str, np.ndarray], alpha: float, blocks: int, provenance: dict[str, Any]

@@ -32,7 +32,7 @@ their environment step costs a second instead of ten minutes. The chosen plans a
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -63,6 +63,39 @@ def check_row_budget(budget: int, num_rows: int, d_max: int) -> None:
             f"the budget of {budget:,} parameters is below one dim per row ({num_rows:,} rows). Raise the budget to "
             f"at least {num_rows:,} (sparsity ≤ {1 - num_rows / (num_rows * d_max):.4f} at d_max {d_max})"
         )
+
+
+def row_budget(
+    budget: int,
+    num_embeddings: Mapping[str, int],
+    entities: Sequence[str],
+    other_dim: int,
+    need: int,
+    smallest: str,
+) -> int:
+    """What a job's budget leaves for the row-level features' rows once every other feature has `other_dim`
+    parameters per row (the row-level searchers' shared accounting).
+
+    Args:
+        budget: the whole plan's parameter budget.
+        num_embeddings: rows per feature.
+        entities: the row-level features (users and items).
+        other_dim: the parameters per row of every other feature (its stored width).
+        need: the least the rows must get (the method's smallest plan).
+        smallest: what that smallest plan is, for the error.
+
+    Raises:
+        PlanError: less than `need` is left, with the budget that would do.
+    """
+    others = sum(n * other_dim for f, n in num_embeddings.items() if f not in entities)
+    rows = budget - others
+    if rows < need:
+        raise PlanError(
+            f"search.budget={budget:,} leaves {rows:,} parameters for the {' and '.join(entities)} rows after the "
+            f"other features' {others:,} (at dim {other_dim}), below the {need:,} of {smallest}. Raise search.budget "
+            f"to at least {others + need:,} or lower search.other_dim"
+        )
+    return rows
 
 
 def uniform_sizes(num_rows: int, budget: int, d_max: int) -> np.ndarray:

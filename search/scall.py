@@ -109,7 +109,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from search.base import DayStats, Environment, SearchContext, Searcher
-from search.rowlevel import SupernetEnv, allocate, check_row_budget, job_plan, row_plan, table_rows, uniform_sizes
+from search.rowlevel import (
+    SupernetEnv,
+    allocate,
+    check_row_budget,
+    job_plan,
+    row_budget,
+    row_plan,
+    table_rows,
+    uniform_sizes,
+)
 from sharding.plan import Budget, DimensionPlan, PlanError
 
 logger = logging.getLogger(__name__)
@@ -1251,25 +1260,10 @@ class ScallSearcher(Searcher):
 
     def _row_budget(self) -> int:
         """The budget left for the user and item rows once the other features have their field-level dims."""
-        others = sum(self.num_embeddings[f] * self.other_dim for f in self._others())
-        rows = self.budget.value - others
-        n_users, n_items = self._rows()
-        if others:
-            need = n_users + n_items + others
-            if rows < n_users + n_items:
-                raise PlanError(
-                    f"the budget of {self.budget.value:,} logical parameters leaves {rows:,} for {n_users + n_items:,} "
-                    f"user and item rows after the other features' {others:,} (at dim {self.other_dim}). Raise the "
-                    f"budget to at least {need:,} or lower other_dim"
-                )
-        check_row_budget(rows, n_users + n_items, self.d_max)
-        if rows // self.multiple < n_users + n_items:
-            raise PlanError(
-                f"the budget leaves {rows:,} parameters for {n_users + n_items:,} user and item rows, below "
-                f"{self.multiple} (the size multiple) per row. Raise the budget to at least "
-                f"{self.budget.value - rows + self.multiple * (n_users + n_items):,}"
-            )
-        return rows
+        n = sum(self._rows())
+        smallest = "one dim per row" if self.multiple == 1 else f"{self.multiple} (the size multiple) per row"
+        entities = (self.user_feature, self.item_feature)
+        return row_budget(self.budget.value, self.num_embeddings, entities, self.other_dim, self.multiple * n, smallest)
 
     def _ranking_key(self, feature: str) -> np.ndarray:
         cumulative = self.current[feature]

@@ -15,6 +15,7 @@ from pipeline.dataset import Dataset, write_dataset
 from pipeline.interactions import interactions
 from pipeline.spec import DatasetSpec, SparseField
 from pipeline.splits import per_user_split
+from search.ciess import CiessSearcher, CiessSettings
 from search.rowlevel import (
     BucketedTables,
     MaskedTable,
@@ -23,6 +24,7 @@ from search.rowlevel import (
     item_quality,
     kept_budget,
     random_sizes,
+    row_budget,
     row_plan,
     uniform_sizes,
     user_quality,
@@ -217,3 +219,26 @@ def test_migration_into_a_bucket_wider_than_every_old_row_pads_them() -> None:
     expected = torch.nn.functional.pad(old_model()[:3, :6], (0, 2))
     torch.testing.assert_close(new_model()[:3], expected, rtol=0, atol=0)
     torch.testing.assert_close(new_model()[3], old_model()[3], rtol=0, atol=0)
+
+
+def test_row_budget_is_what_the_other_features_leave_and_names_the_budget_that_would_do() -> None:
+    rows = {"user": 10, "item": 20, "tags": 5}
+    assert row_budget(1000, rows, ("user", "item"), 8, 120, "every row at dim 4") == 1000 - 5 * 8
+    with pytest.raises(
+        PlanError,
+        match=r"search.budget=159 leaves 119 parameters for the user and item rows after the other features' 40 "
+        r"\(at dim 8\), below the 120 of every row at dim 4. Raise search.budget to at least 160",
+    ):
+        row_budget(159, rows, ("user", "item"), 8, 120, "every row at dim 4")
+    assert row_budget(160, rows, ("user", "item"), 8, 120, "every row at dim 4") == 120
+    # CIESS's job searcher: the smallest budget is every user and item row at 4, the other features at other_dim.
+    smallest = 4 * 30 + 5 * 8
+    settings = CiessSettings(hidden=8, batch=16)
+    with pytest.raises(PlanError, match=f"at least {smallest}"):
+        CiessSearcher(Budget(smallest - 1, "parameters"), 16, "user", "item", settings, False, 8).initial_plan(
+            ["user", "item", "tags"], rows
+        )
+    plan = CiessSearcher(Budget(smallest, "parameters"), 16, "user", "item", settings, False, 8).initial_plan(
+        ["user", "item", "tags"], rows
+    )
+    assert plan.parameters == smallest and set(plan["user"].row_dims.tolist()) == {4}

@@ -472,7 +472,7 @@ def test_searcher_errors() -> None:
     with pytest.raises(PlanError, match="'logical'"):
         ScallSearcher(Budget(1000, "parameters"), 16, action=(0.5, 0.5, 0.5))
     searcher = ScallSearcher(Budget(150, "logical"), 16, action=(0.5, 0.5, 0.5))
-    with pytest.raises(PlanError, match="below one dim per row"):
+    with pytest.raises(PlanError, match="below the 200 of one dim per row"):
         searcher.initial_plan(["user", "item"], {"user": 80, "item": 120})
     with pytest.raises(PlanError, match=r"\['item'\]"):
         searcher.initial_plan(["user", "tags"], {"user": 80, "tags": 3})
@@ -496,7 +496,7 @@ def test_searcher_with_sizes_in_multiples_of_4_spends_exactly_the_stored_budget(
         for f in ("user", "item"):
             dims = np.asarray(plan[f].row_dims)
             assert (dims % 4 == 0).all() and dims.min() >= 4 and dims.max() <= 32
-    with pytest.raises(PlanError, match=r"below 4 .*per row"):
+    with pytest.raises(PlanError, match=r"below the 800 of 4 \(the size multiple\) per row"):
         ScallSearcher(
             Budget(10 * 8 + 200 * 3, "parameters"), 32, action=(0.5, 0.5, 0.5), other_dim=8, multiple=4
         ).initial_plan(["user", "item", "tags"], CAPACITY)
