@@ -1,4 +1,5 @@
-"""Shared fixtures: where the licensed real datasets live (read from ../shared, never copied into the repo)."""
+"""Shared fixtures: where the licensed real datasets live (read from ../shared, never copied into the repo), and the
+tiny synthetic stream the 2-rank job tests train on."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from pipeline.synthetic import SyntheticConfig, write_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = Path(os.environ.get("DIMSEARCH_DATASETS", REPO.parent / "shared" / "datasets"))
@@ -29,3 +32,13 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+TINY_STREAM = SyntheticConfig(days=3, rows_per_day=4000, users=400, items=300, fields=4, field_cardinality=60, dense=2)
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny synthetic stream (3 days of 4,000 rows, users and items, 4 fields, 2 dense), written once per session
+    and only read; a module that needs another stream overrides this fixture."""
+    return write_synthetic(TINY_STREAM, tmp_path_factory.mktemp("synthetic") / "data")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -120,3 +122,8 @@ def finish(proc: subprocess.Popen[str], timeout: float = 300) -> subprocess.Comp
         stdout, stderr = proc.communicate()
         raise AssertionError(f"{proc.args} ran past {timeout}s:\n{stderr[-3000:]}") from None
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def metrics_records(run: Path) -> list[dict[str, Any]]:
+    """A job run's `metrics.jsonl`, one record per line."""
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

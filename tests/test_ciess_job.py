@@ -4,7 +4,6 @@ reconfiguration and resumed equals the uninterrupted run."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -13,21 +12,10 @@ import torch
 
 from jobs.train import plan_digest, table_capacities
 from pipeline.dataset import Dataset
-from pipeline.synthetic import SyntheticConfig, write_synthetic
 from sharding.plan import DimensionPlan
-from tests.helpers import run_train_job, tiny_job_args
+from tests.helpers import metrics_records, run_train_job, tiny_job_args
 
 pytestmark = pytest.mark.multirank
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cfg = SyntheticConfig(days=3, rows_per_day=4000, users=400, items=300, fields=4, field_cardinality=60, dense=2)
-    return write_synthetic(cfg, tmp_path_factory.mktemp("synthetic") / "data")
-
-
-def _records(run: Path) -> list[dict[str, object]]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def _args(data: Path) -> tuple[list[str], int]:
@@ -46,7 +34,7 @@ def test_ciess_static_search_derives_an_exact_plan_and_retrains_it(data: Path, t
     args = [*common, "data.protocol=per-user", "search.ciess.episodes=2", "search.ciess.iterations=3"]
     run = run_train_job(tiny_job_args(data, tmp_path, "static", *args))
     assert run.returncode == 0, run.stderr[-3000:]
-    records = _records(tmp_path / "static")
+    records = metrics_records(tmp_path / "static")
     assert [(r["phase"], r.get("epoch")) for r in records] == [("search", 0), ("train", 0), ("final", None)]
     plan = DimensionPlan.load(tmp_path / "static" / "plan")
     assert plan.parameters == plan.logical_parameters == budget  # exactly the budget, stored = searched
@@ -65,14 +53,14 @@ def test_ciess_on_a_stream_resumes_as_if_never_cut(data: Path, tmp_path: Path) -
     args = [*common, "search.ciess.day_iterations=2"]
     whole = run_train_job(tiny_job_args(data, tmp_path, "whole", *args))
     assert whole.returncode == 0, whole.stderr[-3000:]
-    days = _records(tmp_path / "whole")
+    days = metrics_records(tmp_path / "whole")
     assert all(d["embedding_parameters"] == budget for d in days)
     assert days[0]["reconfigured"]
     cut = run_train_job(tiny_job_args(data, tmp_path, "cut", *args, "data.days=1"))
     assert cut.returncode == 0, cut.stderr[-3000:]
     resumed = run_train_job(tiny_job_args(data, tmp_path, "cut", *args, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    again = _records(tmp_path / "cut")
+    again = metrics_records(tmp_path / "cut")
     for a, b in zip(again, days, strict=True):
         assert a["eval"] == pytest.approx(b["eval"], rel=1e-6)
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)

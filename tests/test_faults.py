@@ -21,19 +21,12 @@ from pathlib import Path
 import pytest
 
 from jobs.train import plan_digest
-from pipeline.synthetic import SyntheticConfig, write_synthetic
 from sharding.plan import DimensionPlan
 from tests.helpers import REPO, finish, launch_job, tiny_job_args
 from tests.multiprocess import free_port
 
 pytestmark = pytest.mark.multirank
 TIMING = ("examples_per_s", "peak_rss_mb")  # differ between any two runs
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cfg = SyntheticConfig(days=3, rows_per_day=4000, users=400, items=300, fields=4, field_cardinality=60, dense=2)
-    return write_synthetic(cfg, tmp_path_factory.mktemp("faults") / "data")
 
 
 def _scall_args(data: Path, out: Path, name: str, *extra: str) -> list[str]:

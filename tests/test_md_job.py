@@ -3,7 +3,6 @@ after its first reconfiguration and resumed equals the uninterrupted run."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -11,21 +10,10 @@ import pytest
 
 from jobs.train import plan_digest, table_capacities
 from pipeline.dataset import Dataset
-from pipeline.synthetic import SyntheticConfig, write_synthetic
 from sharding.plan import DimensionPlan
-from tests.helpers import run_train_job, tiny_job_args
+from tests.helpers import metrics_records, run_train_job, tiny_job_args
 
 pytestmark = pytest.mark.multirank
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cfg = SyntheticConfig(days=3, rows_per_day=4000, users=400, items=300, fields=4, field_cardinality=60, dense=2)
-    return write_synthetic(cfg, tmp_path_factory.mktemp("synthetic") / "data")
-
-
-def _records(run: Path) -> list[dict[str, object]]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_md_stream_stays_within_budget_and_resumes_as_if_never_cut(data: Path, tmp_path: Path) -> None:
@@ -34,7 +22,7 @@ def test_md_stream_stays_within_budget_and_resumes_as_if_never_cut(data: Path, t
     args = ["search.method=md", "search.dim=16", f"search.budget={budget}", "search.md.alpha=0.5"]
     whole = run_train_job(tiny_job_args(data, tmp_path, "whole", *args))
     assert whole.returncode == 0, whole.stderr[-3000:]
-    days = _records(tmp_path / "whole")
+    days = metrics_records(tmp_path / "whole")
     assert all(0 <= budget - d["embedding_parameters"] < 64 for d in days)  # type: ignore[operator]
     assert days[0]["reconfigured"]
     plan = DimensionPlan.load(tmp_path / "whole" / "plan")
@@ -45,7 +33,7 @@ def test_md_stream_stays_within_budget_and_resumes_as_if_never_cut(data: Path, t
     assert cut.returncode == 0, cut.stderr[-3000:]
     resumed = run_train_job(tiny_job_args(data, tmp_path, "cut", *args, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    for a, b in zip(_records(tmp_path / "cut"), days, strict=True):
+    for a, b in zip(metrics_records(tmp_path / "cut"), days, strict=True):
         assert a["eval"] == pytest.approx(b["eval"], rel=1e-6)
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
     assert plan_digest(DimensionPlan.load(tmp_path / "cut" / "plan")) == plan_digest(plan)

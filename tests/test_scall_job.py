@@ -7,7 +7,6 @@ the agent in the last checkpoint).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from pipeline.dataset import Dataset
 from pipeline.synthetic import SyntheticConfig, write_synthetic
 from search.scall import ScallSearcher
 from sharding.plan import DimensionPlan
-from tests.helpers import REPO, run_train_job, tiny_job_args
+from tests.helpers import REPO, metrics_records, run_train_job, tiny_job_args
 
 pytestmark = pytest.mark.multirank
 
@@ -59,10 +58,6 @@ def full(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out / "full"
 
 
-def _metrics(run: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 def _searcher_state(run: Path, day: int) -> dict[str, Any]:
     state = torch.load(run / "checkpoints" / f"day-{day:04d}" / "searcher.pt", weights_only=False)
     return state["searcher"]
@@ -74,7 +69,7 @@ def _digests(run: Path) -> list[str]:
 
 def test_scall_learns_in_the_job_and_every_plan_is_exactly_the_budget(data: Path, full: Path) -> None:
     budget = _budget(data)
-    days = _metrics(full)
+    days = metrics_records(full)
     assert [d["day"] for d in days] == ["2024-01-01", "2024-01-02", "2024-01-03"]
     assert all(d["embedding_parameters"] == budget for d in days)  # exactly, every day (both ranks: digest check)
     assert days[0]["reconfigured"]
@@ -111,11 +106,11 @@ def test_scall_resumed_after_a_reconfiguration_equals_the_uninterrupted_run(
 ) -> None:
     first = run_train_job(tiny_job_args(data, tmp_path, "cut", *_args(data), "data.days=2"))
     assert first.returncode == 0, first.stderr[-3000:]
-    assert _metrics(tmp_path / "cut")[0]["reconfigured"]
+    assert metrics_records(tmp_path / "cut")[0]["reconfigured"]
     resumed = run_train_job(tiny_job_args(data, tmp_path, "cut", *_args(data), "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
-    cut, days = _metrics(tmp_path / "cut"), _metrics(full)
+    cut, days = metrics_records(tmp_path / "cut"), metrics_records(full)
     assert [d["day"] for d in cut] == [d["day"] for d in days]
     for a, b in zip(cut, days, strict=True):
         assert a["eval"] == pytest.approx(b["eval"], rel=1e-6)

@@ -6,7 +6,6 @@ input stops before any process group starts with a message naming the key or fie
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import torch
 from jobs.config import load_config
 from pipeline.synthetic import SyntheticConfig, write_synthetic
 from sharding.plan import DimensionPlan, PlanError
-from tests.helpers import run_train_job, tiny_job_args
+from tests.helpers import metrics_records, run_train_job, tiny_job_args
 
 pytestmark = pytest.mark.multirank
 REPO = Path(__file__).resolve().parents[1]
@@ -34,20 +33,10 @@ GOLDEN = [
 ]
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cfg = SyntheticConfig(days=3, rows_per_day=4000, users=400, items=300, fields=4, field_cardinality=60, dense=2)
-    return write_synthetic(cfg, tmp_path_factory.mktemp("synthetic") / "data")
-
-
-def _metrics(run: Path) -> list[dict[str, object]]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_train_golden_losses_resume_and_plan(data: Path, tmp_path: Path) -> None:
     full = run_train_job(tiny_job_args(data, tmp_path, "full"))
     assert full.returncode == 0, full.stderr[-3000:]
-    days = _metrics(tmp_path / "full")
+    days = metrics_records(tmp_path / "full")
     assert [d["day"] for d in days] == ["2024-01-01", "2024-01-02", "2024-01-03"]
     got = [(d["eval"]["loss"], d["train_loss"]) for d in days]  # type: ignore[index]
     assert [x for pair in got for x in pair] == pytest.approx([x for pair in GOLDEN for x in pair], rel=1e-4), got
@@ -66,7 +55,7 @@ def test_train_golden_losses_resume_and_plan(data: Path, tmp_path: Path) -> None
     assert first.returncode == 0, first.stderr[-3000:]
     resumed = run_train_job(tiny_job_args(data, tmp_path, "cut", "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    cut = _metrics(tmp_path / "cut")
+    cut = metrics_records(tmp_path / "cut")
     assert [d["day"] for d in cut] == [d["day"] for d in days]
     for a, b in zip(cut, days, strict=True):
         assert a["eval"] == pytest.approx(b["eval"], rel=1e-6)
@@ -137,7 +126,7 @@ def _autodim_args(data: Path, out: Path, name: str, *extra: str) -> list[str]:
 def test_autodim_search_derive_retrain_and_resume_mid_search(data: Path, tmp_path: Path) -> None:
     full = run_train_job(_autodim_args(data, tmp_path, "full"))
     assert full.returncode == 0, full.stderr[-3000:]
-    records = _metrics(tmp_path / "full")
+    records = metrics_records(tmp_path / "full")
     assert [(r["phase"], r.get("epoch")) for r in records] == [("search", 0), ("train", 0), ("final", None)]
     search, retrain, final = records
     plan = DimensionPlan.load(tmp_path / "full" / "plan")
@@ -161,7 +150,7 @@ def test_autodim_search_derive_retrain_and_resume_mid_search(data: Path, tmp_pat
     )
     resumed = run_train_job(_autodim_args(data, tmp_path, "cut", "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    again = _metrics(tmp_path / "cut")
+    again = metrics_records(tmp_path / "cut")
     assert [r["phase"] for r in again] == ["search", "train", "final"]
     assert again[-1]["eval"] == pytest.approx(final["eval"], rel=1e-6)
     for f, p in search["probabilities"].items():  # type: ignore[union-attr]
@@ -181,7 +170,7 @@ def test_scall_streaming_plans_meet_the_budget_every_day_on_both_ranks(data: Pat
     args = ["search.method=scall", "search.dim=16", f"search.budget={budget}", "search.scall.action=[0.5,0.1,0.1]"]
     run = run_train_job(tiny_job_args(data, tmp_path, "scall", *args))
     assert run.returncode == 0, run.stderr[-3000:]
-    days = _metrics(tmp_path / "scall")
+    days = metrics_records(tmp_path / "scall")
     assert [d["reconfigured"] for d in days] == [True, True, True]  # sizes follow each day's frequencies
     plan = DimensionPlan.load(tmp_path / "scall" / "plan")
     assert plan.budget is not None and plan.budget.unit == "parameters"
@@ -207,7 +196,7 @@ def test_esapn_streaming_grows_rows_under_the_budget_on_both_ranks_and_resumes(d
     args = ["search.method=esapn", "search.dim=16", f"search.budget={budget}"]
     run = run_train_job(tiny_job_args(data, tmp_path, "esapn", *args))
     assert run.returncode == 0, run.stderr[-3000:]
-    days = _metrics(tmp_path / "esapn")
+    days = metrics_records(tmp_path / "esapn")
     assert days[0]["reconfigured"] and days[1]["reconfigured"]  # rows grow until the budget binds
     assert all(d["embedding_parameters"] <= budget for d in days)  # type: ignore[operator]
     plan = DimensionPlan.load(tmp_path / "esapn" / "plan")
@@ -231,7 +220,7 @@ def test_esapn_streaming_grows_rows_under_the_budget_on_both_ranks_and_resumes(d
     assert cut.returncode == 0, cut.stderr[-3000:]
     resumed = run_train_job(tiny_job_args(data, tmp_path, "esapn-cut", *args, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    again = _metrics(tmp_path / "esapn-cut")
+    again = metrics_records(tmp_path / "esapn-cut")
     for a, b in zip(again, days, strict=True):
         assert a["eval"] == pytest.approx(b["eval"], rel=1e-6)
         assert a["embedding_parameters"] == b["embedding_parameters"]
