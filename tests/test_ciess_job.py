@@ -47,6 +47,19 @@ def test_ciess_static_search_derives_an_exact_plan_and_retrains_it(data: Path, t
     state = torch.load(tmp_path / "static" / "checkpoints" / "unit-000006" / "searcher.pt", weights_only=False)
     assert len(state["searcher"]["history"]) == 6  # episodes × iterations, each a scored plan
 
+    # Cut right after its first reconfiguration (the search phase's 3 units end with the derived plan, rebuilt
+    # from scratch), then resumed: the same plan and the same records.
+    cut = run_train_job(tiny_job_args(data, tmp_path, "cut", *args, "train.max_units=3"))
+    assert cut.returncode == 0, cut.stderr[-3000:]
+    assert DimensionPlan.load(tmp_path / "cut" / "checkpoints" / "unit-000003" / "plan").provenance["method"] == "ciess"
+    resumed = run_train_job(tiny_job_args(data, tmp_path, "cut", *args, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    again = metrics_records(tmp_path / "cut")
+    assert [r["phase"] for r in again] == [r["phase"] for r in records]
+    for a, b in zip(again, records, strict=True):
+        assert a["eval"] == pytest.approx(b["eval"], rel=1e-6)
+    assert plan_digest(DimensionPlan.load(tmp_path / "cut" / "plan")) == plan_digest(plan)
+
 
 def test_ciess_on_a_stream_resumes_as_if_never_cut(data: Path, tmp_path: Path) -> None:
     common, budget = _args(data)

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from jobs.config import load_config
+from jobs.train import plan_digest
 from pipeline.synthetic import SyntheticConfig, write_synthetic
 from sharding.plan import DimensionPlan, PlanError
 from tests.helpers import metrics_records, run_train_job, tiny_job_args
@@ -158,6 +159,19 @@ def test_autodim_search_derive_retrain_and_resume_mid_search(data: Path, tmp_pat
     resumed_plan = DimensionPlan.load(tmp_path / "cut" / "plan")
     assert [f.dim for f in resumed_plan.features] == [f.dim for f in plan.features]
 
+    # Cut right after its first reconfiguration (the search phase's 3 units end with the derived dims), resumed.
+    cut = run_train_job(_autodim_args(data, tmp_path, "cut-derived", "train.max_units=3"))
+    assert cut.returncode == 0, cut.stderr[-3000:]
+    derived = DimensionPlan.load(tmp_path / "cut-derived" / "checkpoints" / "unit-000003" / "plan")
+    assert derived.provenance["method"] == "autodim"
+    resumed = run_train_job(_autodim_args(data, tmp_path, "cut-derived", "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    again = metrics_records(tmp_path / "cut-derived")
+    assert [r["phase"] for r in again] == ["search", "train", "final"]
+    for a, b in zip(again, records, strict=True):
+        assert a["eval"] == pytest.approx(b["eval"], rel=1e-6)
+    assert plan_digest(DimensionPlan.load(tmp_path / "cut-derived" / "plan")) == plan_digest(plan)
+
 
 def test_scall_streaming_plans_meet_the_budget_every_day_on_both_ranks(data: Path, tmp_path: Path) -> None:
     from jobs.train import table_capacities
@@ -215,9 +229,10 @@ def test_esapn_streaming_grows_rows_under_the_budget_on_both_ranks_and_resumes(d
     assert [h["day_index"] for h in history] == [2, 2]
     assert all(h[k] > 0 for h in history for k in h if k.startswith("rows_"))
 
-    # Cut after two days and resumed: the same plan and metrics as the uninterrupted run.
-    cut = run_train_job(tiny_job_args(data, tmp_path, "esapn-cut", *args, "data.days=2"))
+    # Cut right after its first reconfiguration (day 1's growth) and resumed: the same plans and metrics.
+    cut = run_train_job(tiny_job_args(data, tmp_path, "esapn-cut", *args, "data.days=1"))
     assert cut.returncode == 0, cut.stderr[-3000:]
+    assert metrics_records(tmp_path / "esapn-cut")[0]["reconfigured"]
     resumed = run_train_job(tiny_job_args(data, tmp_path, "esapn-cut", *args, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     again = metrics_records(tmp_path / "esapn-cut")
@@ -227,6 +242,10 @@ def test_esapn_streaming_grows_rows_under_the_budget_on_both_ranks_and_resumes(d
     resumed_plan = DimensionPlan.load(tmp_path / "esapn-cut" / "plan")
     for f in ("user", "item"):
         np.testing.assert_array_equal(resumed_plan[f].row_dims, plan[f].row_dims)
+    for day in range(3):
+        digests = [plan_digest(DimensionPlan.load(tmp_path / r / "checkpoints" / f"day-{day:04d}" / "plan"))
+                   for r in ("esapn", "esapn-cut")]  # fmt: skip
+        assert digests[0] == digests[1]
 
 
 def _spearman(a: list[float], b: list[float]) -> float:
