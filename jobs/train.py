@@ -432,6 +432,7 @@ class Trainer:
             evaluation, row_losses = self.evaluate_day(unit)
             loss, examples, speed = self.train_day(unit)
             reconfigured = self.search(unit, evaluation, row_losses)
+            loss, examples, speed = self.train_held_out(unit, loss, examples, speed)
             self.position = self._next(unit)
             if unit.last_of_epoch and self.static:
                 self.end_epoch(unit, loss, examples, speed)
@@ -501,14 +502,36 @@ class Trainer:
     def train_day(self, unit: Unit) -> tuple[float, int, float]:
         """Train on one day: (mean loss, examples, examples/s) over all ranks. A searcher's own step, where it has
         one, runs between model-weight steps; otherwise `TrainPipelineSparseDist` overlaps the input distribution
-        with the step."""
-        self.live.dmp.train()
+        with the step. On a stream, a searcher's environment batches (the day's last `env_batches` per rank) are
+        held out here and trained on after the searcher's step (`train_held_out`)."""
         steps = self._steps(self.train_split, unit.day)
-        # A stream's searcher environment: the day's last batches, never trained on (a static one uses validation).
         held = 0 if self.static else min(self.searcher.env_batches, max(steps - 1, 0))
         stream = self._batches_with_rows(self.train_split, [unit.day], unit.grow)
         batches = (batch for _, batch in itertools.islice(stream, steps - held))
-        bar = tqdm(total=steps, desc=f"{unit.phase.name} {unit.day.name}", disable=not _rank0(), leave=False)
+        result = self._train(batches, unit, steps, f"{unit.phase.name} {unit.day.name}")
+        self.held_out = list(itertools.islice(stream, held))
+        return result
+
+    def train_held_out(self, unit: Unit, loss: float, examples: int, speed: float) -> tuple[float, int, float]:
+        """Train on the day's held-out environment batches, once the searcher has scored plans on them, keyed by the
+        tables of the plan now live (the searcher may have moved to a new one): every row of the stream is trained
+        on, as under FIXED. The day's (mean loss, examples, examples/s), these batches included."""
+        if not self.held_out:
+            return loss, examples, speed
+        remap = self.live.remap
+        for rows, batch in self.held_out:
+            batch.sparse_features = rows if remap.identity else remap(rows)
+        batches, self.held_out = [batch for _, batch in self.held_out], []
+        more_loss, more, more_speed = self._train(iter(batches), unit, len(batches), "held out", faults=False)
+        total = examples + more
+        seconds = examples / max(speed, 1e-9) + more / max(more_speed, 1e-9)
+        return (loss * examples + more_loss * more) / max(total, 1), total, total / max(seconds, 1e-9)
+
+    def _train(
+        self, batches: Iterator[Batch], unit: Unit, steps: int, desc: str, faults: bool = True
+    ) -> tuple[float, int, float]:
+        self.live.dmp.train()
+        bar = tqdm(total=steps, desc=desc, disable=not _rank0(), leave=False)
         # Summed on the device: the loss is read on the host only at log intervals, not at every step.
         loss_sum, examples = torch.zeros((), dtype=torch.float64, device=self.device), 0
         start = time.perf_counter()
@@ -517,12 +540,12 @@ class Trainer:
             loss_sum += loss.detach().double() * labels.numel()
             examples += labels.numel()
             bar.update(1)
-            self.fault.hit("mid-day", self.rank, self.position[2], step)
+            if faults:
+                self.fault.hit("mid-day", self.rank, self.position[2], step)
             if step % self.cfg.train.log_every == 0:
                 bar.set_postfix(loss=f"{float(loss):.4f}")
         elapsed = time.perf_counter() - start
         bar.close()
-        self.held_out = list(itertools.islice(stream, held))
         return self._finish(loss_sum, examples, elapsed)
 
     def _pipelined(self, batches: Iterator[Batch]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -73,6 +73,8 @@ def test_scall_learns_in_the_job_and_every_plan_is_exactly_the_budget(data: Path
     assert [d["day"] for d in days] == ["2024-01-01", "2024-01-02", "2024-01-03"]
     assert all(d["embedding_parameters"] == budget for d in days)  # exactly, every day (both ranks: digest check)
     assert days[0]["reconfigured"]
+    # The environment's held-out batches are trained on after the policy's steps: every row of each day is trained.
+    assert [d["train_examples"] for d in days] == [6000, 6000, 6000]
     for d in range(3):
         plan = DimensionPlan.load(full / "checkpoints" / f"day-{d:04d}" / "plan")
         assert plan.parameters == plan.logical_parameters == budget
