@@ -5,8 +5,10 @@
 
 `Trainer.run` reads top to bottom (DESIGN.md decisions 12 and 16): for each phase, for each epoch, for each day:
 evaluate (prequential: the day before training on it) → train (`TrainPipelineSparseDist`, or plain steps with the
-searcher's own step between them) → searcher step (`observe`/`propose`) → reconfigure if the plan changed →
-checkpoint (DCP, atomic); a phase's end may bring the searcher's derived plan. The job knows searchers only
+searcher's own step between them; a stream searcher's environment batches held out) → searcher step
+(`observe`/`propose`, scoring plans on the held-out batches) → reconfigure if the plan changed (the live model is
+`sharding.live.PlannedModel`) → train on the held-out batches → checkpoint (DCP, atomic); a phase's end may bring
+the searcher's derived plan. The job knows searchers only
 through the protocol of `search/base.py`, found by `search.method` in `search.registry`.
 
 Everything lands in `<train.out_dir>/<train.name>/`: the resolved
@@ -245,7 +247,7 @@ class Trainer:
     """One run (a torchtune-style recipe): `setup`, then `run`, which reads top to bottom:
 
         for each phase, for each epoch, for each day:
-            evaluate (prequential) → train → searcher step → reconfigure → checkpoint
+            evaluate (prequential) → train → searcher step → reconfigure → train held-out → checkpoint
 
     The prequential protocol is one phase of one epoch over the stream, each day evaluated before it is trained on.
     A static protocol has the searcher's phases (e.g. search → train) of epochs over the train split, validation
