@@ -9,19 +9,31 @@ they feed `TrainPipelineSparseDist` directly. Batches are built in a background 
 Every rank gets the same number of batches per day (collective training steps need it): a rank's slice is cut
 into `ceil(largest slice / batch_size)` batches of as-equal-as-possible sizes, never above `batch_size`.
 
-Vocabularies grow only from training data (`grow=True`), from the whole day's ids (or the whole split's), in row
-order, so every rank admits the same ids in the same order and holds the same vocabulary without communication.
-Evaluation (`grow=False`) maps unseen ids to the fallback row and counts them.
+A rank reads only its own rows, `chunk_rows` at a time (a Parquet slice pushed down to the reader, cut on batch
+boundaries), so its memory is bounded by a chunk, not by a day (DESIGN.md decision 18).
+
+Vocabularies grow only from training data (`grow=True`), and every rank ends a day holding the same vocabulary as
+one process that admitted the whole day's ids (or the whole split's) in row order. Growth takes two passes over the
+rank's rows. Pass 1 reads the sparse columns chunk by chunk and keeps, per feature, the distinct ids in order of first
+appearance with their counts. One `gather` per day (an all-gather in rank order, passed in by the job) then hands
+every rank all ranks' lists. The slices are contiguous and in rank order, so rank 0's list, then rank 1's
+deduplicated against it, and so on, is the whole day's order of first appearance. Every rank admits that merged list
+and adds its counts (`Vocabulary.update_distinct`). Pass 2 re-reads the rows chunk by chunk and maps them with
+`lookup`, which grows nothing. Without a `gather` on more than one rank, pass 1 reads the whole day (still chunk by
+chunk), so the ranks agree without any communication. Growth runs in the caller's thread, never the prefetch
+thread, because the gather is a collective. Evaluation (`grow=False`) maps unseen ids to the fallback row and counts
+them.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import polars as pl
@@ -31,7 +43,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from pipeline.dataset import Dataset, Day
 from pipeline.spec import SparseField
-from pipeline.vocab import VocabularySet
+from pipeline.vocab import Vocabulary, VocabularySet
 
 logger = logging.getLogger(__name__)
 
@@ -43,16 +55,26 @@ class StreamConfig:
     Args:
         batch_size: the most examples per batch, per rank.
         prefetch: batches built ahead in a background thread (0 builds them in the caller's thread).
+        chunk_rows: the most rows read from Parquet at once, per rank. It is rounded down to whole batches (at least
+            one batch), so a chunk boundary is always a batch boundary.
     """
 
     batch_size: int = 8192
     prefetch: int = 2
+    chunk_rows: int = 1_000_000
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.prefetch < 0:
             raise ValueError(f"prefetch must be >= 0, got {self.prefetch}")
+        if self.chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be >= 1, got {self.chunk_rows}")
+
+    @property
+    def batches_per_chunk(self) -> int:
+        """Whole batches in one chunk (at least one)."""
+        return max(self.chunk_rows // self.batch_size, 1)
 
 
 def rank_slice(num_rows: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -74,12 +96,50 @@ class _Column:
     values: np.ndarray
     offsets: np.ndarray | None
 
-    def slice(self, start: int, stop: int) -> _Column:
-        """Examples `[start, stop)`."""
-        if self.offsets is None:
-            return _Column(self.values[start:stop], None)
-        offsets = self.offsets[start : stop + 1]
-        return _Column(self.values[offsets[0] : offsets[-1]], offsets - offsets[0])
+
+# Pass 1's summary of one feature over some rows: the distinct raw ids in order of first appearance, and their counts.
+_Distinct = pl.DataFrame
+
+
+def _distinct_counts(ids: np.ndarray) -> _Distinct:
+    """The distinct ids of `ids` in order of first appearance, with how often each occurs."""
+    frame = pl.DataFrame({"id": np.asarray(ids, dtype=np.int64)})
+    return frame.group_by("id", maintain_order=True).agg(pl.len().cast(pl.Int64).alias("count"))
+
+
+def _merge(parts: list[_Distinct]) -> _Distinct:
+    """Summaries of consecutive row ranges, in row order, merged into the summary of their union."""
+    if len(parts) == 1:
+        return parts[0]
+    frame = pl.concat(parts)
+    return frame.group_by("id", maintain_order=True).agg(pl.col("count").sum())
+
+
+class _Rows:
+    """The rows of a day that a stream selects (all, or a split's), read a range at a time.
+
+    Positions are indices into the selection; `row_filter`'s selection is read as the span of original rows that
+    holds the range, filtered (only that span is read).
+    """
+
+    def __init__(self, dataset: Dataset, day: Day, row_filter: Callable[[Day], np.ndarray] | None) -> None:
+        self.dataset, self.day = dataset, day
+        self.selected = None if row_filter is None else np.flatnonzero(row_filter(day))
+        self.num_rows = day.num_rows if self.selected is None else int(self.selected.size)
+
+    def read(self, columns: list[str], start: int, stop: int) -> pl.DataFrame:
+        """Selected rows `[start, stop)`, `columns` only."""
+        if self.selected is None or start >= stop:
+            offset = start if self.selected is None else 0
+            return self.dataset.read_day(self.day, columns, offset, stop - start)
+        picked = self.selected[start:stop]
+        low, high = int(picked[0]), int(picked[-1]) + 1
+        df = self.dataset.read_day(self.day, columns, low, high - low)
+        if picked.size == high - low:
+            return df
+        mask = np.zeros(high - low, dtype=bool)
+        mask[picked - low] = True
+        return df.filter(pl.Series(mask))
 
 
 class DayStream:
@@ -97,6 +157,10 @@ class DayStream:
             remap: row-level features to one key per dim bucket with local rows); applied when the batch is built,
             in the prefetch thread, so training, evaluation and export never remap by hand. Without it the batches
             carry vocabulary rows.
+        gather: an all-gather in rank order over the ranks' process group (`obj -> [obj of rank 0, rank 1, ...]`),
+            called once per day that grows the vocabulary; the job builds it from its process group. Without it a
+            stream on more than one rank scans the whole day's sparse columns to grow (chunk by chunk, no
+            communication); on one rank it is not needed.
     """
 
     def __init__(
@@ -110,6 +174,7 @@ class DayStream:
         world_size: int = 1,
         row_filter: Callable[[Day], np.ndarray] | None = None,
         keying: Callable[[KeyedJaggedTensor], KeyedJaggedTensor] | None = None,
+        gather: Callable[[Any], list[Any]] | None = None,
     ) -> None:
         self.dataset = dataset
         self.spec = dataset.spec
@@ -126,6 +191,7 @@ class DayStream:
         rank_slice(0, rank, world_size)  # validates rank and world size
         self.row_filter = row_filter
         self.keying = keying
+        self.gather = gather
 
     @property
     def days(self) -> list[Day]:
@@ -144,8 +210,15 @@ class DayStream:
             yield batch
 
     def batches_with_rows(self, day: Day, *, grow: bool) -> Iterator[tuple[KeyedJaggedTensor, Batch]]:
-        """Each batch of `batches` with its sparse features as vocabulary rows (before any keying)."""
-        it = self._keyed(self._batches(day, grow))
+        """Each batch of `batches` with its sparse features as vocabulary rows (before any keying).
+
+        With `grow` the day's new ids are admitted here, before the first batch is built, in the caller's thread (it
+        may gather over the process group, so every rank must call it at the same point of its collectives).
+        """
+        rows = _Rows(self.dataset, day, self.row_filter)
+        edges = self._chunk_edges(rows.num_rows, self.num_batches(day))
+        cached = self._grow(rows, edges) if grow else None
+        it = self._keyed(self._batches(rows, edges, grow, cached))
         return _prefetched(it, self.config.prefetch) if self.config.prefetch else it
 
     def _keyed(self, batches: Iterator[Batch]) -> Iterator[tuple[KeyedJaggedTensor, Batch]]:
@@ -155,48 +228,79 @@ class DayStream:
                 batch.sparse_features = self.keying(rows)
             yield rows, batch
 
-    def _read(self, day: Day, grow: bool) -> tuple[pl.DataFrame, list[_Column]]:
-        """This rank's rows of `day` and each feature's rows mapped through the vocabulary."""
-        columns = [self.spec.label, *(f.column for f in self.fields), *self.spec.dense]
-        if self.row_filter is None and not grow:
-            # Only this rank's rows are needed: push the slice down to the Parquet reader.
-            start, stop = rank_slice(day.num_rows, self.rank, self.world_size)
-            df = self.dataset.read_day(day, columns, start, stop - start)
-            return df, [self._map(df, f, grow=False) for f in self.fields]
-        df = self.dataset.read_day(day, columns)
-        if self.row_filter is not None:
-            df = df.filter(pl.Series(self.row_filter(day)))
-        start, stop = rank_slice(df.height, self.rank, self.world_size)
-        # Training: every rank admits the whole day's ids in row order, so all ranks hold the same vocabulary;
-        # the rows that update() returns are then sliced to this rank (no second lookup).
-        mapped = [self._map(df, f, grow=grow).slice(start, stop) for f in self.fields]
-        return df.slice(start, stop - start), mapped
+    @property
+    def _columns(self) -> list[str]:
+        return [self.spec.label, *(f.column for f in self.fields), *self.spec.dense]
 
-    def _batches(self, day: Day, grow: bool) -> Iterator[Batch]:
-        num_batches = self.num_batches(day)
-        df, columns = self._read(day, grow)
-        # torch wants writable arrays; polars' zero-copy views are read-only.
-        dense = np.require(
-            df.select(self.spec.dense).cast(pl.Float32).to_numpy(order="c")
-            if self.spec.dense
-            else np.zeros((df.height, 0), dtype=np.float32),
-            requirements=["C", "W"],
-        )
-        labels = df.get_column(self.spec.label).cast(pl.Float32).to_numpy(writable=True)
-        bounds = batch_bounds(df.height, num_batches)
-        for start, stop in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
-            yield self._batch(columns, dense, labels, start, stop)
+    def _chunk_edges(self, num_rows: int, num_batches: int) -> list[np.ndarray]:
+        """This rank's batch boundaries (in selected rows), cut into chunks of `batches_per_chunk` batches."""
+        start, stop = rank_slice(num_rows, self.rank, self.world_size)
+        bounds = start + batch_bounds(stop - start, num_batches)
+        k = self.config.batches_per_chunk
+        return [bounds[i : i + k + 1] for i in range(0, max(bounds.size - 1, 1), k)]
 
-    def _map(self, df: pl.DataFrame, f: SparseField, *, grow: bool) -> _Column:
-        col = df.get_column(f.column)
+    def _grow(self, rows: _Rows, edges: list[np.ndarray]) -> pl.DataFrame | None:
+        """Pass 1: admit the day's new ids on every rank, in whole-day row order, and count every id.
+
+        Returns the rank's first chunk with every column when pass 1 read it last (pass 2 starts with it).
+        """
+        sparse = [f.column for f in self.fields]
+        if self.world_size == 1 or self.gather is not None:
+            own = [(int(e[0]), int(e[-1])) for e in edges]
+        else:  # no communication: every rank scans the whole selection
+            step = self.config.batches_per_chunk * self.config.batch_size
+            own = [(a, min(a + step, rows.num_rows)) for a in range(0, rows.num_rows, step)] or [(0, 0)]
+        cache_first = own[0] == (int(edges[0][0]), int(edges[0][-1]))
+        # Backwards, so that the chunk read last is the first one, which pass 2 uses at once instead of re-reading.
+        summaries: list[list[_Distinct]] = [[] for _ in self.fields]
+        first: pl.DataFrame | None = None
+        for i in reversed(range(len(own))):
+            cache = i == 0 and cache_first
+            df = rows.read(self._columns if cache else sparse, *own[i])
+            for parts, f in zip(summaries, self.fields, strict=True):
+                parts.append(_distinct_counts(_ids(df, f)))
+                if len(parts) > 1:  # keep one summary per feature, not one per chunk
+                    parts[:] = [_merge(parts[::-1])]
+            first = df if cache else None
+        local = [parts[0] for parts in summaries]
+        gathered = self.gather(local) if self.world_size > 1 and self.gather is not None else [local]
+        for j, f in enumerate(self.fields):
+            merged = _merge([rank_parts[j] for rank_parts in gathered])
+            _update_distinct(self.vocab[f.name], merged)
+        return first
+
+    def _batches(
+        self, rows: _Rows, edges: list[np.ndarray], grow: bool, cached: pl.DataFrame | None
+    ) -> Iterator[Batch]:
+        """Pass 2: each chunk of this rank's rows, mapped with `lookup`, cut into its batches."""
+        for i, bounds in enumerate(edges):
+            start, stop = int(bounds[0]), int(bounds[-1])
+            df = cached if i == 0 and cached is not None else rows.read(self._columns, start, stop)
+            cached = None  # held no longer than its chunk
+            # Training already counted its ids in pass 1, so only evaluation counts the unseen here.
+            columns = [self._map(df, f, count_unseen=not grow) for f in self.fields]
+            # torch wants writable arrays; polars' zero-copy views are read-only.
+            dense = np.require(
+                df.select(self.spec.dense).cast(pl.Float32).to_numpy(order="c")
+                if self.spec.dense
+                else np.zeros((df.height, 0), dtype=np.float32),
+                requirements=["C", "W"],
+            )
+            labels = df.get_column(self.spec.label).cast(pl.Float32).to_numpy(writable=True)
+            del df
+            local = (bounds - start).tolist()
+            for a, b in itertools.pairwise(local):
+                yield self._batch(columns, dense, labels, a, b)
+
+    def _map(self, df: pl.DataFrame, f: SparseField, *, count_unseen: bool) -> _Column:
         vocab = self.vocab[f.name]
-        to_rows = vocab.update if grow else vocab.lookup
+        rows = vocab.lookup(_ids(df, f), count_unseen=count_unseen)
         if not f.multi_hot:
-            return _Column(to_rows(col.to_numpy()), None)
-        lengths = col.list.len().fill_null(0).to_numpy()
+            return _Column(rows, None)
+        lengths = df.get_column(f.column).list.len().fill_null(0).to_numpy()
         offsets = np.zeros(lengths.size + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        return _Column(to_rows(col.explode(empty_as_null=False).drop_nulls().to_numpy()), offsets)
+        return _Column(rows, offsets)
 
     def _batch(self, columns: list[_Column], dense: np.ndarray, labels: np.ndarray, start: int, stop: int) -> Batch:
         size = stop - start
@@ -219,6 +323,18 @@ class DayStream:
             sparse_features=kjt,
             labels=torch.from_numpy(labels[start:stop]),
         )
+
+
+def _ids(df: pl.DataFrame, f: SparseField) -> np.ndarray:
+    """The raw ids of feature `f` in row order (a multi-hot field's lists flattened, nulls and empty lists dropped)."""
+    col = df.get_column(f.column)
+    if f.multi_hot:
+        col = col.explode(empty_as_null=False).drop_nulls()
+    return col.to_numpy()
+
+
+def _update_distinct(vocab: Vocabulary, summary: _Distinct) -> None:
+    vocab.update_distinct(summary.get_column("id").to_numpy(), summary.get_column("count").to_numpy())
 
 
 _DONE = object()

@@ -218,6 +218,43 @@ class Vocabulary:
         self.counts = counts
         return rows
 
+    def update_distinct(self, ids: np.ndarray, counts: np.ndarray) -> None:
+        """`update` over a multiset of ids given as its distinct ids, in order of first appearance, and their counts.
+
+        The vocabulary ends exactly as `update` over the ids themselves would leave it (admitted ids, their order,
+        `counts`, `overflow`), but it takes one entry per distinct id: `DayStream` merges the ranks' chunked
+        summaries of a day into this form instead of holding the day's ids.
+
+        `ids` must be distinct (not checked: it would cost a sort per feature and day).
+
+        Raises:
+            ValueError: `counts` does not match `ids`, or a new id is negative.
+        """
+        ids = np.asarray(ids, dtype=np.int64)
+        counts = np.asarray(counts, dtype=np.int64)
+        if ids.shape != counts.shape or ids.ndim != 1:
+            raise ValueError(f"ids and counts must be 1-d of one length, got shapes {ids.shape} and {counts.shape}")
+        rows = self.lookup(ids, count_unseen=False)
+        new_mask = rows == FALLBACK_ROW
+        if new_mask.any():
+            new_ids = ids[new_mask]
+            if (low := int(new_ids.min())) < 0:
+                raise ValueError(f"raw ids must be >= 0, got {low}; datasets are validated to hold non-negative ids")
+            room = new_ids.size if self.capacity is None else max(self.capacity - self.num_rows, 0)
+            if new_ids.size > room:
+                self.overflow += int(new_ids.size - room)
+            position = np.arange(new_ids.size, dtype=np.int64)
+            rows[new_mask] = np.where(position < room, self.num_rows + position, FALLBACK_ROW)
+            if room:
+                self._admit(new_ids[:room])
+        admitted = rows != FALLBACK_ROW
+        # Admitted ids have one row each; every refused or unadmitted id adds to the fallback row.
+        total = np.zeros(self.num_rows, dtype=np.int64)
+        total[rows[admitted]] = counts[admitted]
+        total[FALLBACK_ROW] = int(counts[~admitted].sum())
+        total[: self.counts.size] += self.counts
+        self.counts = total  # a new array, as in `update`
+
     def _admit(self, new_ids: np.ndarray) -> None:
         """Append `new_ids` (distinct, non-negative, not yet admitted) as the next rows and index them."""
         start, stop = self.num_rows, self.num_rows + new_ids.size
