@@ -334,9 +334,17 @@ class Trainer:
                 world_size=self.world_size,
                 row_filter=self.split.row_filter(name) if self.split is not None else None,
                 keying=None if remap.identity else remap,
+                gather=self._all_gather,
             )
             for name in names
         }
+
+    def _all_gather(self, obj: Any) -> list[Any]:
+        """`obj` of every rank, in rank order: the streams' one exchange per training day (the new ids and counts
+        that keep every rank's vocabulary equal while each reads only its own rows)."""
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.pg)
+        return out
 
     def setup(self, resume: bool) -> None:
         # Rank 0 picks the checkpoint (skipping damaged ones, by name) and every rank loads that one.
