@@ -340,7 +340,7 @@ class Trainer:
         }
 
     def _all_gather(self, obj: Any) -> list[Any]:
-        """`obj` of every rank, in rank order: the streams' one exchange per training day (the new ids and counts
+        """`obj` of every rank, in rank order: the streams' exchange per feature and training day (the ids and counts
         that keep every rank's vocabulary equal while each reads only its own rows)."""
         out: list[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj, group=self.pg)

@@ -15,8 +15,8 @@ boundaries), so its memory is bounded by a chunk, not by a day (DESIGN.md decisi
 Vocabularies grow only from training data (`grow=True`), and every rank ends a day holding the same vocabulary as
 one process that admitted the whole day's ids (or the whole split's) in row order. Growth takes two passes over the
 rank's rows. Pass 1 reads the sparse columns chunk by chunk and keeps, per feature, the distinct ids in order of first
-appearance with their counts. One `gather` per day (an all-gather in rank order, passed in by the job) then hands
-every rank all ranks' lists. The slices are contiguous and in rank order, so rank 0's list, then rank 1's
+appearance with their counts. One `gather` per feature and day (an all-gather in rank order, passed in by the job)
+then hands every rank all ranks' lists. The slices are contiguous and in rank order, so rank 0's list, then rank 1's
 deduplicated against it, and so on, is the whole day's order of first appearance. Every rank admits that merged list
 and adds its counts (`Vocabulary.update_distinct`). Pass 2 re-reads the rows chunk by chunk and maps them with
 `lookup`, which grows nothing. Without a `gather` on more than one rank, pass 1 reads the whole day (still chunk by
@@ -158,8 +158,8 @@ class DayStream:
             in the prefetch thread, so training, evaluation and export never remap by hand. Without it the batches
             carry vocabulary rows.
         gather: an all-gather in rank order over the ranks' process group (`obj -> [obj of rank 0, rank 1, ...]`),
-            called once per day that grows the vocabulary; the job builds it from its process group. Without it a
-            stream on more than one rank scans the whole day's sparse columns to grow (chunk by chunk, no
+            called once per feature on each day that grows the vocabulary; the job builds it from its process group.
+            Without it a stream on more than one rank scans the whole day's sparse columns to grow (chunk by chunk, no
             communication); on one rank it is not needed.
     """
 
@@ -262,11 +262,13 @@ class DayStream:
                 if len(parts) > 1:  # keep one summary per feature, not one per chunk
                     parts[:] = [_merge(parts[::-1])]
             first = df if cache else None
-        local = [parts[0] for parts in summaries]
-        gathered = self.gather(local) if self.world_size > 1 and self.gather is not None else [local]
-        for j, f in enumerate(self.fields):
-            merged = _merge([rank_parts[j] for rank_parts in gathered])
-            _update_distinct(self.vocab[f.name], merged)
+        # One gather per feature, not one for all: all_gather_object holds several pickled copies of what it moves,
+        # and one feature's summaries are a small part of a day's.
+        for parts, f in zip(summaries, self.fields, strict=True):
+            local, parts[:] = parts[0], []
+            gathered = self.gather(local) if self.world_size > 1 and self.gather is not None else [local]
+            del local
+            _update_distinct(self.vocab[f.name], _merge(gathered))
         return first
 
     def _batches(

@@ -228,7 +228,8 @@ def _run_chunked_on_ranks(rank: int, world_size: int, path: str) -> None:
             capped=capped,
             gather=counted,
         )
-    assert calls == 3 * len(dataset.days)  # one gather per training day, none for evaluation
+    # one gather per feature and training day, none for evaluation
+    assert calls == 3 * len(dataset.days) * len(dataset.spec.feature_names)
     split = assign_splits(dataset, "per-user", fractions=(0.5, 0.25, 0.25), seed=0)
     _compare_prequential(
         dataset,
