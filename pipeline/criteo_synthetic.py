@@ -33,7 +33,11 @@ size being part of the config):
   default c1 1.0, c2 0.8, c3 0.64, c4 0.51, c7 0.41, c10 0.33, c24 0.26), every other field 0. The dense
   weights are v_j = 0.4 · (-0.75) ** j for j < 6, else 0. `bias` is solved so that the expected CTR is about
   `target_ctr` (a normal approximation of the logit). The weights are recorded as
-  `meta.criteo_synthetic.field_importance` in `dataset.yaml`; `user_field` and `item_field` are left unset.
+  `meta.criteo_synthetic.field_importance` in `dataset.yaml`.
+* User and item: the spec's `user_field` and `item_field` (the rows that the row-level searches SCALL, ESAPN, CIESS
+  and MD size) name two single-hot fields, by default `c3` and `c12`, the two largest (10M and 5.75M ids a day at
+  the default `max_cardinality`), so that a search sizes the largest tables; `c3` carries signal, `c12` none. They
+  are labels in the spec only: the data does not depend on them.
 """
 
 from __future__ import annotations
@@ -109,6 +113,10 @@ class CriteoSyntheticConfig:
         target_ctr: the approximate expected mean label.
         start_date: the date of the first day.
         seed: the random seed.
+        user_field: the single-hot field the spec names as `user_field` (None: none). The default `c3` is the
+            largest field; only the spec changes with it, not the data.
+        item_field: the single-hot field the spec names as `item_field` (None: none); by default `c12`, the
+            second largest.
     """
 
     days: int = 7
@@ -126,6 +134,8 @@ class CriteoSyntheticConfig:
     target_ctr: float = 0.25
     start_date: dt.date = dt.date(2024, 1, 1)
     seed: int = 0
+    user_field: str | None = "c3"
+    item_field: str | None = "c12"
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -166,6 +176,21 @@ class CriteoSyntheticConfig:
             problems.append(f"start_date is {self.start_date!r}, expected a datetime.date: e.g. 2024-01-01")
         if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
             problems.append(f"seed is {self.seed!r}, expected an integer in [0, 2**63): pass e.g. 0")
+        for name in ("user_field", "item_field"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if value not in SPARSE:
+                problems.append(f"{name} is {value!r}, expected one of the sparse fields c1..c26 (or None): e.g. 'c3'")
+            elif isinstance(self.multi_hot, tuple) and value in self.multi_hot:
+                problems.append(
+                    f"{name} is {value!r}, a multi-hot field (multi_hot={self.multi_hot!r}): a user or item field "
+                    "must be single-hot: name another field, or drop it from multi_hot"
+                )
+        if self.user_field is not None and self.user_field == self.item_field:
+            problems.append(
+                f"user_field and item_field are both {self.user_field!r}: name two different fields, e.g. 'c3', 'c12'"
+            )
         if problems:
             raise ValueError("invalid CriteoSyntheticConfig: " + "; ".join(problems))
 
@@ -346,6 +371,8 @@ def _spec(cfg: CriteoSyntheticConfig, model: _Model) -> DatasetSpec:
         label=LABEL,
         sparse=tuple(SparseField(f, f, multi_hot=f in cfg.multi_hot) for f in SPARSE),
         dense=DENSE,
+        user_field=cfg.user_field,
+        item_field=cfg.item_field,
         meta={
             "criteo_synthetic": {
                 "config": cfg.to_dict(),
@@ -484,6 +511,8 @@ def main(argv: list[str] | None = None) -> None:
         ("drift", float),
         ("target_ctr", float),
         ("seed", int),
+        ("user_field", str),
+        ("item_field", str),
     ]
     add_config_flags(parser, defaults, flags)
     parser.add_argument("--start-date", type=dt.date.fromisoformat, default=defaults.start_date, help="YYYY-MM-DD")

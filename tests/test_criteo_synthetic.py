@@ -11,7 +11,15 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.criteo_synthetic import DENSE, SPARSE, CriteoSyntheticConfig, main, write_criteo_synthetic
+from pipeline.criteo_synthetic import (
+    DENSE,
+    SPARSE,
+    CriteoSyntheticConfig,
+    criteo_synthetic_spec,
+    generate_chunk,
+    main,
+    write_criteo_synthetic,
+)
 from pipeline.dataset import Dataset
 from pipeline.errors import DatasetError
 
@@ -65,7 +73,7 @@ def test_layout_schema_and_values(small: Path, rows: pl.DataFrame) -> None:
     assert 0.15 < float(rows["label"].mean()) < 0.35  # type: ignore[arg-type]
     meta = ds.spec.meta["criteo_synthetic"]
     assert meta["field_importance"]["c1"] == 1.0 and meta["field_importance"]["c11"] == 0.0
-    assert meta["config"]["rows_per_day"] == 30_000 and ds.spec.user_field is None
+    assert meta["config"]["rows_per_day"] == 30_000
     assert pq.ParquetFile(ds.days[0].files[0]).metadata.row_group(0).column(0).compression == "ZSTD"
 
 
@@ -131,6 +139,25 @@ def test_refuses_existing_output_and_bad_config(small: Path, capsys: pytest.Capt
     with pytest.raises(SystemExit):
         main(["--out", str(small), "--days", "1", "--rows-per-day", "10"])
     assert "already exists" in capsys.readouterr().err
+
+
+def test_user_and_item_fields(small: Path) -> None:
+    spec = Dataset(small).spec
+    assert (spec.user_field, spec.item_field) == ("c3", "c12")  # the two largest fields by default
+    assert not spec.field("c3").multi_hot and not spec.field("c12").multi_hot
+    chosen = dataclasses.replace(SMALL, user_field="c1", item_field="c2")
+    assert (criteo_synthetic_spec(chosen).user_field, criteo_synthetic_spec(chosen).item_field) == ("c1", "c2")
+    unset = criteo_synthetic_spec(dataclasses.replace(SMALL, user_field=None, item_field=None))
+    assert unset.user_field is None and unset.item_field is None
+    # Only the spec names them: the data is the same whichever fields they are.
+    for cfg in (chosen, dataclasses.replace(SMALL, user_field=None, item_field=None)):
+        assert generate_chunk(cfg, 1, 0, 2_000).equals(generate_chunk(SMALL, 1, 0, 2_000))
+    with pytest.raises(ValueError, match="user_field is 'user', expected one of the sparse fields"):
+        CriteoSyntheticConfig(user_field="user")
+    with pytest.raises(ValueError, match="item_field is 'c25', a multi-hot field"):
+        CriteoSyntheticConfig(item_field="c25")
+    with pytest.raises(ValueError, match="user_field and item_field are both 'c3'"):
+        CriteoSyntheticConfig(item_field="c3")
 
 
 def test_command_line(tmp_path: Path) -> None:
