@@ -142,35 +142,32 @@ def test_autodim_search_derive_retrain_and_resume_mid_search(data: Path, tmp_pat
     assert plan.provenance["method"] == "autodim"
     assert "test: " in full.stdout and "AutoDim derived plan" in full.stderr
 
-    # Preempted after two units (inside the search phase), then resumed: same plan and same test metrics.
+    # Preempted after two units (inside the search phase), resumed up to right after its first reconfiguration (the
+    # search phase's 3 units end with the derived dims), then resumed to the end: same plan and same metrics.
     cut = run_train_job(_autodim_args(data, tmp_path, "cut", "train.max_units=2"))
     assert cut.returncode == 0, cut.stderr[-3000:]
     assert (
         not (tmp_path / "cut" / "plan").exists()
         or DimensionPlan.load(tmp_path / "cut" / "plan").provenance.get("method") != "autodim"
     )
+    derived_run = run_train_job(_autodim_args(data, tmp_path, "cut", "--resume", "train.max_units=3"))
+    assert derived_run.returncode == 0, derived_run.stderr[-3000:]
+    derived = DimensionPlan.load(tmp_path / "cut" / "checkpoints" / "unit-000003" / "plan")
+    assert derived.provenance["method"] == "autodim" and plan_digest(derived) == plan_digest(plan)
     resumed = run_train_job(_autodim_args(data, tmp_path, "cut", "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     again = metrics_records(tmp_path / "cut")
     assert [r["phase"] for r in again] == ["search", "train", "final"]
     assert again[-1]["eval"] == pytest.approx(final["eval"], rel=1e-6)
+    # The retrain and test records are exact. (The search epoch's validation AUC moves by ~1e-4 after a mid-search
+    # cut: the search head's batch-norm running statistics are per rank between DDP's buffer broadcasts.)
+    for a, b in zip(again[1:], records[1:], strict=True):
+        assert a["eval"] == pytest.approx(b["eval"], rel=1e-6)
     for f, p in search["probabilities"].items():  # type: ignore[union-attr]
         assert again[0]["probabilities"][f] == pytest.approx(p, abs=1e-6)  # type: ignore[index]
     resumed_plan = DimensionPlan.load(tmp_path / "cut" / "plan")
     assert [f.dim for f in resumed_plan.features] == [f.dim for f in plan.features]
-
-    # Cut right after its first reconfiguration (the search phase's 3 units end with the derived dims), resumed.
-    cut = run_train_job(_autodim_args(data, tmp_path, "cut-derived", "train.max_units=3"))
-    assert cut.returncode == 0, cut.stderr[-3000:]
-    derived = DimensionPlan.load(tmp_path / "cut-derived" / "checkpoints" / "unit-000003" / "plan")
-    assert derived.provenance["method"] == "autodim"
-    resumed = run_train_job(_autodim_args(data, tmp_path, "cut-derived", "--resume"))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    again = metrics_records(tmp_path / "cut-derived")
-    assert [r["phase"] for r in again] == ["search", "train", "final"]
-    for a, b in zip(again, records, strict=True):
-        assert a["eval"] == pytest.approx(b["eval"], rel=1e-6)
-    assert plan_digest(DimensionPlan.load(tmp_path / "cut-derived" / "plan")) == plan_digest(plan)
+    assert plan_digest(resumed_plan) == plan_digest(plan)
 
 
 def test_scall_streaming_plans_meet_the_budget_every_day_on_both_ranks(data: Path, tmp_path: Path) -> None:
