@@ -660,6 +660,7 @@ class Trainer:
         state bit for bit, only the changed tables' rows migrated (prefix slice or pad, their row state carried);
         `from_scratch` migrates nothing (a retrain at the new dims). Then the streams follow the new tables."""
         scratch = self.run_dir / "reconfigure"
+        del self.recommender, self.search_step  # the old model's modules, freed before the new model is built
         self.live.reconfigure(
             new_plan,
             scratch,

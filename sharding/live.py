@@ -47,6 +47,7 @@ models at once. The diff between two plans
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Mapping
@@ -686,16 +687,24 @@ class PlannedModel:
                 run of `new_plan` gets (a retrain at the new dims).
             saved: called once the old state is on disk, before anything is rebuilt (the job's fault drills).
 
+        The old model is released before the new one is built; a caller holding references to its modules drops
+        them first, so that they can be freed.
+
         Returns:
             What was kept, migrated and left fresh on this rank (None from scratch).
         """
         if from_scratch:
+            del self.dmp, self.optimizer
+            gc.collect()
             self._build(new_plan)
             return None
         move = Reconfiguration(self.plan, new_plan)
         move.save(scratch, self.dmp, self.optimizer, pg=self.pg)
         if saved is not None:
             saved()
-        del self.dmp, self.optimizer  # the old model goes before the new one is built
+        # The old model goes before the new one is built (its modules hold reference cycles: collect them now, so
+        # that a rank never holds both models' tables at once).
+        del self.dmp, self.optimizer
+        gc.collect()
         self._build(new_plan)
         return move.load(scratch, self.dmp, self.optimizer, pg=self.pg)
