@@ -109,6 +109,7 @@ class DayResult:
     embedding_logical_parameters: int
     peak_rss_mb: float
     reconfigured: bool = False
+    reconfigure_seconds: float = 0.0  # wall time of the day's move to a new plan (save, rebuild, load), rank 0
 
 
 @dataclass
@@ -287,6 +288,7 @@ class Trainer:
         self.epoch_acc = {"loss": 0.0, "examples": 0, "seconds": 0.0}
         self.search_step: SearchStep | None = None
         self.held_out: list[tuple[KeyedJaggedTensor, Batch]] = []
+        self.reconfigure_seconds = 0.0  # since the last day record
 
     # ---- setup ---------------------------------------------------------------------------------------------
     def _in_search(self) -> bool:
@@ -659,6 +661,7 @@ class Trainer:
         """Move the live model to `new_plan` (`PlannedModel.reconfigure`): unchanged tables and their fused optimizer
         state bit for bit, only the changed tables' rows migrated (prefix slice or pad, their row state carried);
         `from_scratch` migrates nothing (a retrain at the new dims). Then the streams follow the new tables."""
+        start = time.perf_counter()
         scratch = self.run_dir / "reconfigure"
         del self.recommender, self.search_step  # the old model's modules, freed before the new model is built
         self.live.reconfigure(
@@ -669,6 +672,7 @@ class Trainer:
         )
         self._attach_streams()
         dist.barrier(group=self.pg)
+        self.reconfigure_seconds += time.perf_counter() - start
         if _rank0():
             shutil.rmtree(scratch, ignore_errors=True)
             logger.info("reconfigured to the new plan:\n%s\n%s", new_plan.summary(), self.live.memory.summary())
@@ -695,7 +699,9 @@ class Trainer:
             embedding_logical_parameters=self.live.plan.logical_parameters,
             peak_rss_mb=_peak_rss_mb(self.pg),
             reconfigured=reconfigured,
+            reconfigure_seconds=self.reconfigure_seconds,
         )
+        self.reconfigure_seconds = 0.0
         self.result.days.append(day_result)
         if _rank0():
             logger.info(

@@ -26,7 +26,7 @@ from tests.helpers import REPO, finish, launch_job, tiny_job_args
 from tests.multiprocess import free_port
 
 pytestmark = pytest.mark.multirank
-TIMING = ("examples_per_s", "peak_rss_mb")  # differ between any two runs
+TIMING = ("examples_per_s", "peak_rss_mb", "reconfigure_seconds")  # differ between any two runs
 
 
 def _scall_args(data: Path, out: Path, name: str, *extra: str) -> list[str]:

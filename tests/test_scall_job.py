@@ -75,6 +75,7 @@ def test_scall_learns_in_the_job_and_every_plan_is_exactly_the_budget(data: Path
     assert days[0]["reconfigured"]
     # The environment's held-out batches are trained on after the policy's steps: every row of each day is trained.
     assert [d["train_examples"] for d in days] == [6000, 6000, 6000]
+    assert all(d["reconfigure_seconds"] > 0 for d in days)  # each day's move to its new plan is timed
     for d in range(3):
         plan = DimensionPlan.load(full / "checkpoints" / f"day-{d:04d}" / "plan")
         assert plan.parameters == plan.logical_parameters == budget
