@@ -10,8 +10,8 @@ the streaming job (`python -m jobs.launch`, 2 ranks, DLRM, prequential) on it on
 all four), and prints per method and day: rows, rows/s (training, all ranks), peak RSS per rank, embedding
 parameters against the budget, embedding bytes against `sharding.budget_bytes`, whether the day reconfigured, and the
 day's seconds: the wall time between the job's consecutive day records (its log lines), of which "other s" is what
-is not training (prequential evaluation, the search step and any reconfiguration; the job records no
-reconfiguration time of its own, so it cannot be split further here).
+is not training (prequential evaluation, the search step and any reconfiguration), and "reconf s" the move to the
+day's new plan (save, rebuild, load), as the job records it (`reconfigure_seconds`).
 
 Methods, at one budget: FIXED-16's embedding parameters (every table's capacity × 16, `search.budget`):
 
@@ -127,7 +127,8 @@ def _over(r: dict[str, Any], budget: int, budget_bytes: int) -> bool:
 def print_method(label: str, records: list[dict[str, Any]], budget: int, budget_bytes: int) -> None:
     header = (
         f"{'day':<12}{'rows':>10}{'rows/s':>10}{'s/M rows':>10}{'RSS MiB/rank (max)':>20}{'emb MiB':>10}"
-        f"{'budget MiB':>12}{'emb params':>13}{'budget':>13}{'reconf':>8}{'day s':>8}{'other s':>9}{'AUC':>8}"
+        f"{'budget MiB':>12}{'emb params':>13}{'budget':>13}{'reconf':>8}{'day s':>8}{'other s':>9}"
+        f"{'reconf s':>10}{'AUC':>8}"
     )
     print(f"\n{label}")
     print(header)
@@ -140,7 +141,8 @@ def print_method(label: str, records: list[dict[str, Any]], budget: int, budget_
             f"{r['day']:<12}{rows:>10,}{speed:>10,.0f}{1e6 / max(speed, 1e-9):>10.2f}{r['peak_rss_mb']:>20,.0f}"
             f"{sum(r['embedding_bytes_per_rank']) / 2**20:>10.1f}{budget_bytes / 2**20:>12,.0f}"
             f"{r['embedding_parameters']:>13,}{budget:>13,}{'yes' if r.get('reconfigured') else 'no':>8}"
-            f"{'-' if day_s is None else f'{day_s:.1f}':>8}{other:>9}{r['eval'].get('auc', float('nan')):>8.4f}"
+            f"{'-' if day_s is None else f'{day_s:.1f}':>8}{other:>9}{r.get('reconfigure_seconds', 0.0):>10.2f}"
+            f"{r['eval'].get('auc', float('nan')):>8.4f}"
         )
 
 
@@ -257,7 +259,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{m}_days_over_budget={sum(_over(r, budget, budget_bytes) for r in records)} "
             f"{m}_peak_rss_mb={max(r['peak_rss_mb'] for r in records):.0f} {m}_ex_s={_speed(records):.0f} "
             f"{m}_last_day_auc={records[-1]['eval'].get('auc', float('nan')):.4f} "
-            f"{m}_reconfigured_days={sum(bool(r.get('reconfigured')) for r in records)} {m}_job_s={job_s:.0f}"
+            f"{m}_reconfigured_days={sum(bool(r.get('reconfigured')) for r in records)} "
+            f"{m}_max_reconfigure_s={max(r.get('reconfigure_seconds', 0.0) for r in records):.2f} {m}_job_s={job_s:.0f}"
         )
     parts.append(f"methods={','.join(LABELS[m] for m in runs)}")
     if failed:
