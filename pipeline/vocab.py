@@ -200,18 +200,9 @@ class Vocabulary:
         rows = self.lookup(ids, count_unseen=False)
         new_mask = rows == FALLBACK_ROW
         if new_mask.any():
-            candidates = ids[new_mask]
-            if (low := int(candidates.min())) < 0:
-                raise ValueError(f"raw ids must be >= 0, got {low}; datasets are validated to hold non-negative ids")
             # The only lookup of these ids was the one above: their rows follow from their order of first appearance.
-            new_ids, position = _distinct_with_inverse(candidates)
-            room = new_ids.size if self.capacity is None else max(self.capacity - self.num_rows, 0)
-            if new_ids.size > room:
-                self.overflow += int(new_ids.size - room)
-                new_ids = new_ids[:room]
-            rows[new_mask] = np.where(position < room, self.num_rows + position, FALLBACK_ROW)
-            if new_ids.size:
-                self._admit(new_ids)
+            new_ids, position = _distinct_with_inverse(ids[new_mask])
+            rows[new_mask] = self._admit_capped(new_ids)[position]
         # A new array, not an in-place add: callers keep earlier days' counts (ESAPN diffs them day to day).
         counts = np.bincount(rows, minlength=self.num_rows)
         counts[: self.counts.size] += self.counts
@@ -237,16 +228,7 @@ class Vocabulary:
         rows = self.lookup(ids, count_unseen=False)
         new_mask = rows == FALLBACK_ROW
         if new_mask.any():
-            new_ids = ids[new_mask]
-            if (low := int(new_ids.min())) < 0:
-                raise ValueError(f"raw ids must be >= 0, got {low}; datasets are validated to hold non-negative ids")
-            room = new_ids.size if self.capacity is None else max(self.capacity - self.num_rows, 0)
-            if new_ids.size > room:
-                self.overflow += int(new_ids.size - room)
-            position = np.arange(new_ids.size, dtype=np.int64)
-            rows[new_mask] = np.where(position < room, self.num_rows + position, FALLBACK_ROW)
-            if room:
-                self._admit(new_ids[:room])
+            rows[new_mask] = self._admit_capped(ids[new_mask])
         admitted = rows != FALLBACK_ROW
         # Admitted ids have one row each; every refused or unadmitted id adds to the fallback row.
         total = np.zeros(self.num_rows, dtype=np.int64)
@@ -254,6 +236,24 @@ class Vocabulary:
         total[FALLBACK_ROW] = int(counts[~admitted].sum())
         total[: self.counts.size] += self.counts
         self.counts = total  # a new array, as in `update`
+
+    def _admit_capped(self, new_ids: np.ndarray) -> np.ndarray:
+        """Admit `new_ids` (distinct, not yet admitted, in order) up to the capacity, counting the refused ones in
+        `overflow`: each id's row (the fallback row where refused).
+
+        Raises:
+            ValueError: a new id is negative.
+        """
+        if (low := int(new_ids.min())) < 0:
+            raise ValueError(f"raw ids must be >= 0, got {low}; datasets are validated to hold non-negative ids")
+        room = new_ids.size if self.capacity is None else max(self.capacity - self.num_rows, 0)
+        if new_ids.size > room:
+            self.overflow += int(new_ids.size - room)
+        position = np.arange(new_ids.size, dtype=np.int64)
+        rows = np.where(position < room, self.num_rows + position, FALLBACK_ROW)
+        if room and new_ids.size:
+            self._admit(new_ids[:room])
+        return rows
 
     def _admit(self, new_ids: np.ndarray) -> None:
         """Append `new_ids` (distinct, non-negative, not yet admitted) as the next rows and index them."""
