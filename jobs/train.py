@@ -520,7 +520,7 @@ class Trainer:
         held = 0 if self.static else min(self.searcher.env_batches, max(steps - 1, 0))
         stream = self._batches_with_rows(self.train_split, [unit.day], unit.grow)
         batches = (batch for _, batch in itertools.islice(stream, steps - held))
-        result = self._train(batches, unit, steps, f"{unit.phase.name} {unit.day.name}")
+        result = self._train(batches, unit, steps - held, f"{unit.phase.name} {unit.day.name}")
         self.held_out = list(itertools.islice(stream, held))
         return result
 
