@@ -85,6 +85,12 @@ would re-shard the tables at every step, so the job's schedule is per day:
   the mean advantage over those rows (less variance; the centre includes each row's own advantage, an O(1/n)
   bias), with the policy re-run on the proposal's whole batch so its BatchNorm statistics are those the actions
   were sampled under (the policy itself has taken one step since: a one-step-old π).
+- A day has millions of rows but a row's policy input is only (popularity bucket, size index): at most
+  `popularity_buckets × num_sizes` distinct states. `propose` and the REINFORCE step run the policy on those
+  (`EsapnPolicy.state_logits`: BatchNorm statistics over the rows, count-weighted, and the same running-statistics
+  update; the loss summed per (state, action), `state_reinforce_loss`), so its cost no longer grows with the rows'
+  512-wide activations; each row still draws its own action from its state's π, the same draws as a per-row
+  forward. The paper loop (a batch's few thousand entities) keeps the per-row forward.
 - Sizes are a ladder of multiples of 4 (`size_ladder`: 4, 8, 16, … doubling up to `search.dim`) in bucket tables
   with zero-padding projections, so the stored parameters are the searched ones; a row's growth goes through the
   job's reconfiguration path, whose default migration copies the row and zero-pads it — the function-preserving
@@ -374,6 +380,145 @@ class EsapnPolicy(nn.Module):
             self.train(training)
         return mask_logits(logits, size_index, self.num_sizes)
 
+    def states(self, popularity_bucket: torch.Tensor, size_index: torch.Tensor) -> PolicyStates:
+        """The distinct (popularity bucket, size index) states of these rows (see `PolicyStates`)."""
+        return policy_states(popularity_bucket, size_index, self.popularity.num_embeddings, self.num_sizes)
+
+    def state_logits(self, states: PolicyStates) -> torch.Tensor:
+        """Masked logits `[k, 2]` of the k distinct states, as `forward` gives them on the rows they stand for.
+
+        In training mode on two rows or more, each BatchNorm takes its batch statistics over the rows, weighted by
+        the states' row counts (`weighted_batch_norm`), and updates its running statistics as `forward` does on the
+        rows: the network runs on at most `popularity_buckets × num_sizes` inputs instead of one per row, with the
+        same logits, gradients and BatchNorm buffers. On so few inputs it runs in float64 (the parameters cast,
+        differentiably), and the logits are rounded to the parameters' dtype at the end: exact to that rounding
+        (about 5e-7 at any n), where the per-row float32 forward accumulates its BatchNorm statistics over the n
+        rows in float32, an error that grows with n (measured with the default policy: 1e-5 in the logits at 5,000
+        rows, 5e-4 at 200,000, 3e-3 at a million). Otherwise (eval mode, or one row, which `forward` serves from the
+        running statistics) the network is row-wise and runs on the states as `forward` does.
+        """
+        if not self.training or states.num_rows < 2:
+            return self(states.bucket, states.size_index)
+        wide = torch.float64
+        x = weighted_batch_norm(
+            self.popularity_norm,
+            F.embedding(states.bucket, self.popularity.weight.to(wide)),
+            states.counts,
+            states.num_rows,
+        )
+        x = torch.cat([x, F.one_hot(states.size_index, self.num_sizes).to(wide)], dim=1)
+        for module in self.net:
+            if isinstance(module, nn.BatchNorm1d):
+                x = weighted_batch_norm(module, x, states.counts, states.num_rows)
+            elif isinstance(module, nn.Linear):
+                x = F.linear(x, module.weight.to(wide), None if module.bias is None else module.bias.to(wide))
+            else:
+                x = module(x)
+        return mask_logits(x, states.size_index, self.num_sizes).to(self.popularity.weight.dtype)
+
+    def forward_distinct(self, popularity_bucket: torch.Tensor, size_index: torch.Tensor) -> torch.Tensor:
+        """`forward`'s per-row logits `[n, 2]`, computed on the distinct states and gathered back to the rows."""
+        states = self.states(popularity_bucket, size_index)
+        return self.state_logits(states)[states.inverse]
+
+
+@dataclass(frozen=True)
+class PolicyStates:
+    """The distinct policy inputs of a batch of rows, each with its row count and each row's state.
+
+    A row's policy input is only its (popularity bucket, size index), so a day's millions of rows share at most
+    `popularity_buckets × num_sizes` states; the policy runs on those (`EsapnPolicy.state_logits`).
+
+    Args:
+        bucket: `[k]` the states' popularity buckets (states in ascending `bucket · num_sizes + size_index`).
+        size_index: `[k]` their size indices.
+        counts: `[k]` int64, how many rows each state stands for (all ≥ 1).
+        inverse: `[n]` int64, each row's state.
+    """
+
+    bucket: torch.Tensor
+    size_index: torch.Tensor
+    counts: torch.Tensor
+    inverse: torch.Tensor
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.inverse.numel())
+
+
+def policy_states(
+    popularity_bucket: torch.Tensor, size_index: torch.Tensor, num_buckets: int, num_sizes: int
+) -> PolicyStates:
+    """Group rows by (popularity bucket, size index).
+
+    The combined key `bucket · num_sizes + size_index` takes at most `num_buckets · num_sizes` values, so one
+    `bincount` and a lookup table give what `torch.unique(key, return_inverse=True, return_counts=True)` gives
+    (ascending keys, each row's state, the counts) in O(n), without sorting the rows.
+
+    Raises:
+        ValueError: if a bucket or size index is out of range (the key would alias another state).
+    """
+    bucket, size = popularity_bucket.to(torch.int64), size_index.to(torch.int64)
+    if bucket.shape != size.shape or bucket.dim() != 1:
+        raise ValueError(
+            f"popularity buckets and size indices must be two 1-d tensors of the same length, got shapes "
+            f"{tuple(bucket.shape)} and {tuple(size.shape)}"
+        )
+    for name, values, bound in (("popularity buckets", bucket, num_buckets), ("size indices", size, num_sizes)):
+        if not values.numel():
+            continue
+        low, high = int(values.min()), int(values.max())
+        if low < 0 or high >= bound:
+            raise ValueError(
+                f"{name} must lie in [0, {bound}), got [{low}, {high}]; buckets come "
+                "from popularity_bucket and size indices from the candidate sizes"
+            )
+    key = bucket * num_sizes + size
+    all_counts = torch.bincount(key, minlength=num_buckets * num_sizes)
+    present = torch.nonzero(all_counts).squeeze(1)
+    lookup = torch.full_like(all_counts, -1)
+    lookup[present] = torch.arange(present.numel())
+    return PolicyStates(
+        bucket=torch.div(present, num_sizes, rounding_mode="floor"),
+        size_index=present % num_sizes,
+        counts=all_counts[present],
+        inverse=lookup[key],
+    )
+
+
+def weighted_batch_norm(bn: nn.BatchNorm1d, x: torch.Tensor, counts: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """`bn` in training mode on `num_rows` rows given as the distinct rows `x` `[k, C]`, row j standing `counts[j]`
+    times: the batch statistics are count-weighted (mean `Σ w x / n`, biased variance `Σ w (x − mean)² / n`), and
+    the running statistics, `num_batches_tracked` and the momentum are updated as `nn.BatchNorm1d.forward` updates
+    them on the rows (running_var with the unbiased variance, `· n / (n − 1)`). Computed in float64 (sums of k terms
+    rather than of n) and returned in `x`'s dtype; differentiable in `x` and the affine parameters, like the per-row
+    BatchNorm.
+
+    Args:
+        bn: a `BatchNorm1d` (its own parameters and buffers are used and updated).
+        x: `[k, C]` the distinct inputs.
+        counts: `[k]` their multiplicities, summing to `num_rows`.
+        num_rows: n ≥ 2.
+    """
+    weights, wide = counts.to(torch.float64)[:, None], x.to(torch.float64)
+    mean = (weights * wide).sum(0) / num_rows
+    centred = wide - mean
+    var = (weights * centred.square()).sum(0) / num_rows
+    if bn.track_running_stats and bn.running_mean is not None and bn.running_var is not None:
+        with torch.no_grad():
+            factor = 0.0 if bn.momentum is None else bn.momentum
+            if bn.num_batches_tracked is not None:
+                bn.num_batches_tracked.add_(1)
+                if bn.momentum is None:  # a cumulative moving average, as torch's BatchNorm
+                    factor = 1.0 / float(bn.num_batches_tracked)
+            unbiased = var.detach() * (num_rows / (num_rows - 1))
+            bn.running_mean.copy_((1 - factor) * bn.running_mean.double() + factor * mean.detach())
+            bn.running_var.copy_((1 - factor) * bn.running_var.double() + factor * unbiased)
+    y = centred * torch.rsqrt(var + bn.eps)
+    if bn.affine:
+        y = y * bn.weight.to(y.dtype) + bn.bias.to(y.dtype)
+    return y.to(x.dtype)
+
 
 def mask_logits(logits: torch.Tensor, size_index: torch.Tensor, num_sizes: int) -> torch.Tensor:
     """Forbid enlarging at the largest size: its logit becomes −inf (π(keep) = 1 there)."""
@@ -401,6 +546,29 @@ def reinforce_loss(
     log_prob = torch.log_softmax(logits, dim=1).gather(1, actions[:, None]).squeeze(1)
     # A masked action is never sampled, so its log-prob (−inf) never appears; a forced keep has log-prob 0.
     return -(log_prob * (rewards - baselines).detach()).sum()
+
+
+def state_reinforce_loss(
+    logits: torch.Tensor, states: torch.Tensor, actions: torch.Tensor, advantages: torch.Tensor
+) -> torch.Tensor:
+    """`reinforce_loss` with the policy evaluated once per distinct state:
+    `−Σ_rows log π(a_r|s_r) (R_r − b_r) = −Σ_(s, a) log π(a|s) · Σ_{rows r: s_r = s, a_r = a} (R_r − b_r)`.
+
+    The advantages are summed per (state, action) pair in float64, and only the pairs some row took enter the sum
+    (so a masked action, never sampled, never contributes its −inf log-prob): the same value and gradient as the
+    per-row loss, with the policy's network and its gradient over k states instead of n rows.
+
+    Args:
+        logits: `[k, 2]` masked policy logits of the distinct states.
+        states: `[n]` each row's state (an index into `logits`).
+        actions: `[n]` the rows' sampled actions.
+        advantages: `[n]` R − b.
+    """
+    pair = states.to(torch.int64) * 2 + actions.to(torch.int64)
+    total = torch.zeros(logits.shape[0] * 2, dtype=torch.float64).index_add_(0, pair, advantages.detach().double())
+    taken = torch.nonzero(torch.bincount(pair, minlength=total.numel())).squeeze(1)
+    log_prob = torch.log_softmax(logits, dim=1).flatten()[taken]
+    return -(log_prob.double() * total[taken]).sum().to(logits.dtype)
 
 
 def sample_actions(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -436,18 +604,49 @@ class EsapnController:
         return popularity_bucket(counts, self.config.popularity_buckets)
 
     def logits(self, entity: str, bucket: torch.Tensor, size_index: torch.Tensor) -> torch.Tensor:
-        """Masked [keep, enlarge] logits of `entity`'s rows (the policy in its current mode)."""
+        """Masked [keep, enlarge] logits of `entity`'s rows (the policy in its current mode), one network row per
+        row: the paper loop's path (a batch's few thousand entities), kept so its results do not move."""
         return self.policies[entity](bucket, size_index)
+
+    def states(self, entity: str, bucket: torch.Tensor, size_index: torch.Tensor) -> PolicyStates:
+        """The distinct states of `entity`'s rows (see `PolicyStates`)."""
+        return self.policies[entity].states(bucket, size_index)
+
+    def state_logits(self, entity: str, states: PolicyStates) -> torch.Tensor:
+        """Masked [keep, enlarge] logits `[k, 2]` of `entity`'s distinct states, equal to `logits` on the rows they
+        stand for (BatchNorm statistics over the rows, count-weighted; see `EsapnPolicy.state_logits`): the job's
+        path, whose days have millions of rows."""
+        return self.policies[entity].state_logits(states)
 
     def sample(self, logits: torch.Tensor) -> torch.Tensor:
         """Actions drawn from softmax(logits): the controller's trial."""
         return sample_actions(logits, self.generator)
 
+    def sample_probabilities(self, probs: torch.Tensor) -> torch.Tensor:
+        """Actions drawn from per-row probabilities `[n, 2]`, one per row: `sample` when π is already computed (the
+        same draws from the generator as `sample` on logits whose softmax is `probs`)."""
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+
     def update(
         self, entity: str, logits: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor, baselines: torch.Tensor
     ) -> torch.Tensor:
         """One Adam step of `entity`'s policy on `−Σ log π(a|s)(R − b)`; the loss (detached)."""
-        loss = reinforce_loss(logits, actions, rewards, baselines)
+        return self._step(entity, reinforce_loss(logits, actions, rewards, baselines))
+
+    def update_states(
+        self,
+        entity: str,
+        state_logits: torch.Tensor,
+        states: torch.Tensor,
+        actions: torch.Tensor,
+        rewards: torch.Tensor,
+        baselines: torch.Tensor,
+    ) -> torch.Tensor:
+        """`update` with the logits of the distinct states (`state_logits`) and each row's state (`states`): the
+        same loss and step, the sum over rows taken per (state, action) (`state_reinforce_loss`)."""
+        return self._step(entity, state_reinforce_loss(state_logits, states, actions, rewards - baselines))
+
+    def _step(self, entity: str, loss: torch.Tensor) -> torch.Tensor:
         optimizer = self.optimizers[entity]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -920,16 +1119,20 @@ class EsapnSearcher(Searcher):
                 continue
             bucket = self.controller.bucket(torch.from_numpy(self.counts[f][rows]))
             size = torch.from_numpy(self.size_index[f][rows])
+            # The policy runs on the day's distinct states (a few hundred at most, BatchNorm statistics over the
+            # rows), not on each of its millions of rows; every row still draws its own action from its state's
+            # probabilities, so the sampled stream is that of a per-row forward.
+            states = self.controller.states(f, bucket, size)
             with torch.no_grad():
-                logits = self.controller.logits(f, bucket, size)
-            actions = self.controller.sample(logits)
+                probs = torch.softmax(self.controller.state_logits(f, states), dim=1)[states.inverse]
+            actions = self.controller.sample_probabilities(probs)
             chosen[f] = {
                 "rows": rows,
                 "bucket": bucket.numpy(),
                 "size": size.numpy(),
                 "action": actions.numpy(),
                 "executed": np.ones(rows.size, dtype=bool),
-                "p_enlarge": torch.softmax(logits, dim=1)[:, ENLARGE].numpy(),
+                "p_enlarge": probs[:, ENLARGE].numpy(),
             }
         self._fit_budget(chosen)
         grew = 0
@@ -974,7 +1177,9 @@ class EsapnSearcher(Searcher):
         """One policy step on a proposal's executed actions of the rows evaluated on both days after it:
         R = 1 − ℓ_now, b = 1 − ℓ_before (the loss drop over the day trained at the new size), centred by the mean
         advantage over those rows (less variance). The policy is re-run on the proposal's whole batch, so its
-        BatchNorm statistics, and π, are those the actions were sampled from."""
+        BatchNorm statistics, and π, are those the actions were sampled from: on the batch's distinct states, the
+        loss summed per (state, action), which is the per-row loss and gradient at the cost of a few hundred
+        network rows."""
         use = trial["executed"] & np.isfinite(now) & np.isfinite(trial["before"])
         if use.sum() < 2:
             return
@@ -982,9 +1187,12 @@ class EsapnSearcher(Searcher):
         baseline = torch.from_numpy(1.0 - trial["before"][use]).float()
         advantage = reward - baseline
         self.controller.policies[f].train()
-        logits = self.controller.logits(f, torch.from_numpy(trial["bucket"]), torch.from_numpy(trial["size"]))
+        states = self.controller.states(f, torch.from_numpy(trial["bucket"]), torch.from_numpy(trial["size"]))
+        logits = self.controller.state_logits(f, states)
         actions = torch.from_numpy(trial["action"][use])
-        loss = self.controller.update(f, logits[torch.from_numpy(use)], actions, reward, baseline + advantage.mean())
+        loss = self.controller.update_states(
+            f, logits, states.inverse[torch.from_numpy(use)], actions, reward, baseline + advantage.mean()
+        )
         enlarged = actions == ENLARGE
         self.history.append(
             {
