@@ -1119,12 +1119,7 @@ class EsapnSearcher(Searcher):
                 continue
             bucket = self.controller.bucket(torch.from_numpy(self.counts[f][rows]))
             size = torch.from_numpy(self.size_index[f][rows])
-            # The policy runs on the day's distinct states (a few hundred at most, BatchNorm statistics over the
-            # rows), not on each of its millions of rows; every row still draws its own action from its state's
-            # probabilities, so the sampled stream is that of a per-row forward.
-            states = self.controller.states(f, bucket, size)
-            with torch.no_grad():
-                probs = torch.softmax(self.controller.state_logits(f, states), dim=1)[states.inverse]
+            probs = self._row_probabilities(f, bucket, size)
             actions = self.controller.sample_probabilities(probs)
             chosen[f] = {
                 "rows": rows,
@@ -1187,12 +1182,9 @@ class EsapnSearcher(Searcher):
         baseline = torch.from_numpy(1.0 - trial["before"][use]).float()
         advantage = reward - baseline
         self.controller.policies[f].train()
-        states = self.controller.states(f, torch.from_numpy(trial["bucket"]), torch.from_numpy(trial["size"]))
-        logits = self.controller.state_logits(f, states)
         actions = torch.from_numpy(trial["action"][use])
-        loss = self.controller.update_states(
-            f, logits, states.inverse[torch.from_numpy(use)], actions, reward, baseline + advantage.mean()
-        )
+        bucket, size = torch.from_numpy(trial["bucket"]), torch.from_numpy(trial["size"])
+        loss = self._policy_step(f, bucket, size, torch.from_numpy(use), actions, reward, baseline + advantage.mean())
         enlarged = actions == ENLARGE
         self.history.append(
             {
@@ -1204,6 +1196,30 @@ class EsapnSearcher(Searcher):
                 f"policy_loss_{f}": float(loss),
             }
         )
+
+    def _row_probabilities(self, f: str, bucket: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+        """π `[n, 2]` of each of the day's rows. The policy runs on the day's distinct states (a few hundred at
+        most, BatchNorm statistics over the rows), not on each of its millions of rows; every row still draws its own
+        action from its state's probabilities, so the sampled stream is that of a per-row forward."""
+        states = self.controller.states(f, bucket, size)
+        with torch.no_grad():
+            return torch.softmax(self.controller.state_logits(f, states), dim=1)[states.inverse]
+
+    def _policy_step(
+        self,
+        f: str,
+        bucket: torch.Tensor,
+        size: torch.Tensor,
+        use: torch.Tensor,
+        actions: torch.Tensor,
+        reward: torch.Tensor,
+        baseline: torch.Tensor,
+    ) -> torch.Tensor:
+        """One policy step on the rewarded rows `use` of a proposal's batch (`bucket`, `size`), re-run whole on its
+        distinct states; the loss."""
+        states = self.controller.states(f, bucket, size)
+        logits = self.controller.state_logits(f, states)
+        return self.controller.update_states(f, logits, states.inverse[use], actions, reward, baseline)
 
     def _fit_budget(self, chosen: dict[str, dict[str, np.ndarray]]) -> None:
         """Under a budget, go through the sampled enlargements by π(enlarge), highest first (ties: users first, then

@@ -14,7 +14,6 @@ path's in none.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -225,69 +224,29 @@ def test_distinct_reinforce_step_equals_the_per_row_step() -> None:
 
 class _PerRowSearcher(EsapnSearcher):
     """The searcher as it was before the distinct-state path, with its policies in float64: `propose` runs the
-    policy on every row and samples from the per-row probabilities; `_reinforce` takes the per-row loss."""
+    policy on every row and samples from the per-row probabilities; `_reinforce` takes the per-row loss. Only the
+    two policy hooks differ from the searcher under test; sampling, the budget fit and the rewards are its own."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         _to_float64(self.controller)
 
-    def propose(self) -> Any:
-        if not self.pending:
-            return None
-        self.pending = False
-        chosen: dict[str, dict[str, np.ndarray]] = {}
-        for f in self.entities:
-            rows = np.flatnonzero(self.day_counts[f] > 0)
-            rows = rows[rows > 0]
-            if rows.size < 2:
-                continue
-            bucket = self.controller.bucket(torch.from_numpy(self.counts[f][rows]))
-            size = torch.from_numpy(self.size_index[f][rows])
-            with torch.no_grad():
-                probs = torch.softmax(self.controller.logits(f, bucket, size), dim=1).float()
-            actions = torch.multinomial(probs, 1, generator=self.controller.generator).squeeze(1)
-            chosen[f] = {
-                "rows": rows,
-                "bucket": bucket.numpy(),
-                "size": size.numpy(),
-                "action": actions.numpy(),
-                "executed": np.ones(rows.size, dtype=bool),
-                "p_enlarge": probs[:, ENLARGE].numpy(),
-            }
-        self._fit_budget(chosen)
-        grew = 0
-        for f, t in chosen.items():
-            grow = t["rows"][(t["action"] == ENLARGE) & t["executed"]]
-            self.size_index[f][grow] += 1
-            grew += grow.size
-            self.trials[f].append({k: v for k, v in t.items() if k != "p_enlarge"})
-        if grew == 0:
-            return None
-        return self._plan({"method": "esapn", "day_index": self.day_index, "enlarged": grew})
+    def _row_probabilities(self, f: str, bucket: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.softmax(self.controller.logits(f, bucket, size), dim=1).float()
 
-    def _reinforce(self, f: str, trial: Mapping[str, np.ndarray], now: np.ndarray, day_index: int) -> None:
-        use = trial["executed"] & np.isfinite(now) & np.isfinite(trial["before"])
-        if use.sum() < 2:
-            return
-        reward = torch.from_numpy(1.0 - now[use]).float()
-        baseline = torch.from_numpy(1.0 - trial["before"][use]).float()
-        advantage = reward - baseline
-        self.controller.policies[f].train()
-        logits = self.controller.logits(f, torch.from_numpy(trial["bucket"]), torch.from_numpy(trial["size"]))
-        actions = torch.from_numpy(trial["action"][use])
-        centred = (baseline + advantage.mean()).double()
-        loss = self.controller.update(f, logits[torch.from_numpy(use)], actions, reward.double(), centred)
-        enlarged = actions == ENLARGE
-        self.history.append(
-            {
-                "day_index": float(day_index),
-                f"rows_{f}": float(use.sum()),
-                f"enlarged_{f}": float(enlarged.sum()),
-                f"advantage_enlarged_{f}": float(advantage[enlarged].mean()) if enlarged.any() else None,
-                f"advantage_kept_{f}": float(advantage[~enlarged].mean()) if (~enlarged).any() else None,
-                f"policy_loss_{f}": float(loss),
-            }
-        )
+    def _policy_step(
+        self,
+        f: str,
+        bucket: torch.Tensor,
+        size: torch.Tensor,
+        use: torch.Tensor,
+        actions: torch.Tensor,
+        reward: torch.Tensor,
+        baseline: torch.Tensor,
+    ) -> torch.Tensor:
+        logits = self.controller.logits(f, bucket, size)
+        return self.controller.update(f, logits[use], actions, reward.double(), baseline.double())
 
 
 CAPACITY = {"user": 160_000, "item": 60_000, "tags": 5}
