@@ -15,6 +15,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+import pipeline.ingest as ingest_module
 from pipeline.dataset import Dataset
 from pipeline.errors import DatasetError
 from pipeline.ingest import (
@@ -196,6 +197,64 @@ def test_criteo_deepctr_header_csv(tmp_path: Path) -> None:
     _, df = _frame(ingest("criteo", src, tmp_path / "out"))
     assert df.height == 200 and df["label"].sum() == 49
     assert df.row(0, named=True)["I3"] == pytest.approx(np.log1p(260.0))
+
+
+@pytest.mark.parametrize("chunk_bytes", [4_096, 150_000])
+def test_criteo_streamed_ingest_equals_the_whole_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk_bytes: int
+) -> None:
+    """The streamed ingest, with chunks far smaller than the files (parts cut across the day boundaries), writes
+    the rows, days, order and spec of the whole-file read."""
+    src = shared_dataset("criteo-sample")
+    monkeypatch.setattr(ingest_module, "CHUNK_BYTES", chunk_bytes)
+    ds, got = _frame(ingest("criteo", src, tmp_path / "out", days=3))
+    want, spec = read_criteo(src, days=3)
+    assert ds.spec.to_dict() == spec.to_dict()
+    assert got.select(want.columns).equals(want)
+    assert [d.num_rows for d in ds.days] == [2_667, 2_667, 2_666]  # row i of 8,000 -> day i * 3 // 8,000
+    assert min(len(d.files) for d in ds.days) >= (2 if chunk_bytes > 100_000 else 50)
+    assert not list((tmp_path / "out").rglob("_chunks"))
+
+
+def _criteo_line(k: int, sep: str) -> str:
+    """A Criteo row: label, 13 dense values (some empty), 26 hex categoricals (some empty)."""
+    dense = ["" if (k + j) % 5 == 0 else str((k * 7 + j) % 400) for j in range(13)]
+    sparse = ["" if (k + j) % 7 == 0 else f"{(k * 2_654_435_761 + j * 40_503) % 2**32:08x}" for j in range(26)]
+    return sep.join([str(k % 2), *dense, *sparse])
+
+
+def test_criteo_streamed_gzip_header_blank_lines_and_lines_longer_than_a_chunk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    header = ",".join(["label", *CRITEO_DENSE, *CRITEO_SPARSE])
+    lines = ["", header, *(_criteo_line(k, ",") + ("\r" if k % 3 == 0 else "") for k in range(300)), "", ""]
+    lines.insert(100, "   ")
+    (tmp_path / "rows.csv.gz").write_bytes(gzip.compress("\n".join(lines).encode()))
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "rows.csv").write_text("\n".join(lines))
+    want, _ = read_criteo(tmp_path / "src" / "rows.csv", days=2)
+    assert want.height == 300
+    for chunk_bytes in (50, 1_000):  # a line is about 300 bytes: some chunks end inside their first line
+        monkeypatch.setattr(ingest_module, "CHUNK_BYTES", chunk_bytes)
+        out = ingest("criteo", tmp_path / "rows.csv.gz", tmp_path / f"out{chunk_bytes}", days=2)
+        ds, got = _frame(out)
+        assert got.select(want.columns).equals(want)
+        assert [d.num_rows for d in ds.days] == [150, 150]
+
+
+def test_criteo_streamed_bad_line_in_a_later_chunk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bad value or bad text deep in the file is named with its line in the whole file, and nothing is left."""
+    monkeypatch.setattr(ingest_module, "CHUNK_BYTES", 2_000)
+    rows = [_criteo_line(k, "\t") for k in range(200)]
+    bad = rows.copy()
+    bad[150] = "x" + bad[150]  # the label 'x0', on line 152 (a blank line is above it)
+    (tmp_path / "bad.tsv").write_text("\n".join([*bad[:10], "", *bad[10:]]))
+    err = _raises(tmp_path, {"bad.tsv"}, "criteo", tmp_path / "bad.tsv")
+    assert (err.line, err.column) == (152, "label") and "the value 'x0' is not a number" in str(err)
+    head = "\n".join(rows[:150]).encode() + b"\n"
+    (tmp_path / "bad.tsv").write_bytes(head + b"\xff\xfe" + rows[151].encode())
+    err = _raises(tmp_path, {"bad.tsv"}, "criteo", tmp_path / "bad.tsv")
+    assert err.line == 151 and f"is not valid utf-8 text (invalid start byte at byte {len(head)})" in str(err)
 
 
 def test_avazu_folder(tmp_path: Path) -> None:
