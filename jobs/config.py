@@ -56,6 +56,8 @@ class DataConfig:
         capacity: rows per feature table, fallback row included; None sizes each table to the number of distinct
             ids in the data (+1), read from the Parquet files before training (a count, not the ids).
         prefetch: batches built ahead in a background thread.
+        chunk_rows: the most rows a rank reads from Parquet at once (rounded down to whole batches): with the
+            prefetch, what bounds the data path's memory, whatever the size of a day.
         protocol: `prequential` (per day: evaluate, then train on it) or a static split — `random` (AutoDim's
             80/10/10), `per-user` (CIESS's 50/25/25) or `given` (the source's split column) — trained for
             `train.epochs` epochs on train, evaluated on valid after each epoch and on test at the end.
@@ -68,6 +70,7 @@ class DataConfig:
     batch_size: int = 2048
     capacity: int | None = None
     prefetch: int = 2
+    chunk_rows: int = 1_000_000
     protocol: Literal["prequential", "random", "per-user", "given"] = "prequential"
     fractions: tuple[float, ...] | None = None
     split_seed: int = 0
@@ -77,6 +80,8 @@ class DataConfig:
             raise ConfigError(f"data.batch_size must be >= 1, got {self.batch_size}")
         if self.days is not None and self.days < 1:
             raise ConfigError(f"data.days must be >= 1 or null, got {self.days}")
+        if self.chunk_rows < 1:
+            raise ConfigError(f"data.chunk_rows must be >= 1, got {self.chunk_rows} (e.g. 1000000)")
         if self.capacity is not None and self.capacity < 2:
             raise ConfigError(f"data.capacity must be >= 2 (the fallback row and one id), got {self.capacity}")
         if self.fractions is not None and (len(self.fractions) != 3 or abs(sum(self.fractions) - 1) > 1e-9):

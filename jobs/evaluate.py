@@ -301,7 +301,7 @@ def evaluate_run(run: LoadedRun, selection: Selection, name: str, batch_size: in
     stream = DayStream(
         selection.dataset,
         run.vocab,
-        StreamConfig(batch_size=batch_size),
+        StreamConfig(batch_size=batch_size, chunk_rows=run.cfg.data.chunk_rows),
         row_filter=selection.row_filter,
         keying=None if remap.identity else remap,
     )

@@ -27,7 +27,9 @@ from jobs.config import JobConfig
 
 # Keys that may differ between a run and its resumption: logging and data-loading knobs, how many days or units to
 # run now, where the run directory lives, and how it resumes.
-HARMLESS = frozenset({"train.log_every", "train.resume", "train.max_units", "train.out_dir", "data.prefetch"})
+HARMLESS = frozenset(
+    {"train.log_every", "train.resume", "train.max_units", "train.out_dir", "data.prefetch", "data.chunk_rows"}
+)
 # More days of a stream is more of the same run; under a static protocol they change what every epoch holds.
 HARMLESS_PREQUENTIAL = HARMLESS | {"data.days"}
 JOB_FILE = ".job"

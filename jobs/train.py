@@ -325,7 +325,8 @@ class Trainer:
     def _attach_streams(self) -> None:
         """The day streams, keyed by the live plan's tables."""
         remap = self.live.remap
-        stream_cfg = StreamConfig(batch_size=self.cfg.data.batch_size, prefetch=self.cfg.data.prefetch)
+        data = self.cfg.data
+        stream_cfg = StreamConfig(batch_size=data.batch_size, prefetch=data.prefetch, chunk_rows=data.chunk_rows)
         names = ("train", "valid", "test") if self.static else ("all",)
         self.streams = {
             name: DayStream(

@@ -176,6 +176,7 @@ def test_wrong_type_names_key_value_and_type(override: str, message: str) -> Non
     [
         ("data.batch_size=0", r"\[data\] data.batch_size must be >= 1, got 0"),
         ("data.days=0", r"\[data\] data.days must be >= 1 or null, got 0"),
+        ("data.chunk_rows=0", r"\[data\] data.chunk_rows must be >= 1, got 0 \(e.g. 1000000\)"),
         ("data.capacity=1", r"\[data\] data.capacity must be >= 2 \(the fallback row and one id\), got 1"),
         ("model.dense_lr=0", r"\[model\] model.dense_lr must be > 0, got 0.0"),
         ("search.dim=-1", r"\[search\] search.dim must be > 0, got -1"),

@@ -51,9 +51,12 @@ def test_train_golden_losses_resume_and_plan(data: Path, tmp_path: Path) -> None
     assert {f.dim for f in plan.features} == {16}
     assert days[-1]["embedding_parameters"] == plan.parameters
 
-    # Interrupted after two days, then resumed: the third day matches the uninterrupted run.
-    first = run_train_job(tiny_job_args(data, tmp_path, "cut", "data.days=2"))
+    # Interrupted after two days, then resumed: the third day matches the uninterrupted run. The first two days
+    # read their rows two batches at a time (data.chunk_rows=1000 at batches of 500), the others all at once: the
+    # chunk size may change on resume.
+    first = run_train_job(tiny_job_args(data, tmp_path, "cut", "data.days=2", "data.chunk_rows=1000"))
     assert first.returncode == 0, first.stderr[-3000:]
+    assert load_config(tmp_path / "cut" / "config.yaml").data.chunk_rows == 1000
     resumed = run_train_job(tiny_job_args(data, tmp_path, "cut", "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     cut = metrics_records(tmp_path / "cut")
