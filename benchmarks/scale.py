@@ -74,6 +74,21 @@ def generate(out: Path, rows: int, days: int, max_cardinality: int) -> float:
     return time.perf_counter() - start
 
 
+def _stream_args(args: argparse.Namespace) -> dict[str, int]:
+    return {"rows": args.rows, "days": args.days, "max_cardinality": args.max_cardinality}
+
+
+def _generated(work: Path, args: argparse.Namespace) -> float:
+    """The seconds it took to generate the stream kept in `work`, once it is checked to be this run's."""
+    record = work / "generate.json"
+    if not record.is_file() or not (work / "data").is_dir():
+        raise SystemExit(f"--reuse: {work} holds no kept stream (run once with --work {work} --keep)")
+    saved = json.loads(record.read_text())
+    if {k: saved.get(k) for k in _stream_args(args)} != _stream_args(args):
+        raise SystemExit(f"--reuse: the stream in {work} was generated with {saved}, not {_stream_args(args)}")
+    return float(saved["seconds"])
+
+
 def run_job(
     data: Path, runs: Path, name: str, budget_bytes: int, batch: int, search: list[str] | None = None
 ) -> tuple[list[dict[str, Any]], float]:
@@ -161,6 +176,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--work", type=Path, default=None, help="where the data and runs go (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the generated data and runs")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="use the stream an earlier run with the same --rows/--days/--max-cardinality left in --work (--keep)",
+    )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
@@ -176,7 +196,12 @@ def main(argv: list[str] | None = None) -> None:
         from jobs.train import table_capacities
         from pipeline.dataset import Dataset
 
-        gen_s = generate(work / "data", args.rows, args.days, args.max_cardinality)
+        gen_s = (
+            _generated(work, args)
+            if args.reuse
+            else generate(work / "data", args.rows, args.days, args.max_cardinality)
+        )
+        (work / "generate.json").write_text(json.dumps({"seconds": gen_s, **_stream_args(args)}))
         disk = sum(p.stat().st_size for p in (work / "data").rglob("*.parquet"))
         capacity = table_capacities(Dataset(work / "data"), None)
         budget = sum(capacity.values()) * 16  # FIXED-16's embedding parameters: every search's budget

@@ -15,7 +15,7 @@ day (timed on every third day, best of 3, and checked equal to the truth):
 
   A two-level  the previous `pipeline.vocab._HashIndex` (a copy, below): a static two-level multiplicative hash
                with a sorted overflow, rebuilt from every id on each insert.
-  B hash-table the shipped `pipeline.vocab._HashTable`: linear probing, load ≤ 1/2, doubled when full.
+  B hash-table the shipped `pipeline.vocab.HashTable`: linear probing, load ≤ 1/2, doubled when full.
   C polars     a left join of the day's ids on a (raw_id, row) frame; insert appends a chunk.
   D pandas     `pandas.Index.get_indexer`; insert appends to the index (its hash engine is rebuilt, and timed, in
                the insert). Skipped (and said so) when pandas is not installed.
@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from pipeline.vocab import Vocabulary, _HashTable
+from pipeline.vocab import HashTable, Vocabulary
 
 try:
     import pandas as pd
@@ -120,10 +120,10 @@ class TwoLevelHash:
 
 
 class GrowableHash:
-    """The shipped `pipeline.vocab._HashTable`."""
+    """The shipped `pipeline.vocab.HashTable`."""
 
     def __init__(self) -> None:
-        self.table = _HashTable()
+        self.table = HashTable()
         self.n = 0
 
     def insert(self, new_ids: np.ndarray) -> None:

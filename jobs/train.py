@@ -44,7 +44,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import polars as pl
 import torch
 import torch.distributed as dist
 import yaml
@@ -172,18 +171,9 @@ def table_capacities(dataset: Dataset, capacity: int | None) -> dict[str, int]:
     Counting over every day (not only the days a run uses) keeps table sizes — and so initialisation — the same
     for a run cut short and the run that resumes it.
     """
-    spec = dataset.spec
     if capacity is not None:
-        return {f.name: capacity for f in spec.sparse}
-    exprs = [
-        (pl.col(f.column).explode(empty_as_null=False) if f.multi_hot else pl.col(f.column))
-        .drop_nulls()
-        .n_unique()
-        .alias(f.name)
-        for f in spec.sparse
-    ]
-    counts = dataset.scan().select(exprs).collect().row(0, named=True)
-    return {name: int(n) + 1 for name, n in counts.items()}
+        return {f.name: capacity for f in dataset.spec.sparse}
+    return {name: n + 1 for name, n in dataset.distinct_ids().items()}
 
 
 def build_recommender(

@@ -9,7 +9,7 @@ by these frequencies.
 Everything is vectorised, and an update costs time in the ids it admits, not in the ids already held (a feature
 may hold 10M ids and admit a few hundred thousand a day). Small non-negative raw ids are looked up through a
 direct index array (one gather), grown geometrically. Other ids go through a growable open-addressing hash table
-(`_HashTable`: multiplicative hashing, linear probing, load at most 1/2, doubled when full, so each id is re-hashed
+(`HashTable`: multiplicative hashing, linear probing, load at most 1/2, doubled when full, so each id is re-hashed
 O(1) times amortised). `update` looks each id up once: the ids it misses are deduplicated in order of first
 appearance with their inverse, so their rows follow without a second lookup. `python -m benchmarks.vocab` compares
 this table with the previous static two-level hash, a polars join, `pandas.Index.get_indexer` and a sorted
@@ -49,7 +49,7 @@ def _slot(ids: np.ndarray, bits: int) -> np.ndarray:
     return (x >> np.uint64(64 - bits)).view(np.int64)
 
 
-class _HashTable:
+class HashTable:
     """A growable raw id → row hash table with linear probing, vectorised over batches of ids.
 
     Key and row sit side by side in one (2**bits, 2) int64 array, so a probe is one gather (one cache line). The
@@ -154,7 +154,7 @@ class Vocabulary:
         self._raw_ids = np.zeros(0, dtype=np.int64)
         self._num_ids = 0
         self._direct: np.ndarray | None = np.zeros(0, dtype=np.int32)  # raw id → row while every id < _DIRECT_LIMIT
-        self._hashed: _HashTable | None = None
+        self._hashed: HashTable | None = None
 
     @property
     def raw_ids(self) -> np.ndarray:
@@ -275,7 +275,7 @@ class Vocabulary:
                 self._direct[new_ids] = rows
                 return
             # An id past the direct range: index everything admitted so far in a hash table, once.
-            self._direct, self._hashed = None, _HashTable()
+            self._direct, self._hashed = None, HashTable()
             new_ids, rows = self.raw_ids, np.arange(1, stop, dtype=np.int64)
         assert self._hashed is not None
         self._hashed.insert(new_ids, rows)

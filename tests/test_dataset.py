@@ -34,6 +34,22 @@ def test_round_trip(tmp_path: Path) -> None:
     assert ds.read_day(ds.days[1], ["rid"], offset=10, length=5)["rid"].to_list() == frame["rid"][111:116].to_list()
 
 
+def test_distinct_ids_count_every_days_ids_as_a_whole_stream_n_unique_does(tmp_path: Path) -> None:
+    """Several files a day (rows_per_part), ids repeated across files and days, empty multi-hot lists."""
+    frame = tiny_frame((301, 177, 250), seed=3)
+    ds = Dataset(write_dataset(frame, SPEC, tmp_path / "d", rows_per_part=40))
+    assert min(len(d.files) for d in ds.days) == 5
+    want = {
+        "rid": 728,
+        "user": frame["user"].n_unique(),
+        "item": frame["item"].n_unique(),
+        "tags": frame["tags"].explode().drop_nulls().n_unique(),
+    }
+    assert want["user"] == 30 and want["tags"] == 20 and 0 < want["item"] < 728  # the fixture's ids
+    assert frame["tags"].list.len().min() == 0
+    assert ds.distinct_ids() == want
+
+
 def test_output_is_atomic_and_never_overwritten_silently(tmp_path: Path) -> None:
     write_tiny(tmp_path / "d")
     with pytest.raises(DatasetError, match="already exists"):
