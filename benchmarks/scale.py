@@ -26,7 +26,8 @@ The row-level methods size the spec's `user_field` and `item_field` (`c3` and `c
 as in FIXED. FIXED-16 then also runs on a 1M-row stream (`--reference-rows`) for the speed ratio, and its final plan
 is sharded for 64 × 80 GB GPUs by TorchRec's planner (`jobs/configs/topology/gpu64x80.yaml`, planned on `meta`),
 printed with its bytes per rank: the plan production would run.
-The data is deleted afterwards unless `--keep`.
+What it writes (the data, the runs, `generate.json`) is deleted afterwards unless `--keep`; nothing that was in
+`--work` before is. `--reuse` runs on the stream an earlier `--keep` run left in `--work`.
 
 Targets (issue "Industrial scale"): 0 days over budget; peak RSS per rank <= 8 GB; seconds per million rows of the
 last third of the days within +-20% of the first third's (linear time); examples/s at scale >= 0.8 of the 1M-row
@@ -187,6 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     if bad or not methods:
         parser.error(f"--methods {args.methods!r}: unknown {bad}, expected a comma-separated list among {METHODS}")
     work = args.work or Path(tempfile.mkdtemp(prefix="dimsearch-scale-"))
+    before = set(work.iterdir()) if work.is_dir() else set()  # never deleted: only what this run writes is
     budget_bytes = int(args.budget_gib * 2**30)
     runs: dict[str, tuple[list[dict[str, Any]], float]] = {}
     failed: dict[str, str] = {}
@@ -218,8 +220,14 @@ def main(argv: list[str] | None = None) -> None:
             generate(work / "ref", ref_days * (args.reference_rows // ref_days), ref_days, args.max_cardinality)
             ref, _ = run_job(work / "ref", work / "runs", "reference", budget_bytes, args.batch_size)
     finally:
-        if not args.keep:
+        if not args.keep and args.work is None:
             shutil.rmtree(work, ignore_errors=True)
+        elif not args.keep:
+            for made in set(work.iterdir()) - before if work.is_dir() else ():
+                if made.is_dir():
+                    shutil.rmtree(made)
+                else:
+                    made.unlink()
 
     print(
         f"budget: {budget:,} embedding parameters (FIXED-16's: {sum(capacity.values()):,} rows x 16); user "

@@ -1,6 +1,10 @@
-"""benchmarks.scale's parts that need no run: each method's overrides, the day-line parser, the --methods check."""
+"""benchmarks.scale's parts that need no run: each method's overrides, the day-line parser, the --methods and
+--reuse checks."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import pytest
 
@@ -27,3 +31,27 @@ def test_unknown_method(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["--methods", "fixed,ciess"])
     assert "unknown ['ciess']" in capsys.readouterr().err
+
+
+def test_reuse_needs_the_same_kept_stream(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="holds no kept stream"):
+        main(["--reuse", "--work", str(tmp_path), "--rows", "1000"])
+    (tmp_path / "data").mkdir()
+    (tmp_path / "generate.json").write_text(json.dumps({"seconds": 1.0, "rows": 1000, "days": 10}))
+    with pytest.raises(
+        SystemExit,
+        match=r"generated with \{'seconds': 1.0, 'rows': 1000, 'days': 10\}, not \{'rows': 1000, 'days': 10, "
+        r"'max_cardinality': 10000000\}",
+    ):
+        main(["--reuse", "--work", str(tmp_path), "--rows", "1000"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "generate.json"]  # nothing deleted
+
+
+def test_a_failed_run_deletes_only_what_it_wrote(tmp_path: Path) -> None:
+    """Without --keep the benchmark removes what it wrote into --work, never what was there before."""
+    (tmp_path / "mine.txt").write_text("a user's file")
+    (tmp_path / "data").mkdir()  # in the way of the generator, which refuses to replace it
+    (tmp_path / "data" / "notes.md").write_text("not a dataset")
+    with pytest.raises(Exception, match="data"):
+        main(["--work", str(tmp_path), "--rows", "1000", "--days", "2", "--methods", "fixed"])
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["data", "mine.txt", "notes.md"]
