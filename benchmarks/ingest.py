@@ -88,11 +88,11 @@ def _child_peak_mib(cmd: list[str], log: Path) -> tuple[float, float, str]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ingest", description=__doc__.split("\n")[0])
     parser.add_argument("--gib", type=float, default=2.0, help="the largest file's size in GiB")
-    parser.add_argument("--work", type=Path, default=None, help="where the files go (default: a temp dir)")
+    parser.add_argument("--work", type=Path, default=None, help="parent of the temporary directory")
     args = parser.parse_args(argv)
     if args.gib <= SMALL_GIB:
         parser.error(f"--gib {args.gib}: expected more than the small file's {SMALL_GIB} GiB")
-    work = args.work or Path(tempfile.mkdtemp(prefix="dimsearch-ingest-"))
+    work = Path(tempfile.mkdtemp(prefix="dimsearch-ingest-", dir=args.work))  # all of it removed afterwards
     rows_out: list[tuple[str, int, float, float, float, float]] = []
     try:
         sizes = {"small": SMALL_GIB, "large": args.gib}
