@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 
 DAY_COLUMN = "day"
 ROWS_PER_PART = 1_000_000
+_FILES_CHECKED_AT_ONCE = 4  # `Dataset.check_values` runs this many files' checks in parallel
 # What polars and pyarrow raise on a file that is not (or no longer) valid Parquet.
 PARQUET_ERRORS: tuple[type[BaseException], ...] = (pl.exceptions.PolarsError, pa.ArrowException, OSError)
 FIX_UNREADABLE = (
@@ -560,7 +561,8 @@ class Dataset:
         """Check the values of every file of `days` (all by default), as `validate_frame` checks frames.
 
         One lazy vectorised pass per file computes every check (null or non-finite labels, labels other than 0/1
-        for a binary task, missing or negative ids, non-finite dense values); the files run in parallel. A file
+        for a binary task, missing or negative ids, non-finite dense values); a few files run in parallel at a time,
+        so memory is bounded by a few files, not by the days checked. A file
         that passed is remembered by path, size and modification time for the life of the process: checking it
         again costs a `stat`, and `read_day` skips `validate_frame` for frames read from passed files.
 
@@ -580,14 +582,19 @@ class Dataset:
         if not todo:
             return 0
         checks = {f: _value_checks(self.spec, self._schema(f)) for f in todo}
-        queries = [pl.scan_parquet(f).select(_check_aggregations(checks[f])) for f in todo if checks[f]]
         checked = [f for f in todo if checks[f]]
-        try:
-            results = pl.collect_all(queries)
-        except PARQUET_ERRORS:  # find the file at fault
-            results = [self._collect_file(f, q) for f, q in zip(checked, queries, strict=True)]
-        for f, result in zip(checked, results, strict=True):
-            _raise_first_failure(checks[f], result.row(0, named=True), f)
+        # A few files at a time, in day order: all at once, polars holds every file's columns together (32 GB for
+        # a 100M-row stream), where a group holds a few files' (1M rows each at most, as written here).
+        for start in range(0, len(checked), _FILES_CHECKED_AT_ONCE):
+            group = checked[start : start + _FILES_CHECKED_AT_ONCE]
+            queries = [pl.scan_parquet(f).select(_check_aggregations(checks[f])) for f in group]
+            try:
+                results = pl.collect_all(queries)
+            except PARQUET_ERRORS:  # find the file at fault
+                results = [self._collect_file(f, q) for f, q in zip(group, queries, strict=True)]
+            for f, result in zip(group, results, strict=True):
+                _raise_first_failure(checks[f], result.row(0, named=True), f)
+            _PASSED.update(keys[f] for f in group)
         _PASSED.update(keys[f] for f in todo)
         logger.debug("checked the values of %d files of %s", len(todo), self.root)
         return len(todo)
