@@ -21,6 +21,7 @@ worker's address from the shared rendezvous store and fail to connect).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.run import get_args_parser, run
 
     from jobs.rundir import RunLock
-    from jobs.train import BAD_INPUT, job_parser, preflight
+    from jobs.train import BAD_INPUT, CAPACITIES_ENV, job_parser, preflight
 
     run_args = get_args_parser().parse_args([*torch_args, "--module", "jobs.train", *job_args])
     args = job_parser().parse_intermixed_args(job_args)
@@ -67,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     run_id = None if run_args.standalone else run_args.rdzv_id
     try:
         cfg = load_config(args.config, args.overrides)
-        preflight(cfg, resume=args.resume, replace=args.replace, world_size=_world_size(run_args), run_id=run_id)
+        ready = preflight(
+            cfg, resume=args.resume, replace=args.replace, world_size=_world_size(run_args), run_id=run_id
+        )
         # On one node nobody else may hold the run now. On several, an agent that joins (or rejoins) a running job
         # finds the job's own rank 0 holding it, so only the workers' rank 0 takes the lock there.
         if run_args.standalone or str(run_args.nnodes) in ("1", "1:1"):
@@ -77,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     os.environ["DIMSEARCH_PREFLIGHT"] = "done"  # the workers skip the value pass this process made
+    os.environ[CAPACITIES_ENV] = json.dumps(ready.counted())  # and its count of every field's ids
     # A fresh TCPStore per rendezvous round: with the agent's shared store, a restarted group's gloo mesh can read a
     # dead worker's address from the previous round (connectFullMesh: "Connection refused") and fail again.
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")

@@ -247,6 +247,9 @@ def test_a_run_is_never_trained_over_and_has_one_writer(data: Path, tmp_path: Pa
     args = tiny_job_args(data, tmp_path, "mine", "data.days=1")
     done = finish(launch_job(args))
     assert done.returncode == 0, done.stderr[-3000:]
+    # The launcher counted the ids; its workers took its count (rank 0 logs at INFO, a mismatch warns on any rank).
+    assert done.stderr.count("counted the distinct ids of") == 1
+    assert "counting its ids again" not in done.stderr
     before = (tmp_path / "mine" / "metrics.jsonl").read_text()
 
     again = finish(launch_job(args))  # the same name without --resume

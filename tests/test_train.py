@@ -173,6 +173,49 @@ def test_autodim_search_derive_retrain_and_resume_mid_search(data: Path, tmp_pat
     assert plan_digest(resumed_plan) == plan_digest(plan)
 
 
+def test_table_capacities_take_an_earlier_count_of_the_same_files_only(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    from jobs.train import CAPACITIES_ENV, _counted_from_env, table_capacities
+    from pipeline.dataset import Dataset
+
+    shutil.copytree(data, tmp_path / "data")
+    dataset = Dataset(tmp_path / "data")
+    fresh = table_capacities(dataset, None)
+    assert fresh == {f: n + 1 for f, n in dataset.distinct_ids().items()}
+    counted = {"data": dataset.fingerprint(), "capacities": fresh}
+    calls: list[int] = []
+    count = Dataset.distinct_ids
+
+    def counting(self: Dataset) -> dict[str, int]:
+        calls.append(1)
+        return count(self)
+
+    monkeypatch.setattr(Dataset, "distinct_ids", counting)
+    assert table_capacities(Dataset(tmp_path / "data"), None, counted) == fresh and not calls  # reused
+    assert table_capacities(dataset, 7, counted) == {f: 7 for f in fresh} and not calls  # data.capacity wins
+    # A count that does not name every field, or holds a non-count, is not used.
+    for bad in ({f: n for f, n in list(fresh.items())[1:]}, {**fresh, "user": "9"}, {**fresh, "user": 0}):
+        assert table_capacities(dataset, None, {**counted, "capacities": bad}) == fresh
+    assert len(calls) == 3
+    # Rewriting a file changes the fingerprint: the count is stale and the ids are counted again.
+    first = dataset.days[0].files[0]
+    os.utime(first, ns=(first.stat().st_atime_ns, first.stat().st_mtime_ns + 10**9))
+    assert Dataset(tmp_path / "data").fingerprint() != counted["data"]
+    assert table_capacities(Dataset(tmp_path / "data"), None, counted) == fresh and len(calls) == 4
+    # The workers' copy from the launcher: absent, malformed or a JSON object.
+    monkeypatch.delenv(CAPACITIES_ENV, raising=False)
+    assert _counted_from_env() is None
+    monkeypatch.setenv(CAPACITIES_ENV, "{not json")
+    assert _counted_from_env() is None
+    monkeypatch.setenv(CAPACITIES_ENV, "[1]")
+    assert _counted_from_env() is None
+    monkeypatch.setenv(CAPACITIES_ENV, '{"data": "x", "capacities": {"user": 3}}')
+    assert _counted_from_env() == {"data": "x", "capacities": {"user": 3}}
+
+
 def test_scall_streaming_plans_meet_the_budget_every_day_on_both_ranks(data: Path, tmp_path: Path) -> None:
     from jobs.train import table_capacities
     from pipeline.dataset import Dataset
