@@ -85,7 +85,7 @@ from sharding.distributed import (
     plan_sharding,
 )
 from sharding.embedding import PlannedEmbedding
-from sharding.live import PlannedModel
+from sharding.live import PlannedModel, release_free_memory
 from sharding.plan import DimensionPlan, PlanError
 
 logger = logging.getLogger(__name__)
@@ -468,6 +468,7 @@ class Trainer:
                 self.checkpoint(name)
             if record_ is not None:
                 self._log(record_)  # after its checkpoint: the metrics never name a day a resume would redo
+            release_free_memory()  # what the unit freed goes back to the OS, not into the next unit's high water
         if self.static:
             self.test()
         self.result.plan = self.live.plan

@@ -47,6 +47,8 @@ models at once. The diff between two plans
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 import logging
 from collections import defaultdict
@@ -74,6 +76,34 @@ from sharding.plan import DimensionPlan, FeaturePlan, TableSpec
 logger = logging.getLogger(__name__)
 
 TABLE_PREFIX = "embedding.ebc.embedding_bags."
+
+
+def _libc_malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        return None
+
+
+_MALLOC_TRIM = _libc_malloc_trim()
+
+
+def release_free_memory() -> None:
+    """Collect Python's cycles, then hand the C heap's free pages back to the OS (glibc `malloc_trim(0)`; a no-op
+    where the C library has none).
+
+    glibc keeps what is freed below its mmap threshold (raised up to 32 MiB as large blocks are freed) in its arenas,
+    and returns only the free tail of the main heap. The job frees large structures every day (a day's batches, the
+    vocabulary's grown hash tables, the old model of a reconfiguration), so a rank's resident memory grew with the
+    days although its live data did not: at 100M rows, ESAPN's rank 1 held 5.64 GB of which `malloc_trim(0)` gave
+    back 1.32 GB.
+    """
+    gc.collect()
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 StateKind = Literal["element", "row", "scalar"]
 
 
@@ -695,7 +725,7 @@ class PlannedModel:
         """
         if from_scratch:
             del self.dmp, self.optimizer
-            gc.collect()
+            release_free_memory()
             self._build(new_plan)
             return None
         move = Reconfiguration(self.plan, new_plan)
@@ -705,6 +735,8 @@ class PlannedModel:
         # The old model goes before the new one is built (its modules hold reference cycles: collect them now, so
         # that a rank never holds both models' tables at once).
         del self.dmp, self.optimizer
-        gc.collect()
+        release_free_memory()
         self._build(new_plan)
-        return move.load(scratch, self.dmp, self.optimizer, pg=self.pg)
+        report = move.load(scratch, self.dmp, self.optimizer, pg=self.pg)
+        release_free_memory()  # the load's read buffers
+        return report

@@ -273,3 +273,33 @@ def test_moves_keep_only_tables_of_the_same_rows_and_dims() -> None:
     assert Reconfiguration(wider, new_feature).moves["t_f0"].reason == "new feature"
     with pytest.raises(ReconfigurationError, match="same dtype"):
         Reconfiguration(wider, DimensionPlan(wider.features, dtype="fp16"))
+
+
+_FREED_HEAP = """
+import os, sys
+import numpy as np
+from sharding.live import _MALLOC_TRIM, release_free_memory
+if _MALLOC_TRIM is None:
+    print("no malloc_trim")
+    sys.exit(0)
+def rss() -> int:
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+blocks = [np.ones(8192) for _ in range(4000)]  # 64 KiB each, under glibc's mmap threshold: 250 MiB of heap
+keep = blocks[-1]  # the heap's top stays in use, so free() alone cannot give the rest back
+del blocks
+before = rss()
+release_free_memory()
+print(before - rss())
+"""
+
+
+def test_release_free_memory_gives_the_heaps_free_pages_back() -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _FREED_HEAP], capture_output=True, text=True, check=True, timeout=120
+    ).stdout.split()
+    if out == ["no", "malloc_trim"]:
+        pytest.skip("the C library has no malloc_trim (not glibc)")
+    assert int(out[-1]) > 150 * 2**20  # of the ~250 MiB freed but still resident
