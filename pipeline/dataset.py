@@ -590,8 +590,8 @@ class Dataset:
             return 0
         checks = {f: _value_checks(self.spec, self._schema(f)) for f in todo}
         checked = [f for f in todo if checks[f]]
-        # A few files at a time, in day order: all at once, polars holds every file's columns together (32 GB for
-        # a 100M-row stream), where a group holds a few files' (1M rows each at most, as written here).
+        # A few files at a time, in day order: all at once, polars holds every file's columns together (over 23 GB at
+        # 100M rows, OOM-killed), where a group holds a few files' (1M rows each at most, as written here).
         for start in range(0, len(checked), _FILES_CHECKED_AT_ONCE):
             group = checked[start : start + _FILES_CHECKED_AT_ONCE]
             queries = [pl.scan_parquet(f).select(_check_aggregations(checks[f])) for f in group]
