@@ -737,6 +737,4 @@ class PlannedModel:
         del self.dmp, self.optimizer
         release_free_memory()
         self._build(new_plan)
-        report = move.load(scratch, self.dmp, self.optimizer, pg=self.pg)
-        release_free_memory()  # the load's read buffers
-        return report
+        return move.load(scratch, self.dmp, self.optimizer, pg=self.pg)
