@@ -19,6 +19,7 @@ import yaml
 from search import registry
 from search.base import SearchConfigError, SearchContext
 from sharding.distributed import ShardingConfig
+from sharding.plan import PRECISIONS
 
 
 class ConfigError(ValueError):
@@ -122,6 +123,9 @@ class SearchConfig:
             (None: `dim`); it comes off the budget first.
         plan: start from this saved `DimensionPlan` directory (e.g. one a search exported) instead of `dim`; its
             features must be the dataset's and its tables large enough for the data's ids.
+        dtype: the dtype serving stores every table in (`fp32`, `fp16`, `int8`, `int4`): training stays fp32 and
+            the export quantises, and `jobs.evaluate` scores the quantised model. The `joint` method chooses each
+            table's dtype itself (leave this at fp32).
         settings: the method's own settings, read from the section named after it (`search.autodim.arch_lr`,
             `search.scall.action`, ...): the dataclass its searcher names (`settings_class`), validated there.
             A section of another method is an error.
@@ -132,9 +136,17 @@ class SearchConfig:
     budget: int | None = None
     other_dim: int | None = None
     plan: str | None = None
+    dtype: str = "fp32"
     settings: Any = None
 
     def __post_init__(self) -> None:
+        if self.dtype not in PRECISIONS:
+            raise ConfigError(f"search.dtype is {self.dtype!r}, expected one of {list(PRECISIONS)}")
+        if self.method == "joint" and self.dtype != "fp32":
+            raise ConfigError(
+                f"search.dtype is {self.dtype!r}, but search.method=joint chooses each table's dtype itself: "
+                "leave search.dtype at fp32"
+            )
         if self.dim <= 0:
             raise ConfigError(f"search.dim must be > 0, got {self.dim}")
         if self.other_dim is not None and self.other_dim <= 0:

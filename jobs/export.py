@@ -1,13 +1,13 @@
 """Export a trained run as a self-contained, versioned bundle for a target topology, and load it back.
 
-    python -m jobs.export --run runs/demo --topology jobs/configs/topology/gpu16x80.yaml --out plans/demo
+    python -m jobs.export --run runs/demo --topology jobs/configs/topology/gpu16x80.yaml --out plans/demo [--dtype int8]
     python -m jobs.export --verify plans/demo [--dtype int8]
 
 A bundle is a directory written atomically (temp dir + rename: it is either complete or absent). `--out` may not
 be, contain or lie inside the run, its data or the topology file, and `--overwrite` replaces only an earlier bundle
 (`pipeline.dataset.check_output_dir`, checked before any work):
 
-    bundle.json          format `dimsearch-bundle`, version 1, the tables, and the sha256 of every other file
+    bundle.json          format `dimsearch-bundle`, version 2, the tables, and the sha256 of every other file
     config.yaml          the run's resolved job config (rebuilds the model: `model.name`, `model.options`)
     dataset.yaml         the dataset spec (features, dense columns, task)
     plan/                the `DimensionPlan` (with `rows/<feature>.parquet` for row-level features), its provenance
@@ -16,6 +16,10 @@ be, contain or lie inside the run, its data or the topology file, and `--overwri
                          ranks, shards and planner-estimated bytes per rank (optimizer state included)
     weights/<table>.pt   one tensor per table (field tables and row-level buckets): `[num_embeddings, logical_dim]`,
                          only the columns the model reads (the physical tail columns, FBGEMM padding, are dropped)
+    serving/<table>.pt   the table as serving stores it, in its plan dtype (`FeaturePlan.dtype`): TorchRec's
+                         quantised inference rows (uint8, `[num_embeddings, row_bytes]`: int8/int4 rows carry their
+                         fp16 scale and bias, every row padded to 16 bytes); their bytes sum to the plan's
+                         `serving_bytes` less the projections (which are fp32, in dense.pt)
     dense.pt             every other tensor of the model: the dense model and the row-level projections
     vocab/               the run's `VocabularySet` (raw id → row)
 
@@ -25,8 +29,9 @@ of freshly cloned contiguous tensors (its archive names and record order are fix
 `load_bundle(path)` verifies the manifest (format, version, its own checksum) and every file's checksum, then the
 plan, spec, config and vocabulary; `Bundle.inference_model()` rebuilds the unsharded fp32 model (what
 `jobs.train.build_recommender` builds, weights from the bundle, logical columns padded back to the physical width
-with zeros), and `Bundle.quantized_model()` swaps its embedding tables for TorchRec's quantised inference tables
-(per-table dtypes, rows padded to 16 bytes).
+with zeros); `Bundle.served_model()` is the model serving runs: TorchRec's quantised inference tables in the plan's
+dtypes holding the bundle's `serving/` bytes; `Bundle.quantized_model(dtypes)` quantises the fp32 weights to other
+dtypes (what-if serving).
 """
 
 from __future__ import annotations
@@ -62,22 +67,21 @@ from pipeline.spec import DatasetSpec, load_spec
 from pipeline.vocab import VocabularySet
 from sharding.distributed import SHARDING_TYPES, BudgetError, ShardingConfig, attach_fused_optimizer, plan_sharding
 from sharding.embedding import RowRemap
-from sharding.plan import DimensionPlan, PlanError, TableSpec, sha256_file
+from sharding.plan import DimensionPlan, PlanError, TableSpec, row_bytes, sha256_file
 
 logger = logging.getLogger(__name__)
 
 BUNDLE_FORMAT = "dimsearch-bundle"
-BUNDLE_VERSION = 1
+BUNDLE_VERSION = 2  # 2: serving/ holds every table in its plan dtype
 MANIFEST = "bundle.json"
 REPO = Path(__file__).resolve().parents[1]
 # What a bundle directory holds: `--overwrite` replaces a directory only if it holds exactly this.
 BUNDLE_OUTPUT = OutputKind(
     "bundle",
     MANIFEST,
-    (MANIFEST, "config.yaml", "dataset.yaml", "plan", "sharding_plan.json", "weights", "dense.pt", "vocab"),
+    (MANIFEST, "config.yaml", "dataset.yaml", "plan", "sharding_plan.json", "weights", "serving", "dense.pt", "vocab"),
 )
 EBC_PREFIX = "embedding.ebc.embedding_bags."
-ROW_ALIGNMENT = 16  # bytes; torchrec.inference's DEFAULT_ROW_ALIGNMENT
 
 ServingDtype = Literal["fp32", "fp16", "int8", "int4"]
 SERVING_DTYPES: dict[str, torch.dtype] = {
@@ -303,7 +307,41 @@ def _canonical(body: Mapping[str, Any]) -> str:
 
 
 def _table_json(t: TableSpec) -> dict[str, Any]:
-    return {**dataclasses.asdict(t), "file": f"weights/{t.name}.pt"}
+    return {
+        **dataclasses.asdict(t),
+        "file": f"weights/{t.name}.pt",
+        "serving_file": f"serving/{t.name}.pt",
+        "serving_bytes": t.serving_bytes,
+    }
+
+
+def served_model(model: Recommender, plan: DimensionPlan) -> nn.Module:
+    """`model` (unsharded, fp32, eval) with its tables as serving stores them: TorchRec's quantised inference tables
+    in each table's plan dtype (`quantize_inference_model`); `model` itself when every table is fp32."""
+    dtypes = plan.dtypes
+    if all(d == "fp32" for d in dtypes.values()):
+        return model
+    from torchrec.inference.modules import quantize_inference_model
+
+    return quantize_inference_model(model, per_table_weight_dtype={n: SERVING_DTYPES[d] for n, d in dtypes.items()})
+
+
+def serving_tensors(served: nn.Module, plan: DimensionPlan) -> dict[str, torch.Tensor]:
+    """Per table, its stored rows in `served` (a `served_model`), uint8 `[rows, row_bytes]`: views of the lookup
+    kernel's own storage (FBGEMM's `split_embedding_weights`, scale and bias in the row) for a quantised model —
+    the EBC's `weight` buffer of an int4 table is not that storage — or the fp32 weight viewed as bytes."""
+    from fbgemm_gpu.split_table_batched_embeddings_ops_inference import IntNBitTableBatchedEmbeddingBagsCodegen
+
+    out: dict[str, torch.Tensor] = {}
+    for module in served.modules():
+        if isinstance(module, IntNBitTableBatchedEmbeddingBagsCodegen):
+            splits = module.split_embedding_weights(split_scale_shifts=False)
+            for spec, (rows, _) in zip(module.embedding_specs, splits, strict=True):
+                out[spec[0]] = rows
+    for t in plan.tables():
+        if t.name not in out:  # an fp32 model: the table is a parameter
+            out[t.name] = served.get_parameter(f"{EBC_PREFIX}{t.name}.weight").detach().contiguous().view(torch.uint8)
+    return {t.name: out[t.name] for t in plan.tables()}
 
 
 def run_inputs(run_dir: str | Path, flag: str = "--run") -> dict[str, Path]:
@@ -323,7 +361,14 @@ def run_inputs(run_dir: str | Path, flag: str = "--run") -> dict[str, Path]:
     return inputs
 
 
-def export(run_dir: str | Path, topology_path: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
+def export(
+    run_dir: str | Path,
+    topology_path: str | Path,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    dtype: ServingDtype | None = None,
+) -> Path:
     """Write the bundle of `run_dir` (newest checkpoint) for the topology in `topology_path` to `out`, atomically.
 
     Args:
@@ -331,6 +376,8 @@ def export(run_dir: str | Path, topology_path: str | Path, out: str | Path, *, o
         topology_path: a topology YAML (see `jobs/configs/topology/`).
         out: the bundle directory to create.
         overwrite: replace an existing `out`.
+        dtype: serve every table in this dtype instead of the run plan's (post-training quantisation of a trained
+            run; a plan with a serving-bytes budget must still meet it).
 
     Returns:
         `out`.
@@ -339,7 +386,8 @@ def export(run_dir: str | Path, topology_path: str | Path, out: str | Path, *, o
         ConfigError: the topology file is invalid.
         DatasetError: the run is unusable, or `out` is: it exists without `overwrite`, is not a bundle, or is, contains
             or lies inside the run, its data or the topology file (checked before any work; see `check_output_dir`).
-        ExportError: the model does not fit the topology; nothing is written.
+        ExportError: the model does not fit the topology, or `dtype` puts the plan over its budget; nothing is
+            written.
     """
     # Before any work: the bundle may not land in (or replace) the run, its data or the topology file, and
     # --overwrite replaces only an earlier bundle.
@@ -350,6 +398,12 @@ def export(run_dir: str | Path, topology_path: str | Path, out: str | Path, *, o
     sharding = plan_for_topology(run.cfg, run.dataset.spec, run.plan, topology, topology_path)
     state = run.model.state_dict()
     plan = DimensionPlan(run.plan.features, run.plan.budget, run.plan.dtype, _provenance(run))
+    if dtype is not None:
+        plan = plan.with_dtypes(dtype)
+        try:
+            plan.check_budget()
+        except PlanError as e:
+            raise ExportError(f"{run_dir}: served in {dtype}, {e}") from e
     with atomic_directory(out, overwrite=overwrite) as tmp:
         plan.save(tmp / "plan")
         run.vocab.save(tmp / "vocab")
@@ -359,6 +413,9 @@ def export(run_dir: str | Path, topology_path: str | Path, out: str | Path, *, o
         (tmp / "weights").mkdir()
         for t in plan.tables():
             _save_tensor(state[f"{EBC_PREFIX}{t.name}.weight"][:, : t.logical_dim], tmp / "weights" / f"{t.name}.pt")
+        (tmp / "serving").mkdir()
+        for name, stored in serving_tensors(served_model(run.model, plan), plan).items():
+            _save_tensor(stored, tmp / "serving" / f"{name}.pt")
         _save_tensor({k: v for k, v in state.items() if not k.startswith(EBC_PREFIX)}, tmp / "dense.pt")
         faults.from_env().hit("export")  # a fault drill: weights written, manifest not (see jobs/faults.py)
         files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
@@ -378,13 +435,6 @@ def export(run_dir: str | Path, topology_path: str | Path, out: str | Path, *, o
 
 
 # ---- loading ---------------------------------------------------------------------------------------------------
-def row_bytes(dim: int, dtype: ServingDtype) -> int:
-    """Bytes of one quantised row of `dim` columns: FBGEMM's inference layout (int8/int4 rows carry a 4-byte fp16
-    scale and bias), padded to 16 bytes."""
-    raw = {"fp32": 4 * dim, "fp16": 2 * dim, "int8": dim + 4, "int4": math.ceil(dim / 2) + 4}[dtype]
-    return ROW_ALIGNMENT * math.ceil(raw / ROW_ALIGNMENT)
-
-
 @dataclass
 class Bundle:
     """A verified bundle.
@@ -454,23 +504,27 @@ class Bundle:
             raise BundleError(f"{self.path}/dense.pt: does not fit the model of the plan ({e}). Re-export") from e
         return model.eval()
 
-    def _dtypes(self, dtypes: Mapping[str, ServingDtype] | None, default: ServingDtype) -> dict[str, ServingDtype]:
+    def _dtypes(
+        self, dtypes: Mapping[str, ServingDtype] | None, default: ServingDtype | None
+    ) -> dict[str, ServingDtype]:
         names = [t.name for t in self.plan.tables()]
         if unknown := sorted(set(dtypes or {}) - set(names)):
             raise ValueError(f"dtypes name tables {unknown} that the bundle lacks; its tables are {names}")
-        chosen = {n: (dtypes or {}).get(n, default) for n in names}
+        planned = self.plan.dtypes
+        chosen: dict[str, Any] = {n: (dtypes or {}).get(n, planned[n] if default is None else default) for n in names}
         if bad := sorted({d for d in chosen.values() if d not in SERVING_DTYPES}):
             raise ValueError(f"serving dtypes {bad} are not supported; use {sorted(SERVING_DTYPES)}")
         return chosen
 
     def quantized_model(
-        self, dtypes: Mapping[str, ServingDtype] | None = None, default: ServingDtype = "fp16"
+        self, dtypes: Mapping[str, ServingDtype] | None = None, default: ServingDtype | None = None
     ) -> nn.Module:
-        """The inference model with TorchRec's quantised embedding tables (the dense model stays fp32).
+        """The inference model with its fp32 weights quantised to TorchRec's inference tables (the dense model stays
+        fp32): what serving would run in other dtypes.
 
         Args:
             dtypes: per-table serving dtype (`fp32`, `fp16`, `int8`, `int4`); tables not named get `default`.
-            default: the dtype of the other tables.
+            default: the dtype of the other tables (None: each table's plan dtype).
         """
         from torchrec.inference.modules import quantize_inference_model
 
@@ -479,14 +533,32 @@ class Bundle:
             self.inference_model(), per_table_weight_dtype={n: SERVING_DTYPES[d] for n, d in chosen.items()}
         )
 
+    def served_model(self) -> nn.Module:
+        """The model serving runs: the plan's dtypes, each table holding exactly the bundle's `serving/` bytes.
+
+        Raises:
+            BundleError: a serving file does not fit its table.
+        """
+        model = served_model(self.inference_model(), self.plan)
+        for name, stored in serving_tensors(model, self.plan).items():
+            saved = self._load(f"serving/{name}.pt")
+            if not isinstance(saved, torch.Tensor) or saved.dtype != torch.uint8 or saved.shape != stored.shape:
+                got = (saved.dtype, tuple(saved.shape)) if isinstance(saved, torch.Tensor) else type(saved).__name__
+                raise BundleError(
+                    f"{self.path}/serving/{name}.pt: holds {got}, table '{name}' stores uint8 {tuple(stored.shape)} "
+                    f"in {self.plan.dtypes[name]}. Re-export the bundle"
+                )
+            stored.copy_(saved)  # the lookup kernel's own storage (a view of the TBE weights)
+        return model
+
     def serving_bytes(
-        self, dtypes: Mapping[str, ServingDtype] | None = None, default: ServingDtype = "fp16"
+        self, dtypes: Mapping[str, ServingDtype] | None = None, default: ServingDtype | None = None
     ) -> dict[str, int]:
         """Per table, the bytes of its quantised serving copy (physical width, rows aligned to 16 bytes)."""
         chosen = self._dtypes(dtypes, default)
         return {t.name: t.num_embeddings * row_bytes(t.embedding_dim, chosen[t.name]) for t in self.plan.tables()}
 
-    def summary(self, dtypes: Mapping[str, ServingDtype] | None = None, default: ServingDtype = "fp16") -> str:
+    def summary(self, dtypes: Mapping[str, ServingDtype] | None = None, default: ServingDtype | None = None) -> str:
         """Per table: dims, rows, fp32 bytes (physical width) and serving bytes, like the planner's report."""
         chosen = self._dtypes(dtypes, default)
         serving = self.serving_bytes(dtypes, default)
@@ -545,7 +617,7 @@ def load_bundle(path: str | Path) -> Bundle:
                 "restore the file"
             )
     needed = ["config.yaml", "dataset.yaml", "dense.pt", "plan/plan.json", "sharding_plan.json", "vocab/vocab.json"]
-    needed += [t["file"] for t in body.get("tables", [])]
+    needed += [t[k] for t in body.get("tables", []) for k in ("file", "serving_file")]
     if missing := [rel for rel in needed if rel not in files]:
         raise BundleError(f"{manifest_path}: does not list {missing}. The bundle is incomplete: re-export it")
     try:
@@ -566,15 +638,20 @@ def load_bundle(path: str | Path) -> Bundle:
 
 
 # ---- command line ----------------------------------------------------------------------------------------------
-def verify(path: str | Path, dtypes: Mapping[str, ServingDtype] | None = None, default: ServingDtype = "fp16") -> str:
-    """Load and verify the bundle, rebuild its fp32 and quantised models, and return its per-table report.
+def verify(
+    path: str | Path, dtypes: Mapping[str, ServingDtype] | None = None, default: ServingDtype | None = None
+) -> str:
+    """Load and verify the bundle, rebuild its fp32 and served models (and a quantised one if `dtypes` or `default`
+    ask for other dtypes), and return its per-table report.
 
     Raises:
         BundleError: the bundle is bad.
     """
     bundle = load_bundle(path)
     bundle.inference_model()
-    bundle.quantized_model(dtypes, default)
+    bundle.served_model()
+    if dtypes or default is not None:
+        bundle.quantized_model(dtypes, default)
     topo = bundle.sharding["topology"]
     head = (
         f"bundle {bundle.path}: run {bundle.manifest['run']['name']} ({bundle.manifest['run']['checkpoint']}), "
@@ -591,7 +668,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="bundle directory to write")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--verify", type=Path, metavar="BUNDLE", help="verify a bundle and print its tables")
-    parser.add_argument("--dtype", choices=sorted(SERVING_DTYPES), default="fp16", help="serving dtype (--verify)")
+    parser.add_argument(
+        "--dtype",
+        choices=sorted(SERVING_DTYPES),
+        default=None,
+        help="serve every table in this dtype instead of the run plan's (export), or report them in it (--verify)",
+    )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging()
     if args.verify is None and None in (args.run, args.topology, args.out):
@@ -600,7 +682,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.verify is not None:
             print(verify(args.verify, default=args.dtype))
         else:
-            out = export(args.run, args.topology, args.out, overwrite=args.overwrite)
+            out = export(args.run, args.topology, args.out, overwrite=args.overwrite, dtype=args.dtype)
             print(f"bundle: {out}")
             print(verify(out))
     except (BundleError, ExportError, ConfigError, DatasetError, PlanError) as e:

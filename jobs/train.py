@@ -149,7 +149,7 @@ def initial_plan(cfg: JobConfig, searcher: Searcher, features: list[str], capaci
         PlanError: the saved plan fails validation, or its features or table sizes do not match the dataset.
     """
     if cfg.search.plan is None:
-        return searcher.initial_plan(features, capacity)
+        return served(cfg, searcher.initial_plan(features, capacity))
     plan = DimensionPlan.load(cfg.search.plan)
     missing, extra = (
         sorted(set(features) - set(plan.feature_names)),
@@ -162,7 +162,12 @@ def initial_plan(cfg: JobConfig, searcher: Searcher, features: list[str], capaci
             "Fix: use a plan made for this dataset (same feature names), or search again"
         )
     plan.check_vocabulary(capacity)
-    return DimensionPlan(tuple(plan[f] for f in features), plan.budget, plan.dtype, plan.provenance)
+    return served(cfg, DimensionPlan(tuple(plan[f] for f in features), plan.budget, plan.dtype, plan.provenance))
+
+
+def served(cfg: JobConfig, plan: DimensionPlan) -> DimensionPlan:
+    """`plan` with every table served in `search.dtype`, unless that is fp32 (then the plan's own dtypes stand)."""
+    return plan if cfg.search.dtype == "fp32" else plan.with_dtypes(cfg.search.dtype)
 
 
 def table_capacities(
@@ -626,6 +631,7 @@ class Trainer:
         proposal = self.searcher.propose()
         if proposal is None:
             return False
+        proposal = served(self.cfg, proposal)
         self._check_same_plan(proposal)
         if plan_digest(proposal) == plan_digest(self.live.plan):
             return False
@@ -654,8 +660,9 @@ class Trainer:
         end = self.searcher.end_phase(unit.phase, self.recommender.head, info)
         if end is None:
             return False
-        self._check_same_plan(end.plan)
-        self.reconfigure(end.plan, from_scratch=end.from_scratch)
+        plan = served(self.cfg, end.plan)
+        self._check_same_plan(plan)
+        self.reconfigure(plan, from_scratch=end.from_scratch)
         return True
 
     def _check_same_plan(self, plan: DimensionPlan) -> None:

@@ -6,8 +6,11 @@ a KJT to a dict of per-feature pooled tensors (`sharding.embedding.PlannedEmbedd
 `EmbeddingBagCollection` inside it. An optional `head` (a search's transform, e.g. AutoDim's candidate mixture)
 sits between the two; `frozen_embeddings` runs the lookup without gradient, so a step that must not touch the
 tables (a search's architecture step) leaves the fused embedding optimizer idle. `column_limits`, when set, keeps
-only the first `limit[b]` columns of feature `f`'s embedding in example `b` (the rest zeroed): how a search's
-environment scores rows cut to candidate sizes on the live model without touching its tables.
+only the first `limit[b]` columns of feature `f`'s embedding in example `b` (the rest zeroed), and `column_dtypes`,
+when set, reads feature `f`'s kept columns as serving would store them in `dtype[f]`
+(`sharding.embedding.quantize_dequantize`): how a search's environment scores rows cut to candidate sizes and
+precisions on the live model without touching its tables. The quantisation is of the pooled vector: exactly the
+served row's for a single-hot feature, an approximation (the sum quantised, not each row) for a multi-hot one.
 """
 
 from __future__ import annotations
@@ -19,6 +22,23 @@ from torch import nn
 from torchrec.datasets.utils import Batch
 
 from models.losses import loss_for_task
+from sharding.embedding import quantize_dequantize
+
+
+def served_columns(x: torch.Tensor, dtype: str, limit: torch.Tensor | None = None) -> torch.Tensor:
+    """`x` (`[B, d]`) with each example's first `limit[b]` columns (all: None) read back from `dtype` storage, the rest
+    zero; one quantisation per distinct limit."""
+    if dtype == "fp32":
+        return x
+    if limit is None:
+        return quantize_dequantize(x, dtype)
+    out = torch.zeros_like(x)
+    limit = limit.to(x.device).clamp(max=x.shape[1])
+    for width in torch.unique(limit).tolist():
+        if width > 0:
+            at = limit == width
+            out[at, :width] = quantize_dequantize(x[at, :width], dtype)
+    return out
 
 
 class Recommender(nn.Module):
@@ -40,6 +60,7 @@ class Recommender(nn.Module):
         self.loss_fn = loss_for_task(task)
         self.frozen_embeddings = False
         self.column_limits: dict[str, torch.Tensor] | None = None
+        self.column_dtypes: dict[str, str] | None = None
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         with torch.no_grad() if self.frozen_embeddings else contextlib.nullcontext():
@@ -50,6 +71,11 @@ class Recommender(nn.Module):
                 x = embeddings[f]
                 keep = torch.arange(x.shape[1], device=x.device)[None, :] < limit.to(x.device)[:, None]
                 embeddings[f] = x * keep
+        if self.column_dtypes is not None:
+            embeddings = dict(embeddings)
+            for f, dtype in self.column_dtypes.items():
+                cut = None if self.column_limits is None else self.column_limits.get(f)
+                embeddings[f] = served_columns(embeddings[f], dtype, cut)
         if self.head is not None:
             embeddings = self.head(embeddings)
         logits = self.dense_model(embeddings, batch.dense_features)

@@ -19,7 +19,24 @@ import torch.nn.functional as F
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 
-from sharding.plan import DimensionPlan
+from sharding.plan import DimensionPlan, physical_dim
+
+QUANT_BITS = {"int8": 8, "int4": 4}
+
+
+def quantize_dequantize(x: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Rows of `x` (`[n, d]`, float) as serving stores and reads them in `dtype`: fp32 unchanged, fp16 rounded,
+    int8/int4 quantised row-wise with an fp16 scale and bias by FBGEMM's own op (the one TorchRec's inference
+    quantisation calls) and read back by its inverse, the row zero-padded to its stored width (`physical_dim`) as
+    the bundle's served tables are. A row served in `dtype` looks up exactly this."""
+    if dtype == "fp32":
+        return x
+    if dtype == "fp16":
+        return x.half().float()
+    bits, width = QUANT_BITS[dtype], x.shape[1]
+    padded = F.pad(x.float(), (0, physical_dim(width) - width)).contiguous()
+    packed = torch.ops.fbgemm.FloatOrHalfToFusedNBitRowwiseQuantizedSBHalf(padded, bits)
+    return torch.ops.fbgemm.FusedNBitRowwiseQuantizedSBHalfToFloat(packed, bits)[:, :width]
 
 
 def table_configs(plan: DimensionPlan) -> list[EmbeddingBagConfig]:

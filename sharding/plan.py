@@ -18,6 +18,7 @@ plan checked against a vocabulary must have one row per vocabulary row.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -34,9 +35,13 @@ import polars as pl
 logger = logging.getLogger(__name__)
 
 PLAN_FORMAT = "dimsearch-plan"
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: a per-feature serving `dtype`; version 1 plans (no dtype) are read as fp32
+READABLE_VERSIONS = (1, 2)
 PLAN_FILE = "plan.json"
 BYTES_PER_PARAM = {"fp32": 4, "fp16": 2}
+# The storage dtypes a table can be served in (TorchRec's quantised inference tables).
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+ROW_ALIGNMENT = 16  # bytes; torchrec.inference's DEFAULT_ROW_ALIGNMENT
 Projection = Literal["pad", "linear"]
 
 
@@ -49,6 +54,27 @@ def physical_dim(dim: int) -> int:
     return 4 * math.ceil(dim / 4)
 
 
+def row_bytes(dim: int, dtype: str) -> int:
+    """Bytes of one served row of `dim` columns in FBGEMM's inference layout: int8/int4 rows carry a 4-byte fp16
+    scale and bias, and every row is padded to 16 bytes.
+
+    Raises:
+        PlanError: `dtype` is not one of `PRECISIONS`.
+    """
+    check_precision(dtype, "dtype")
+    raw = {"fp32": 4 * dim, "fp16": 2 * dim, "int8": dim + 4, "int4": math.ceil(dim / 2) + 4}[dtype]
+    return ROW_ALIGNMENT * math.ceil(raw / ROW_ALIGNMENT)
+
+
+def check_precision(dtype: object, where: str) -> None:
+    """Raise `PlanError` naming `where` unless `dtype` is a serving precision."""
+    if dtype not in PRECISIONS:
+        raise PlanError(f"{where} is {dtype!r}, expected one of {list(PRECISIONS)}")
+
+
+BUDGET_UNITS = ("parameters", "bytes", "logical", "serving_bytes")
+
+
 @dataclass(frozen=True)
 class Budget:
     """An embedding memory budget.
@@ -56,18 +82,20 @@ class Budget:
     Args:
         value: the budget, in `unit`s.
         unit: `parameters` (physical embedding parameters plus learned projections), `bytes` (the same in
-            bytes of the plan's dtype; the sharding planner also checks its own estimate, optimizer state included,
-            against a bytes budget), or `logical` (the sum of every row's logical dim plus learned projections:
-            the row-level papers' "kept parameters" accounting, in which a row of dim 6 costs 6 although it is
-            stored in 8 columns; the plan still reports its physical parameters and bytes).
+            bytes of the plan's training dtype; the sharding planner also checks its own estimate, optimizer state
+            included, against a bytes budget), `logical` (the sum of every row's logical dim plus learned
+            projections: the row-level papers' "kept parameters" accounting, in which a row of dim 6 costs 6
+            although it is stored in 8 columns; the plan still reports its physical parameters and bytes), or
+            `serving_bytes` (what serving stores: every table's rows in its own dtype, scale and bias included,
+            aligned to 16 bytes, plus the fp32 projections; `DimensionPlan.serving_bytes`).
     """
 
     value: int
-    unit: Literal["parameters", "bytes", "logical"] = "parameters"
+    unit: Literal["parameters", "bytes", "logical", "serving_bytes"] = "parameters"
 
     def __post_init__(self) -> None:
-        if self.unit not in ("parameters", "bytes", "logical"):
-            raise PlanError(f"budget unit is '{self.unit}', expected 'parameters', 'bytes' or 'logical'")
+        if self.unit not in BUDGET_UNITS:
+            raise PlanError(f"budget unit is '{self.unit}', expected one of {list(BUDGET_UNITS)}")
         if self.value <= 0:
             raise PlanError(f"budget is {self.value} {self.unit}; it must be positive")
 
@@ -83,6 +111,7 @@ class TableSpec:
         num_embeddings: rows.
         logical_dim: the searched dim.
         embedding_dim: the stored width, `ceil4(logical_dim)`.
+        dtype: the dtype serving stores it in (training is fp32).
     """
 
     name: str
@@ -91,6 +120,12 @@ class TableSpec:
     num_embeddings: int
     logical_dim: int
     embedding_dim: int
+    dtype: str = "fp32"
+
+    @property
+    def serving_bytes(self) -> int:
+        """Its rows as served: `num_embeddings × row_bytes(embedding_dim, dtype)`."""
+        return self.num_embeddings * row_bytes(self.embedding_dim, self.dtype)
 
 
 @dataclass(frozen=True, eq=False)
@@ -105,6 +140,8 @@ class FeaturePlan:
         row_dims: the logical dim of each row (row-level), or None for a field-level plan.
         projection: how a row-level bucket reaches `output_dim`: `pad` (zeros) or `linear` (a learned map).
         raw_ids: optional raw id of each row (row 0, the fallback row, has raw id -1), saved with row-level plans.
+        dtype: the dtype serving stores every table of the feature in (`PRECISIONS`); training stays fp32, and
+            the export quantises (`jobs.export`).
     """
 
     feature: str
@@ -114,9 +151,11 @@ class FeaturePlan:
     row_dims: np.ndarray | None = None
     projection: Projection = "pad"
     raw_ids: np.ndarray | None = field(default=None, repr=False)
+    dtype: str = "fp32"
 
     def __post_init__(self) -> None:
         where = f"feature '{self.feature}'"
+        check_precision(self.dtype, f"{where}: dtype")
         if self.num_embeddings < 1:
             raise PlanError(f"{where}: num_embeddings is {self.num_embeddings}, expected >= 1")
         if (self.dim is None) == (self.row_dims is None):
@@ -180,11 +219,14 @@ class FeaturePlan:
                     self.num_embeddings,
                     self.dim,
                     physical_dim(self.dim),
+                    self.dtype,
                 )
             ]
         counts = np.bincount(self.remap[0], minlength=len(self.bucket_dims))
         return [
-            TableSpec(f"t_{self.feature}__d{d}", self.feature, f"{self.feature}__d{d}", int(n), d, physical_dim(d))
+            TableSpec(
+                f"t_{self.feature}__d{d}", self.feature, f"{self.feature}__d{d}", int(n), d, physical_dim(d), self.dtype
+            )
             for d, n in zip(self.bucket_dims, counts, strict=True)
         ]
 
@@ -200,6 +242,15 @@ class FeaturePlan:
         return sum(t.num_embeddings * t.embedding_dim for t in self.tables()) + self.projection_parameters
 
     @property
+    def serving_bytes(self) -> int:
+        """The bytes serving stores: its tables in its dtype (`TableSpec.serving_bytes`) plus fp32 projections."""
+        return sum(t.serving_bytes for t in self.tables()) + 4 * self.projection_parameters
+
+    def with_dtype(self, dtype: str) -> FeaturePlan:
+        """The same sizes, served in `dtype`."""
+        return dataclasses.replace(self, dtype=dtype)
+
+    @property
     def logical_parameters(self) -> int:
         if self.row_dims is None:
             assert self.dim is not None
@@ -213,7 +264,9 @@ class FeaturePlan:
             "output_dim": self.output_dim,
             "level": "row" if self.row_level else "field",
             "projection": self.projection,
+            "dtype": self.dtype,
             "parameters": self.parameters,
+            "serving_bytes": self.serving_bytes,
             "tables": [t.__dict__ for t in self.tables()],
         }
         if self.dim is not None:
@@ -240,7 +293,8 @@ class DimensionPlan:
     Args:
         features: one `FeaturePlan` per sparse feature, in the model's feature order.
         budget: the budget the plan must meet, or None.
-        dtype: the storage dtype the bytes are counted in.
+        dtype: the training storage dtype the `bytes` unit counts in (each feature's serving dtype is its own
+            `FeaturePlan.dtype`).
         provenance: method, data days, config, metrics — whatever explains where the plan came from.
     """
 
@@ -302,22 +356,53 @@ class DimensionPlan:
     def bytes(self) -> int:
         return self.parameters * BYTES_PER_PARAM[self.dtype]
 
+    @property
+    def serving_bytes(self) -> int:
+        """What serving stores: every table in its feature's dtype (rows aligned to 16 bytes, the quantised kinds'
+        scale and bias included) plus the fp32 projections. Equals the bytes of the bundle's `serving/` tensors."""
+        return sum(f.serving_bytes for f in self.features)
+
+    @property
+    def dtypes(self) -> dict[str, str]:
+        """Per table, its serving dtype."""
+        return {t.name: t.dtype for t in self.tables()}
+
+    def with_dtypes(self, dtypes: str | Mapping[str, str]) -> DimensionPlan:
+        """The same sizes with every feature (a str) or the named features (a mapping) served in other dtypes.
+
+        Raises:
+            PlanError: an unknown feature or dtype.
+        """
+        chosen = {f: dtypes for f in self.feature_names} if isinstance(dtypes, str) else dict(dtypes)
+        if unknown := sorted(set(chosen) - set(self.feature_names)):
+            raise PlanError(f"dtypes name features {unknown} that the plan lacks (its features: {self.feature_names})")
+        features = tuple(f.with_dtype(chosen[f.feature]) if f.feature in chosen else f for f in self.features)
+        return DimensionPlan(features, self.budget, self.dtype, self.provenance)
+
     def budget_used(self) -> int:
         """The plan's size in its budget's unit."""
-        if self.budget is not None and self.budget.unit == "bytes":
+        unit = None if self.budget is None else self.budget.unit
+        if unit == "bytes":
             return self.bytes
-        if self.budget is not None and self.budget.unit == "logical":
+        if unit == "logical":
             return self.logical_parameters
+        if unit == "serving_bytes":
+            return self.serving_bytes
         return self.parameters
 
     def check_budget(self) -> None:
         """Raise `PlanError` with the per-feature breakdown if the plan is over its budget."""
         if self.budget is None or self.budget_used() <= self.budget.value:
             return
-        per = ", ".join(f"{f.feature}={f.parameters:,}" for f in self.features)
+        serving = self.budget.unit == "serving_bytes"
+        per = ", ".join(
+            f"{f.feature}={f.serving_bytes if serving else f.parameters:,}" + (f" ({f.dtype})" if serving else "")
+            for f in self.features
+        )
         raise PlanError(
             f"the plan needs {self.budget_used():,} {self.budget.unit} but the budget is {self.budget.value:,} "
-            f"(parameters per feature: {per}). Possible solutions: raise the budget, or search again under it"
+            f"({'serving bytes' if serving else 'parameters'} per feature: {per}). Possible solutions: raise the "
+            "budget, serve in a smaller dtype, or search again under it"
         )
 
     def check_vocabulary(self, num_rows: Mapping[str, int], raw_ids: Mapping[str, np.ndarray] | None = None) -> None:
@@ -347,7 +432,10 @@ class DimensionPlan:
 
     def summary(self) -> str:
         """A per-feature table like TorchRec's planner report."""
-        lines = [f"{'feature':<12}{'level':<7}{'dims':<22}{'rows':>11}{'params':>13}{'MiB':>9}"]
+        lines = [
+            f"{'feature':<12}{'level':<7}{'dims':<22}{'rows':>11}{'params':>13}{'MiB':>9}{'serving':>8}"
+            f"{'served MiB':>11}"
+        ]
         for f in self.features:
             if f.row_level:
                 rd = np.asarray(f.row_dims)
@@ -357,9 +445,12 @@ class DimensionPlan:
             mib = f.parameters * BYTES_PER_PARAM[self.dtype] / 2**20
             lines.append(
                 f"{f.feature:<12}{'row' if f.row_level else 'field':<7}{dims:<22}{f.num_embeddings:>11,}"
-                f"{f.parameters:>13,}{mib:>9.2f}"
+                f"{f.parameters:>13,}{mib:>9.2f}{f.dtype:>8}{f.serving_bytes / 2**20:>11.2f}"
             )
-        total = f"total {self.parameters:,} parameters, {self.bytes / 2**20:.2f} MiB"
+        total = (
+            f"total {self.parameters:,} parameters, {self.bytes / 2**20:.2f} MiB to train, "
+            f"{self.serving_bytes / 2**20:.2f} MiB served"
+        )
         if self.budget is not None:
             share = 100 * self.budget_used() / self.budget.value
             total += f"; budget {self.budget.value:,} {self.budget.unit} ({share:.1f}% used)"
@@ -374,6 +465,7 @@ class DimensionPlan:
             "parameters": self.parameters,
             "logical_parameters": self.logical_parameters,
             "bytes": self.bytes,
+            "serving_bytes": self.serving_bytes,
             "features": [f.to_json() for f in self.features],
             "provenance": dict(self.provenance),
         }
@@ -416,10 +508,10 @@ class DimensionPlan:
                 f"{path}: format is {body.get('format')!r}, expected {PLAN_FORMAT!r}. Point at a plan written by "
                 "DimensionPlan.save"
             )
-        if body.get("version") != PLAN_VERSION:
+        if body.get("version") not in READABLE_VERSIONS:
             raise PlanError(
-                f"{path}: plan version {body.get('version')} is not supported (this dimsearch reads version "
-                f"{PLAN_VERSION}). Export the plan again with this version"
+                f"{path}: plan version {body.get('version')} is not supported (this dimsearch reads versions "
+                f"{list(READABLE_VERSIONS)}). Export the plan again with this version"
             )
         checksums = body.pop("checksums", None)
         if not isinstance(checksums, dict) or checksums.get("body") != _sha256_json(body):
@@ -459,6 +551,7 @@ class DimensionPlan:
                         row_dims=row_dims,
                         projection=fj["projection"],
                         raw_ids=raw_ids,
+                        dtype=fj.get("dtype", "fp32"),
                     )
                 )
             except PlanError as e:

@@ -24,13 +24,13 @@ from jobs.export import (
     load_bundle,
     load_topology,
     main,
-    row_bytes,
+    serving_tensors,
 )
 from jobs.runs import load_run
 from pipeline.dataset import Dataset
 from pipeline.stream import DayStream, StreamConfig
 from pipeline.synthetic import SyntheticConfig, write_synthetic
-from sharding.plan import DimensionPlan, FeaturePlan
+from sharding.plan import Budget, DimensionPlan, FeaturePlan, PlanError, row_bytes
 from tests.helpers import run_train_job, tiny_job_args
 
 pytestmark = pytest.mark.multirank
@@ -124,17 +124,19 @@ def test_export_verify_and_rebuilt_predictions(
     with torch.no_grad():
         expected = trained.model(batch)[1][1]
         rebuilt = bundle.inference_model()(batch)[1][1]
-        fp16 = bundle.quantized_model()(batch)[1][1]
-        int8 = bundle.quantized_model({"t_user__d8": "int8", "t_item__d8": "int8"})(batch)[1][1]
+        fp16 = bundle.quantized_model(default="fp16")(batch)[1][1]
+        int8 = bundle.quantized_model({"t_user__d8": "int8", "t_item__d8": "int8"}, default="fp16")(batch)[1][1]
+        served = bundle.served_model()(batch)[1][1]
     assert expected.shape == (2000,)
     assert torch.equal(rebuilt, expected)
+    assert torch.equal(served, expected)  # an fp32 plan is served as trained
     fp16_err = float((fp16 - expected).abs().max())
     assert 0 < fp16_err < FP16_LOGIT_TOLERANCE, fp16_err
     assert 0 < float((int8 - expected).abs().max()) < INT8_LOGIT_TOLERANCE
 
     # Serving bytes: the quantised tables' actual storage, rows aligned to 16 bytes.
-    quant = bundle.quantized_model({"t_user__d8": "int8"})
-    serving = bundle.serving_bytes({"t_user__d8": "int8"})
+    quant = bundle.quantized_model({"t_user__d8": "int8"}, default="fp16")
+    serving = bundle.serving_bytes({"t_user__d8": "int8"}, default="fp16")
     for t in bundle.plan.tables():
         stored = quant.get_buffer(f"embedding.ebc.embedding_bags.{t.name}.weight")
         assert stored.numel() * stored.element_size() == serving[t.name], t.name
@@ -203,7 +205,7 @@ def test_unknown_version_and_too_small_topology(run: tuple[Path, Path], bundle_d
     shutil.copytree(bundle_dir, copy)
     manifest = copy / "bundle.json"
     manifest.write_text(manifest.read_text().replace(f'"version": {BUNDLE_VERSION}', '"version": 99'))
-    with pytest.raises(BundleError, match=r"bundle\.json: bundle version 99 is not supported .* reads version 1"):
+    with pytest.raises(BundleError, match=r"bundle\.json: bundle version 99 is not supported .* reads version 2"):
         load_bundle(copy)
     with pytest.raises(BundleError, match="no bundle manifest here"):
         load_bundle(tmp_path)
@@ -240,3 +242,76 @@ def test_shipped_and_bad_topologies(tmp_path: Path) -> None:
         load_topology(bad)
     assert "unknown key 'topology.gpus'" in str(err.value)
     assert "local_world_size 2 must be >= 1 and divide world_size 3" in str(err.value)
+
+
+def _dequantised(rows: np.ndarray, dtype: str, dim: int) -> np.ndarray:
+    """A plainly-correct reader of FBGEMM's stored rows: fp32/fp16 values, or int8/int4 codes after a leading fp16
+    scale and bias (int4: low nibble first)."""
+    if dtype in ("fp32", "fp16"):
+        return rows.view(np.float32 if dtype == "fp32" else np.float16)[:, :dim].astype(np.float32)
+    scale, bias = (rows[:, :4].copy().view(np.float16).astype(np.float32)[:, i : i + 1] for i in (0, 1))
+    data = rows[:, 4:]
+    codes = data[:, :dim] if dtype == "int8" else np.stack([data & 15, data >> 4], axis=2).reshape(len(rows), -1)
+    return codes[:, :dim].astype(np.float32) * scale + bias
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4", "fp16"])
+def test_served_tables_equal_a_dequantised_reference_and_the_bundle_bytes(
+    run: tuple[Path, Path], dtype: str, tmp_path: Path
+) -> None:
+    """`--dtype` serves a trained run's every table in `dtype`: the bundle's serving/ bytes are what the plan
+    accounts, the served model's pooled embeddings are the dequantised stored rows summed, and its predictions
+    differ from the fp32 model's by quantisation error only."""
+    data, run_dir = run
+    out = export(run_dir, GPU16, tmp_path / "b", dtype=dtype)  # type: ignore[arg-type]
+    bundle = load_bundle(out)
+    assert set(bundle.plan.dtypes.values()) == {dtype}
+    projections = sum(f.projection_parameters for f in bundle.plan.features)
+    stored = {t.name: torch.load(out / f"serving/{t.name}.pt", weights_only=True) for t in bundle.plan.tables()}
+    assert sum(v.numel() for v in stored.values()) == bundle.plan.serving_bytes - 4 * projections
+    listed = {t["name"]: t["serving_bytes"] for t in bundle.manifest["tables"]}
+    for t in bundle.plan.tables():
+        assert stored[t.name].dtype == torch.uint8
+        assert (
+            stored[t.name].shape
+            == (t.num_embeddings, row_bytes(t.embedding_dim, dtype))
+            == (
+                t.num_embeddings,
+                listed[t.name] // t.num_embeddings,
+            )
+        )
+
+    served = bundle.served_model()
+    assert all(torch.equal(a, stored[n]) for n, a in serving_tensors(served, bundle.plan).items())
+    dataset = Dataset(data)
+    stream = DayStream(dataset, bundle.vocab, StreamConfig(batch_size=500, prefetch=0))
+    batch = next(iter(stream.batches(dataset.days[-1], grow=False)))
+    kjt = bundle.remap(batch.sparse_features)
+    with torch.no_grad():
+        pooled = served.embedding.ebc(kjt).to_dict()
+    for t in bundle.plan.tables():
+        rows = _dequantised(stored[t.name].numpy(), dtype, t.embedding_dim)
+        jt = kjt[t.key]
+        sample = np.repeat(np.arange(jt.lengths().numel()), jt.lengths().numpy())
+        expected = np.zeros((jt.lengths().numel(), t.embedding_dim), np.float32)
+        np.add.at(expected, sample, rows[jt.values().numpy()])
+        np.testing.assert_allclose(pooled[t.key].numpy(), expected, rtol=1e-5, atol=1e-5, err_msg=t.name)
+    batch.sparse_features = kjt
+    with torch.no_grad():
+        fp32 = bundle.inference_model()(batch)[1][1]
+        logits = served(batch)[1][1]
+    tolerance = {"fp16": FP16_LOGIT_TOLERANCE, "int8": INT8_LOGIT_TOLERANCE, "int4": 0.1}[dtype]
+    assert 0 < float((logits - fp32).abs().max()) < tolerance
+
+
+def test_serving_bytes_budget_and_bad_dtypes(run: tuple[Path, Path]) -> None:
+    """A serving-bytes budget the plan meets in int8 but not in fp32 is refused in fp32 with the per-feature bytes;
+    an unknown dtype names the choices."""
+    plan = DimensionPlan.load(run[1] / "plan")
+    int8 = plan.with_dtypes("int8").serving_bytes
+    assert int8 < plan.serving_bytes
+    DimensionPlan(plan.with_dtypes("int8").features, Budget(int8, "serving_bytes")).check_budget()
+    with pytest.raises(PlanError, match=r"needs [\d,]+ serving_bytes but the budget is .*user=[\d,]+ \(fp32\)"):
+        DimensionPlan(plan.features, Budget(int8, "serving_bytes")).check_budget()
+    with pytest.raises(PlanError, match=r"dtype is 'int3', expected one of \['fp32', 'fp16', 'int8', 'int4'\]"):
+        plan.with_dtypes("int3")

@@ -17,6 +17,7 @@ from sharding.plan import (
     FeaturePlan,
     PlanError,
     physical_dim,
+    row_bytes,
     uniform_plan,
 )
 
@@ -319,7 +320,7 @@ def test_load_rejects_damaged_json_format_and_version(tmp_path: Path) -> None:
 
     d = _mixed_plan().save(tmp_path / "p")
     _edit_json(d, lambda b: b.update(version=PLAN_VERSION + 1))
-    with pytest.raises(PlanError, match=rf"plan version {PLAN_VERSION + 1} is not supported .* reads version 1"):
+    with pytest.raises(PlanError, match=rf"plan version {PLAN_VERSION + 1} is not supported .* versions \[1, 2\]"):
         DimensionPlan.load(d)
 
     d = _mixed_plan().save(tmp_path / "p")
@@ -419,9 +420,44 @@ def test_check_vocabulary() -> None:
 def test_summary_lists_each_feature_and_total() -> None:
     text = _mixed_plan(budget=Budget(200)).summary()
     lines = text.splitlines()
-    assert lines[0].split() == ["feature", "level", "dims", "rows", "params", "MiB"]
-    assert lines[1].split() == ["user", "field", "6", "(stored", "8)", "10", "80", "0.00"]
-    assert lines[2].split() == ["item", "row", "3..8", "(mean", "5.0)", "6", "36", "0.00"]
-    assert lines[3] == "total 116 parameters, 0.00 MiB; budget 200 parameters (58.0% used)"
+    assert lines[0].split() == ["feature", "level", "dims", "rows", "params", "MiB", "serving", "served", "MiB"]
+    assert lines[1].split() == ["user", "field", "6", "(stored", "8)", "10", "80", "0.00", "fp32", "0.00"]
+    assert lines[2].split() == ["item", "row", "3..8", "(mean", "5.0)", "6", "36", "0.00", "fp32", "0.00"]
+    assert lines[3] == ("total 116 parameters, 0.00 MiB to train, 0.00 MiB served; budget 200 parameters (58.0% used)")
     assert len(lines) == 4
-    assert _mixed_plan().summary().splitlines()[-1] == "total 116 parameters, 0.00 MiB"
+    assert _mixed_plan().summary().splitlines()[-1] == "total 116 parameters, 0.00 MiB to train, 0.00 MiB served"
+
+
+# --- precision ------------------------------------------------------------------------------------------------
+def test_serving_bytes_per_dtype_and_round_trip(tmp_path: Path) -> None:
+    """Serving bytes are each table's rows × its aligned row in its feature's dtype, plus fp32 projections; dtypes
+    survive save/load, and a version-1 plan (no dtype) reads as fp32."""
+    plan = _mixed_plan().with_dtypes({"user": "int4", "item": "fp16"})
+    # user: 10 rows stored 8 wide in int4 = 4 + 4 bytes -> one 16-byte row; item buckets 3/5/8 stored 4/8/8 wide in
+    # fp16 = 8/16/16 bytes -> 16 each, 6 rows.
+    assert row_bytes(8, "int4") == 16 and row_bytes(4, "fp16") == 16 and row_bytes(32, "int4") == 32
+    assert plan.serving_bytes == 10 * 16 + 6 * 16
+    assert plan.dtypes == {"t_user": "int4", "t_item__d3": "fp16", "t_item__d5": "fp16", "t_item__d8": "fp16"}
+    assert _mixed_plan().serving_bytes == 4 * _mixed_plan().parameters  # fp32 rows of multiples of 4 need no padding
+    loaded = DimensionPlan.load(plan.save(tmp_path / "p"))
+    assert loaded.dtypes == plan.dtypes and loaded.serving_bytes == plan.serving_bytes
+
+    def as_version_1(body: dict[str, Any]) -> None:
+        body["version"] = 1
+        for f in body["features"]:
+            del f["dtype"]
+
+    _edit_json(tmp_path / "p", as_version_1, reseal=True)
+    assert set(DimensionPlan.load(tmp_path / "p").dtypes.values()) == {"fp32"}
+
+
+def test_bad_dtype_and_impossible_serving_budget() -> None:
+    with pytest.raises(PlanError, match=r"feature 'user': dtype is 'bf16', expected one of \['fp32', 'fp16'"):
+        _mixed_plan().with_dtypes({"user": "bf16"})
+    with pytest.raises(PlanError, match=r"dtypes name features \['nope'\] that the plan lacks"):
+        _mixed_plan().with_dtypes({"nope": "int8"})
+    with pytest.raises(PlanError, match=r"budget unit is 'gigabytes', expected one of"):
+        Budget(1, "gigabytes")  # type: ignore[arg-type]
+    plan = _mixed_plan(budget=Budget(255, "serving_bytes")).with_dtypes("int8")
+    with pytest.raises(PlanError, match=r"needs 256 serving_bytes but the budget is 255 .*user=160 \(int8\)"):
+        plan.check_budget()
