@@ -19,7 +19,7 @@ import yaml
 from search import registry
 from search.base import SearchConfigError, SearchContext
 from sharding.distributed import ShardingConfig
-from sharding.plan import PRECISIONS
+from sharding.plan import PRECISIONS, ROW_ALIGNMENTS
 
 
 class ConfigError(ValueError):
@@ -126,6 +126,8 @@ class SearchConfig:
         dtype: the dtype serving stores every table in (`fp32`, `fp16`, `int8`, `int4`): training stays fp32 and
             the export quantises, and `jobs.evaluate` scores the quantised model. The `joint` method chooses each
             table's dtype itself (leave this at fp32).
+        row_alignment: the bytes every served row is padded to: 16 (TorchRec's default; GPU serving needs it) or
+            1, 2, 4, 8 (FBGEMM's CPU inference kernels read those too). Serving bytes count it.
         settings: the method's own settings, read from the section named after it (`search.autodim.arch_lr`,
             `search.scall.action`, ...): the dataclass its searcher names (`settings_class`), validated there.
             A section of another method is an error.
@@ -137,11 +139,14 @@ class SearchConfig:
     other_dim: int | None = None
     plan: str | None = None
     dtype: str = "fp32"
+    row_alignment: int = 16
     settings: Any = None
 
     def __post_init__(self) -> None:
         if self.dtype not in PRECISIONS:
             raise ConfigError(f"search.dtype is {self.dtype!r}, expected one of {list(PRECISIONS)}")
+        if self.row_alignment not in ROW_ALIGNMENTS:
+            raise ConfigError(f"search.row_alignment is {self.row_alignment!r}, expected one of {list(ROW_ALIGNMENTS)}")
         if self.method == "joint" and self.dtype != "fp32":
             raise ConfigError(
                 f"search.dtype is {self.dtype!r}, but search.method=joint chooses each table's dtype itself: "
@@ -164,7 +169,14 @@ class SearchConfig:
 
     def context(self, **dataset: Any) -> SearchContext:
         """What the searcher is told of the job (the dataset's part, once known, in `dataset`)."""
-        return SearchContext(method=self.method, dim=self.dim, other_dim=self.other_dim, budget=self.budget, **dataset)
+        return SearchContext(
+            method=self.method,
+            dim=self.dim,
+            other_dim=self.other_dim,
+            budget=self.budget,
+            row_alignment=self.row_alignment,
+            **dataset,
+        )
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 as trained on the day, scored on the day's held-out batches with chosen features' rows cut to candidate sizes.
 
 Cutting is `Recommender.column_limits`: each example keeps the first `size[row]` columns of the feature's pooled
-embedding. On a single-hot feature (users, items) that is exactly the row truncated to its size (a prefix mask, as
+embedding (and reads them back from a serving dtype, `Recommender.column_dtypes`, for the joint dims × precision
+search). On a single-hot feature (users, items) that is exactly the row truncated to its size (a prefix mask, as
 CIESS's and SCALL's masked supernets mean); an example with several rows of the feature keeps the largest of their
 sizes (an upper bound: sum pooling mixes the rows before the cut). The tables are not touched, so a score costs one
 forward pass over the held-out batches, and the verdict (all-reduced) is identical on every rank.
@@ -58,9 +59,12 @@ class ModelEnvironment:
         self.batches, self.reduce = batches, reduce
         self.calls = 0
 
-    def _score(self, sizes: Mapping[str, np.ndarray], per_row: bool = False) -> Scorer:
-        """One pass over the held-out batches with rows cut to `sizes`, all-reduced (per-row losses of the
-        features in `sizes` if `per_row`)."""
+    def _score(
+        self, sizes: Mapping[str, np.ndarray], per_row: bool = False, dtypes: Mapping[str, str] | None = None
+    ) -> Scorer:
+        """One pass over the held-out batches with rows cut to `sizes` and read back from `dtypes` storage (the
+        features named; `Recommender.column_dtypes`), all-reduced (per-row losses of the features in `sizes` if
+        `per_row`)."""
         self.calls += 1
         table = {f: torch.from_numpy(np.ascontiguousarray(s, dtype=np.int64)) for f, s in sizes.items()}
         scorer = Scorer(self.task, {f: int(s.numel()) for f, s in table.items()} if per_row else None)
@@ -69,11 +73,16 @@ class ModelEnvironment:
             assert rows is not None
             self.recommender.column_limits = {f: example_limits(rows, f, s) for f, s in table.items()}
 
+        self.recommender.column_dtypes = dict(dtypes) if dtypes else None
         try:
             score(self.model, self.batches, scorer, before=cut)
         finally:
-            self.recommender.column_limits = None
+            self.recommender.column_limits = self.recommender.column_dtypes = None
         return scorer.reduce(self.reduce)
+
+    def metrics(self, sizes: Mapping[str, np.ndarray], dtypes: Mapping[str, str] | None = None) -> dict[str, float]:
+        """The task's metrics (`loss` among them) with rows cut to `sizes` and served in `dtypes`."""
+        return {k: float(v) for k, v in self._score(sizes, dtypes=dtypes).metrics().items()}
 
     def fitness(self, sizes: Mapping[str, np.ndarray]) -> float:
         """The model's quality with each feature in `sizes` cut row by row to those sizes (higher is better)."""

@@ -14,19 +14,26 @@ selects:
   `data.fractions` and `data.split_seed` reproduce its assignment); combined with `--days`, of those days only;
 - neither: the test split of all days for a run trained on a static split, all days for a prequential run.
 
-Metrics follow the dataset's task (binary: AUC, log loss, accuracy; regression: MSE; multiclass: accuracy), per day
-and over all selected rows together (not an average of days). Ids that a run's vocabulary never admitted in
-training fall back to row 0; those lookups are counted per feature and day.
+Each run is scored as serving runs it (`jobs.export.served_model`): a plan whose tables are served in fp16, int8 or
+int4 (`FeaturePlan.dtype`, e.g. from `search.dtype`) is scored through TorchRec's quantised inference tables in those
+dtypes (the trained fp32 weights quantised as the export quantises them), so the quality reported is the quality
+served; an all-fp32 plan is scored on the trained model itself. Metrics follow the dataset's task (binary: AUC,
+log loss, accuracy; regression: MSE; multiclass: accuracy), per day and over all selected rows together (not an
+average of days). Ids that a run's vocabulary never admitted in training fall back to row 0; those lookups are
+counted per feature and day.
 
 The report directory (`--out`, default `reports/<first run>`) is written atomically (temp dir + rename), and it
 replaces only an earlier report: an `--out` that is, contains or lies inside a run or its data, or that holds
 anything but a report's files, is refused before any scoring (`pipeline.dataset.check_output_dir`):
 
-- `report.md`: the runs, overall and per-day quality, unseen ids, embedding parameters and bytes per table (from
-  the plan) and per rank (the sharding planner's estimate, optimizer state included, from the run's last metrics
-  record), and the plots below;
-- `quality_per_day.png`, `bytes_per_table.png`, `quality_vs_memory.png`, and `dims_vs_frequency.png` when a run has
-  a row-level plan;
+- `report.md`: the runs, overall and per-day quality, unseen ids, embedding parameters, training bytes and served
+  bytes per table (from the plan: `TableSpec.serving_bytes`, rows in the table's dtype aligned to 16 bytes, plus fp32
+  projections) and per rank (the sharding planner's estimate, optimizer state included, from the run's last metrics
+  record), and the frontier: each run's served bytes and primary metric, and the Pareto set (the runs no other run
+  beats on both, `pareto_set`);
+- `quality_per_day.png`, `bytes_per_table.png` (served bytes), `quality_vs_memory.png` (the primary metric against
+  served bytes, log scale, the Pareto set filled and joined), and `dims_vs_frequency.png` when a run has a row-level
+  plan;
 - `metrics.parquet`: one row per run × day (or `overall`) × metric: `run`, `day`, `metric`, `value`, `examples`;
 - `unseen.parquet`: one row per run × day (or `overall`) × feature: `run`, `day`, `feature`, `lookups`, `unseen`.
 """
@@ -53,7 +60,7 @@ from torchrec.datasets.utils import Batch
 from tqdm import tqdm
 
 from jobs.config import ConfigError
-from jobs.export import run_inputs
+from jobs.export import run_inputs, served_model
 from jobs.logs import setup_logging
 from jobs.runs import LoadedRun, load_run
 from models.errors import ModelConfigError
@@ -65,7 +72,7 @@ from pipeline.splits import SPLIT_NAMES, assign_splits
 from pipeline.stream import DayStream, StreamConfig
 from sharding.checkpoint import latest_checkpoint
 from sharding.embedding import RowRemap
-from sharding.plan import BYTES_PER_PARAM, DimensionPlan, PlanError
+from sharding.plan import BYTES_PER_PARAM, PRECISIONS, DimensionPlan, PlanError
 
 logger = logging.getLogger(__name__)
 
@@ -286,10 +293,12 @@ def _bytes_per_rank(run_dir: Path) -> list[int] | None:
 
 
 def evaluate_run(run: LoadedRun, selection: Selection, name: str, batch_size: int = 8192) -> RunEvaluation:
-    """Score `run` on `selection`, per day and overall; count the lookups that fell back to row 0.
+    """Score `run` as served (`jobs.export.served_model`) on `selection`, per day and overall; count the lookups
+    that fell back to row 0.
 
     Args:
-        run: an opened run.
+        run: an opened run. When its plan serves a table in fp16, int8 or int4, `run.model`'s tables are swapped
+            for TorchRec's quantised inference tables in place (as `quantize_inference_model` does).
         selection: the rows to score (read from `selection.dataset`, whose spec must be the run's).
         name: the run's name in the report.
         batch_size: rows per forward pass.
@@ -306,7 +315,9 @@ def evaluate_run(run: LoadedRun, selection: Selection, name: str, batch_size: in
         keying=None if remap.identity else remap,
     )
     features = stream.features
-    model = run.model.eval()
+    # Scored as served: quantised plans through TorchRec's inference tables (this swaps `run.model`'s tables in
+    # place; nothing below needs the fp32 weights); an all-fp32 plan is `run.model` itself.
+    model = served_model(run.model.eval(), run.plan)
     task = selection.dataset.spec.task
     trained = set(_trained_days(run))
     run_split = (run.cfg.data.protocol, tuple(run.cfg.data.fractions) if run.cfg.data.fractions else None)
@@ -404,7 +415,20 @@ def unseen_frame(runs: Sequence[RunEvaluation]) -> pl.DataFrame:
 
 @dataclass(frozen=True)
 class TableMemory:
-    """One embedding table's size under a plan (learned projections of a row-level bucket counted with it)."""
+    """One embedding table's size under a plan (the learned projection of a row-level bucket counted with it).
+
+    Args:
+        table: the table's name.
+        feature: the feature it serves.
+        rows: `num_embeddings`.
+        logical_dim: the searched dim.
+        embedding_dim: the stored width, `ceil4(logical_dim)`.
+        parameters: stored parameters, projection included.
+        bytes: `parameters` in the plan's training dtype (`plan.dtype`).
+        dtype: the dtype serving stores the table in.
+        serving_bytes: the table as served (`TableSpec.serving_bytes`: rows in `dtype`, aligned to 16 bytes, the
+            int8/int4 scale and bias included) plus its projection in fp32.
+    """
 
     table: str
     feature: str
@@ -413,10 +437,13 @@ class TableMemory:
     embedding_dim: int
     parameters: int
     bytes: int
+    dtype: str
+    serving_bytes: int
 
 
 def table_memory(plan: DimensionPlan) -> list[TableMemory]:
-    """Parameters and bytes of every table of `plan`; they sum to `plan.parameters` and `plan.bytes`."""
+    """Parameters, training bytes and served bytes of every table of `plan`; they sum to `plan.parameters`,
+    `plan.bytes` and `plan.serving_bytes`."""
     out = []
     for f in plan.features:
         for t in f.tables():
@@ -431,9 +458,49 @@ def table_memory(plan: DimensionPlan) -> list[TableMemory]:
                     t.embedding_dim,
                     parameters,
                     parameters * BYTES_PER_PARAM[plan.dtype],
+                    t.dtype,
+                    t.serving_bytes + 4 * projection,  # projections are served in fp32
                 )
             )
     return out
+
+
+def plan_dtypes(plan: DimensionPlan) -> str:
+    """The serving dtypes of `plan`'s tables, in `PRECISIONS` order: `int8`, or `fp32+int4` when mixed."""
+    used = set(plan.dtypes.values())
+    return "+".join(d for d in PRECISIONS if d in used)
+
+
+def pareto_set(points: Sequence[tuple[float, float]], higher_is_better: bool) -> list[int]:
+    """The points no other point dominates, as indices sorted by bytes (then by index).
+
+    A point `(bytes, quality)` is dominated by another with bytes <= and quality at least as good (>= when
+    `higher_is_better`, else <=) that is strictly better in at least one of the two; equal points do not dominate
+    each other, so both stay on the set. A point whose quality is nan is never on the set (and dominates nothing).
+
+    Args:
+        points: `(serving bytes, quality)` per run.
+        higher_is_better: the quality's direction (`PRIMARY_METRIC`).
+
+    Returns:
+        The indices of the Pareto set, in order of bytes.
+    """
+    sign = 1.0 if higher_is_better else -1.0
+    order = sorted((i for i, (_, q) in enumerate(points) if not math.isnan(q)), key=lambda i: (points[i][0], i))
+    best_cheaper = -math.inf  # the best quality of every point with fewer bytes than the current group
+    kept: list[int] = []
+    start = 0
+    while start < len(order):
+        stop = start
+        while stop < len(order) and points[order[stop]][0] == points[order[start]][0]:
+            stop += 1
+        group = order[start:stop]  # equal bytes
+        best = max(sign * points[i][1] for i in group)
+        if best > best_cheaper:  # else a cheaper point is at least as good: it dominates the whole group
+            kept += [i for i in group if sign * points[i][1] == best]
+            best_cheaper = best
+        start = stop
+    return kept
 
 
 def _fmt(value: float) -> str:
@@ -483,11 +550,11 @@ def plot_quality_per_day(runs: Sequence[RunEvaluation], path: Path) -> None:
 
 
 def plot_bytes_per_table(runs: Sequence[RunEvaluation], path: Path) -> None:
-    """Grouped horizontal bars: each table's bytes (KiB), one bar per run."""
+    """Grouped horizontal bars: each table's served bytes (KiB, in its serving dtype), one bar per run."""
     tables: list[str] = []
     per_run = []
     for r in runs:
-        sizes = {t.table: t.bytes for t in table_memory(r.plan)}
+        sizes = {t.table: t.serving_bytes for t in table_memory(r.plan)}
         tables += [t for t in sizes if t not in tables]
         per_run.append(sizes)
     fig = Figure(figsize=(7, 1.2 + 0.35 * len(tables) * max(1, len(runs) / 2)))
@@ -498,26 +565,51 @@ def plot_bytes_per_table(runs: Sequence[RunEvaluation], path: Path) -> None:
         ax.barh(y + i * height, [sizes.get(t, 0) / 1024 for t in tables], height, label=r.name)
     ax.set_yticks(y + height * (len(runs) - 1) / 2, tables, fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("KiB (plan parameters × dtype)")
-    ax.set_title("embedding bytes per table")
+    ax.set_xlabel("KiB served (rows in the table's dtype, 16-byte aligned, + fp32 projections)")
+    ax.set_title("served embedding bytes per table")
     ax.legend(fontsize=8)
     ax.grid(axis="x", alpha=0.3)
     _save(fig, path)
 
 
+def _frontier_points(runs: Sequence[RunEvaluation]) -> tuple[list[tuple[float, float]], list[int]]:
+    """Each run's `(serving bytes, overall primary metric)`, and the indices of the Pareto set."""
+    metric, higher = PRIMARY_METRIC[runs[0].task]
+    points = [(float(r.plan.serving_bytes), r.overall.metrics[metric]) for r in runs]
+    return points, pareto_set(points, higher)
+
+
 def plot_quality_vs_memory(runs: Sequence[RunEvaluation], path: Path) -> None:
-    """The overall primary metric against the plan's embedding bytes, one point per run."""
-    metric, _ = PRIMARY_METRIC[runs[0].task]
+    """The overall primary metric against served embedding bytes (log scale), one point per run: the Pareto set
+    filled and joined by a step line, dominated runs hollow."""
+    metric, higher = PRIMARY_METRIC[runs[0].task]
+    points, front = _frontier_points(runs)
     fig = Figure(figsize=(5.5, 4))
     ax = fig.add_subplot(1, 1, 1)
-    for r in runs:
-        x, y = r.plan.bytes / 2**20, r.overall.metrics[metric]
-        ax.scatter([x], [y], s=40)
-        ax.annotate(r.name, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
-    ax.set_xlabel("embedding MiB (plan)")
-    ax.set_ylabel(f"{metric} (overall)")
-    ax.set_title("quality vs memory")
-    ax.grid(alpha=0.3)
+    if front:
+        xs, ys = [points[i][0] / 2**20 for i in front], [points[i][1] for i in front]
+        ax.step(xs, ys, where="post", color="C0", alpha=0.6, label="Pareto set")
+        ax.scatter(xs, ys, s=40, color="C0", zorder=3)
+    dominated = [i for i in range(len(runs)) if i not in front]
+    if dominated:
+        ax.scatter(
+            [points[i][0] / 2**20 for i in dominated],
+            [points[i][1] for i in dominated],
+            s=40,
+            facecolors="none",
+            edgecolors="C1",
+            zorder=3,
+            label="dominated",
+        )
+    for r, (x, y) in zip(runs, points, strict=True):
+        if not math.isnan(y):
+            ax.annotate(r.name, (x / 2**20, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("served embedding MiB (log scale)")
+    ax.set_ylabel(f"{metric} (overall; {'higher' if higher else 'lower'} is better)")
+    ax.set_title("quality vs served memory")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
     _save(fig, path)
 
 
@@ -555,16 +647,29 @@ def render_markdown(runs: Sequence[RunEvaluation], selection: Selection, has_dim
     task = runs[0].task
     names = TASK_METRICS[task]
     primary, higher = PRIMARY_METRIC[task]
+    direction = "higher is better" if higher else "lower is better"
     title = runs[0].name if len(runs) == 1 else " vs ".join(r.name for r in runs)
     out = [
         f"# Evaluation: {title}",
         "",
-        f"Data: `{selection.dataset.root}`, {selection.description}; task {task}. Every run is scored on these rows.",
+        f"Data: `{selection.dataset.root}`, {selection.description}; task {task}. Every run is scored on these rows, "
+        "as served (tables served in fp16, int8 or int4 through TorchRec's quantised inference tables).",
         "",
         "## Runs",
         "",
         _md_table(
-            ["run", "directory", "checkpoint", "method", "protocol", "trained on", "embedding parameters", "MiB"],
+            [
+                "run",
+                "directory",
+                "checkpoint",
+                "method",
+                "protocol",
+                "trained on",
+                "embedding parameters",
+                "MiB",
+                "served as",
+                "served MiB",
+            ],
             [
                 [
                     r.name,
@@ -575,6 +680,8 @@ def render_markdown(runs: Sequence[RunEvaluation], selection: Selection, has_dim
                     _span(r.trained_days),
                     f"{r.plan.parameters:,}",
                     _mib(r.plan.bytes),
+                    plan_dtypes(r.plan),
+                    _mib(r.plan.serving_bytes),
                 ]
                 for r in runs
             ],
@@ -637,11 +744,12 @@ def render_markdown(runs: Sequence[RunEvaluation], selection: Selection, has_dim
         "",
         "## Embedding memory",
         "",
-        "Per table, from the plan (stored width `ceil4(dim)` × rows, learned projections included, "
-        f"{runs[0].plan.dtype}):",
+        "Per table, from the plan: parameters are the stored width `ceil4(dim)` × rows, learned projections included; "
+        f"MiB is them in training storage ({runs[0].plan.dtype}); served MiB is the table as serving stores it, in "
+        "its dtype (rows aligned to 16 bytes, an int8/int4 row with its 4-byte scale and bias), projections in fp32:",
         "",
         _md_table(
-            ["run", "table", "feature", "rows", "dim", "stored dim", "parameters", "MiB"],
+            ["run", "table", "feature", "rows", "dim", "stored dim", "parameters", "MiB", "dtype", "served MiB"],
             [
                 [
                     r.name,
@@ -652,6 +760,8 @@ def render_markdown(runs: Sequence[RunEvaluation], selection: Selection, has_dim
                     t.embedding_dim,
                     f"{t.parameters:,}",
                     _mib(t.bytes),
+                    t.dtype,
+                    _mib(t.serving_bytes),
                 ]
                 for r in runs
                 for t in table_memory(r.plan)
@@ -675,7 +785,13 @@ def render_markdown(runs: Sequence[RunEvaluation], selection: Selection, has_dim
             ],
         ),
         "",
-        "## Quality vs memory",
+        "## Frontier",
+        "",
+        f"Each run's served embedding memory and overall {primary}, by served bytes. A run is on the Pareto set "
+        f"when no other run is served in no more bytes with a {primary} at least as good ({direction}) and is "
+        f"strictly better in one of the two; runs with equal bytes and {primary} are both on it.",
+        "",
+        _frontier_table(runs),
         "",
         "![quality vs memory](quality_vs_memory.png)",
         "",
@@ -687,6 +803,27 @@ def render_markdown(runs: Sequence[RunEvaluation], selection: Selection, has_dim
         "",
     ]
     return "\n".join(out)
+
+
+def _frontier_table(runs: Sequence[RunEvaluation]) -> str:
+    primary, _ = PRIMARY_METRIC[runs[0].task]
+    points, front = _frontier_points(runs)
+    largest = max(b for b, _ in points)
+    order = sorted(range(len(runs)), key=lambda i: (points[i][0], i))
+    return _md_table(
+        ["run", "served as", "served MiB", "of largest", primary, "Pareto set"],
+        [
+            [
+                runs[i].name,
+                plan_dtypes(runs[i].plan),
+                _mib(points[i][0]),
+                f"{points[i][0] / largest:.3f}" if largest > 0 else "n/a",
+                "n/a" if math.isnan(points[i][1]) else f"{points[i][1]:.6f}",  # enough digits to tell close runs apart
+                "yes" if i in front else "no",
+            ]
+            for i in order
+        ],
+    )
 
 
 def _span(days: list[str]) -> str:
@@ -812,7 +949,11 @@ def _check_same_data(run: LoadedRun, selection: Selection) -> None:
 def print_summary(report: EvaluationReport) -> None:
     """The overall table, then where the report is."""
     names = TASK_METRICS[report.runs[0].task]
-    header = f"{'run':<24}{'examples':>10}" + "".join(f"{m:>10}" for m in names) + f"{'emb MiB':>10}{'unseen %':>10}"
+    header = (
+        f"{'run':<24}{'examples':>10}"
+        + "".join(f"{m:>10}" for m in names)
+        + f"{'emb MiB':>10}{'served':>11}{'served MiB':>11}{'unseen %':>10}"
+    )
     print(header)
     print("-" * len(header))
     for r in report.runs:
@@ -820,7 +961,8 @@ def print_summary(report: EvaluationReport) -> None:
         print(
             f"{r.name:<24}{r.overall.examples:>10,}"
             + "".join(f"{_fmt(r.overall.metrics[m]):>10}" for m in names)
-            + f"{r.plan.bytes / 2**20:>10.3f}{100 * unseen / max(lookups, 1):>10.2f}"
+            + f"{r.plan.bytes / 2**20:>10.3f}{plan_dtypes(r.plan):>11}{r.plan.serving_bytes / 2**20:>11.3f}"
+            + f"{100 * unseen / max(lookups, 1):>10.2f}"
         )
     print(f"report: {report.out / 'report.md'}  ({', '.join(report.files)})")
 

@@ -67,7 +67,7 @@ from pipeline.spec import DatasetSpec, load_spec
 from pipeline.vocab import VocabularySet
 from sharding.distributed import SHARDING_TYPES, BudgetError, ShardingConfig, attach_fused_optimizer, plan_sharding
 from sharding.embedding import RowRemap
-from sharding.plan import DimensionPlan, PlanError, TableSpec, row_bytes, sha256_file
+from sharding.plan import ROW_ALIGNMENTS, DimensionPlan, PlanError, TableSpec, row_bytes, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -317,12 +317,16 @@ def _table_json(t: TableSpec) -> dict[str, Any]:
 
 def served_model(model: Recommender, plan: DimensionPlan) -> nn.Module:
     """`model` (unsharded, fp32, eval) with its tables as serving stores them: TorchRec's quantised inference tables
-    in each table's plan dtype (`quantize_inference_model`); `model` itself when every table is fp32."""
+    in each table's plan dtype, rows aligned to the plan's `row_alignment` (`quantize_inference_model`, modifying
+    `model` in place); `model` itself when every table is fp32."""
     dtypes = plan.dtypes
     if all(d == "fp32" for d in dtypes.values()):
         return model
+    from torchrec import EmbeddingBagCollection
     from torchrec.inference.modules import quantize_inference_model
+    from torchrec.quant.embedding_modules import quant_prep_customize_row_alignment
 
+    quant_prep_customize_row_alignment(model, [EmbeddingBagCollection], plan.row_alignment)
     return quantize_inference_model(model, per_table_weight_dtype={n: SERVING_DTYPES[d] for n, d in dtypes.items()})
 
 
@@ -368,6 +372,7 @@ def export(
     *,
     overwrite: bool = False,
     dtype: ServingDtype | None = None,
+    row_alignment: int | None = None,
 ) -> Path:
     """Write the bundle of `run_dir` (newest checkpoint) for the topology in `topology_path` to `out`, atomically.
 
@@ -378,6 +383,8 @@ def export(
         overwrite: replace an existing `out`.
         dtype: serve every table in this dtype instead of the run plan's (post-training quantisation of a trained
             run; a plan with a serving-bytes budget must still meet it).
+        row_alignment: pad every served row to this many bytes instead of the plan's (1, 2, 4, 8 or 16; GPU
+            serving needs 16).
 
     Returns:
         `out`.
@@ -398,12 +405,12 @@ def export(
     sharding = plan_for_topology(run.cfg, run.dataset.spec, run.plan, topology, topology_path)
     state = run.model.state_dict()
     plan = DimensionPlan(run.plan.features, run.plan.budget, run.plan.dtype, _provenance(run))
-    if dtype is not None:
-        plan = plan.with_dtypes(dtype)
+    if dtype is not None or row_alignment is not None:
         try:
+            plan = plan.with_dtypes(dtype, row_alignment)
             plan.check_budget()
         except PlanError as e:
-            raise ExportError(f"{run_dir}: served in {dtype}, {e}") from e
+            raise ExportError(f"{run_dir}: served in {dtype or 'its plan dtypes'}, {e}") from e
     with atomic_directory(out, overwrite=overwrite) as tmp:
         plan.save(tmp / "plan")
         run.vocab.save(tmp / "vocab")
@@ -556,7 +563,10 @@ class Bundle:
     ) -> dict[str, int]:
         """Per table, the bytes of its quantised serving copy (physical width, rows aligned to 16 bytes)."""
         chosen = self._dtypes(dtypes, default)
-        return {t.name: t.num_embeddings * row_bytes(t.embedding_dim, chosen[t.name]) for t in self.plan.tables()}
+        return {
+            t.name: t.num_embeddings * row_bytes(t.embedding_dim, chosen[t.name], t.row_alignment)
+            for t in self.plan.tables()
+        }
 
     def summary(self, dtypes: Mapping[str, ServingDtype] | None = None, default: ServingDtype | None = None) -> str:
         """Per table: dims, rows, fp32 bytes (physical width) and serving bytes, like the planner's report."""
@@ -674,6 +684,13 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="serve every table in this dtype instead of the run plan's (export), or report them in it (--verify)",
     )
+    parser.add_argument(
+        "--row-alignment",
+        type=int,
+        choices=ROW_ALIGNMENTS,
+        default=None,
+        help="export: pad every served row to this many bytes instead of the plan's (GPU serving needs 16)",
+    )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging()
     if args.verify is None and None in (args.run, args.topology, args.out):
@@ -682,7 +699,14 @@ def main(argv: list[str] | None = None) -> None:
         if args.verify is not None:
             print(verify(args.verify, default=args.dtype))
         else:
-            out = export(args.run, args.topology, args.out, overwrite=args.overwrite, dtype=args.dtype)
+            out = export(
+                args.run,
+                args.topology,
+                args.out,
+                overwrite=args.overwrite,
+                dtype=args.dtype,
+                row_alignment=args.row_alignment,
+            )
             print(f"bundle: {out}")
             print(verify(out))
     except (BundleError, ExportError, ConfigError, DatasetError, PlanError) as e:

@@ -166,8 +166,9 @@ def initial_plan(cfg: JobConfig, searcher: Searcher, features: list[str], capaci
 
 
 def served(cfg: JobConfig, plan: DimensionPlan) -> DimensionPlan:
-    """`plan` with every table served in `search.dtype`, unless that is fp32 (then the plan's own dtypes stand)."""
-    return plan if cfg.search.dtype == "fp32" else plan.with_dtypes(cfg.search.dtype)
+    """`plan` with rows served aligned to `search.row_alignment`, every table in `search.dtype` unless that is fp32
+    (then the plan's own dtypes stand)."""
+    return plan.with_dtypes(None if cfg.search.dtype == "fp32" else cfg.search.dtype, cfg.search.row_alignment)
 
 
 def table_capacities(

@@ -62,6 +62,7 @@ class SearchContext:
         dim: `search.dim`: every feature's dim for `fixed`; the widest row (d_max) for row-level methods.
         other_dim: `search.other_dim`: the field-level dim of the features a row-level method does not size.
         budget: `search.budget` in embedding parameters (None: no budget).
+        row_alignment: `search.row_alignment`: the bytes every served row is padded to.
     """
 
     method: str
@@ -75,6 +76,7 @@ class SearchContext:
     dim: int = 16
     other_dim: int | None = None
     budget: int | None = None
+    row_alignment: int = 16
 
     @property
     def static(self) -> bool:

@@ -19,6 +19,7 @@ METHODS: dict[str, str] = {
     "esapn": "search.esapn:EsapnSearcher",
     "md": "search.md:MdSearcher",
     "ciess": "search.ciess:CiessSearcher",
+    "joint": "search.joint:JointSearcher",
 }
 
 

@@ -41,7 +41,8 @@ PLAN_FILE = "plan.json"
 BYTES_PER_PARAM = {"fp32": 4, "fp16": 2}
 # The storage dtypes a table can be served in (TorchRec's quantised inference tables).
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
-ROW_ALIGNMENT = 16  # bytes; torchrec.inference's DEFAULT_ROW_ALIGNMENT
+ROW_ALIGNMENT = 16  # bytes; torchrec.inference's DEFAULT_ROW_ALIGNMENT (what GPU serving needs)
+ROW_ALIGNMENTS = (1, 2, 4, 8, 16)  # FBGEMM's CPU inference kernels read rows at any of these
 Projection = Literal["pad", "linear"]
 
 
@@ -54,16 +55,17 @@ def physical_dim(dim: int) -> int:
     return 4 * math.ceil(dim / 4)
 
 
-def row_bytes(dim: int, dtype: str) -> int:
+def row_bytes(dim: int, dtype: str, alignment: int = ROW_ALIGNMENT) -> int:
     """Bytes of one served row of `dim` columns in FBGEMM's inference layout: int8/int4 rows carry a 4-byte fp16
-    scale and bias, and every row is padded to 16 bytes.
+    scale and bias, and every row is padded to `alignment` bytes (TorchRec's default 16; FBGEMM's CPU kernels
+    also read rows aligned to 1, 2, 4 or 8).
 
     Raises:
         PlanError: `dtype` is not one of `PRECISIONS`.
     """
     check_precision(dtype, "dtype")
     raw = {"fp32": 4 * dim, "fp16": 2 * dim, "int8": dim + 4, "int4": math.ceil(dim / 2) + 4}[dtype]
-    return ROW_ALIGNMENT * math.ceil(raw / ROW_ALIGNMENT)
+    return alignment * math.ceil(raw / alignment)
 
 
 def check_precision(dtype: object, where: str) -> None:
@@ -87,7 +89,7 @@ class Budget:
             projections: the row-level papers' "kept parameters" accounting, in which a row of dim 6 costs 6
             although it is stored in 8 columns; the plan still reports its physical parameters and bytes), or
             `serving_bytes` (what serving stores: every table's rows in its own dtype, scale and bias included,
-            aligned to 16 bytes, plus the fp32 projections; `DimensionPlan.serving_bytes`).
+            aligned to the plan's `row_alignment`, plus the fp32 projections; `DimensionPlan.serving_bytes`).
     """
 
     value: int
@@ -112,6 +114,7 @@ class TableSpec:
         logical_dim: the searched dim.
         embedding_dim: the stored width, `ceil4(logical_dim)`.
         dtype: the dtype serving stores it in (training is fp32).
+        row_alignment: the bytes each served row is padded to.
     """
 
     name: str
@@ -121,11 +124,12 @@ class TableSpec:
     logical_dim: int
     embedding_dim: int
     dtype: str = "fp32"
+    row_alignment: int = ROW_ALIGNMENT
 
     @property
     def serving_bytes(self) -> int:
-        """Its rows as served: `num_embeddings × row_bytes(embedding_dim, dtype)`."""
-        return self.num_embeddings * row_bytes(self.embedding_dim, self.dtype)
+        """Its rows as served: `num_embeddings × row_bytes(embedding_dim, dtype, row_alignment)`."""
+        return self.num_embeddings * row_bytes(self.embedding_dim, self.dtype, self.row_alignment)
 
 
 @dataclass(frozen=True, eq=False)
@@ -142,6 +146,7 @@ class FeaturePlan:
         raw_ids: optional raw id of each row (row 0, the fallback row, has raw id -1), saved with row-level plans.
         dtype: the dtype serving stores every table of the feature in (`PRECISIONS`); training stays fp32, and
             the export quantises (`jobs.export`).
+        row_alignment: the bytes each served row is padded to (`ROW_ALIGNMENTS`; one for the whole plan).
     """
 
     feature: str
@@ -152,10 +157,13 @@ class FeaturePlan:
     projection: Projection = "pad"
     raw_ids: np.ndarray | None = field(default=None, repr=False)
     dtype: str = "fp32"
+    row_alignment: int = ROW_ALIGNMENT
 
     def __post_init__(self) -> None:
         where = f"feature '{self.feature}'"
         check_precision(self.dtype, f"{where}: dtype")
+        if self.row_alignment not in ROW_ALIGNMENTS:
+            raise PlanError(f"{where}: row_alignment is {self.row_alignment!r}, expected one of {list(ROW_ALIGNMENTS)}")
         if self.num_embeddings < 1:
             raise PlanError(f"{where}: num_embeddings is {self.num_embeddings}, expected >= 1")
         if (self.dim is None) == (self.row_dims is None):
@@ -220,12 +228,20 @@ class FeaturePlan:
                     self.dim,
                     physical_dim(self.dim),
                     self.dtype,
+                    self.row_alignment,
                 )
             ]
         counts = np.bincount(self.remap[0], minlength=len(self.bucket_dims))
         return [
             TableSpec(
-                f"t_{self.feature}__d{d}", self.feature, f"{self.feature}__d{d}", int(n), d, physical_dim(d), self.dtype
+                f"t_{self.feature}__d{d}",
+                self.feature,
+                f"{self.feature}__d{d}",
+                int(n),
+                d,
+                physical_dim(d),
+                self.dtype,
+                self.row_alignment,
             )
             for d, n in zip(self.bucket_dims, counts, strict=True)
         ]
@@ -246,9 +262,9 @@ class FeaturePlan:
         """The bytes serving stores: its tables in its dtype (`TableSpec.serving_bytes`) plus fp32 projections."""
         return sum(t.serving_bytes for t in self.tables()) + 4 * self.projection_parameters
 
-    def with_dtype(self, dtype: str) -> FeaturePlan:
-        """The same sizes, served in `dtype`."""
-        return dataclasses.replace(self, dtype=dtype)
+    def with_dtype(self, dtype: str | None = None, row_alignment: int | None = None) -> FeaturePlan:
+        """The same sizes, served in `dtype` (None: its own) with rows aligned to `row_alignment` (None: its own)."""
+        return dataclasses.replace(self, dtype=dtype or self.dtype, row_alignment=row_alignment or self.row_alignment)
 
     @property
     def logical_parameters(self) -> int:
@@ -265,6 +281,7 @@ class FeaturePlan:
             "level": "row" if self.row_level else "field",
             "projection": self.projection,
             "dtype": self.dtype,
+            "row_alignment": self.row_alignment,
             "parameters": self.parameters,
             "serving_bytes": self.serving_bytes,
             "tables": [t.__dict__ for t in self.tables()],
@@ -311,6 +328,11 @@ class DimensionPlan:
             raise PlanError(f"features repeat in the plan: {dup}")
         if self.dtype not in BYTES_PER_PARAM:
             raise PlanError(f"dtype is '{self.dtype}', expected one of {sorted(BYTES_PER_PARAM)}")
+        if len({f.row_alignment for f in self.features}) > 1:
+            raise PlanError(
+                "the features' row alignments differ "
+                f"({ {f.feature: f.row_alignment for f in self.features} }): serving aligns every table alike"
+            )
 
     @classmethod
     def field_level(
@@ -367,16 +389,24 @@ class DimensionPlan:
         """Per table, its serving dtype."""
         return {t.name: t.dtype for t in self.tables()}
 
-    def with_dtypes(self, dtypes: str | Mapping[str, str]) -> DimensionPlan:
-        """The same sizes with every feature (a str) or the named features (a mapping) served in other dtypes.
+    @property
+    def row_alignment(self) -> int:
+        """The bytes every served row is padded to."""
+        return self.features[0].row_alignment
+
+    def with_dtypes(
+        self, dtypes: str | Mapping[str, str] | None = None, row_alignment: int | None = None
+    ) -> DimensionPlan:
+        """The same sizes with every feature (a str) or the named features (a mapping) served in other dtypes, and
+        every row aligned to `row_alignment` (None: as before).
 
         Raises:
-            PlanError: an unknown feature or dtype.
+            PlanError: an unknown feature, dtype or alignment.
         """
-        chosen = {f: dtypes for f in self.feature_names} if isinstance(dtypes, str) else dict(dtypes)
+        chosen = {f: dtypes for f in self.feature_names} if isinstance(dtypes, str) else dict(dtypes or {})
         if unknown := sorted(set(chosen) - set(self.feature_names)):
             raise PlanError(f"dtypes name features {unknown} that the plan lacks (its features: {self.feature_names})")
-        features = tuple(f.with_dtype(chosen[f.feature]) if f.feature in chosen else f for f in self.features)
+        features = tuple(f.with_dtype(chosen.get(f.feature), row_alignment) for f in self.features)
         return DimensionPlan(features, self.budget, self.dtype, self.provenance)
 
     def budget_used(self) -> int:
@@ -466,6 +496,7 @@ class DimensionPlan:
             "logical_parameters": self.logical_parameters,
             "bytes": self.bytes,
             "serving_bytes": self.serving_bytes,
+            "row_alignment": self.row_alignment,
             "features": [f.to_json() for f in self.features],
             "provenance": dict(self.provenance),
         }
@@ -552,6 +583,7 @@ class DimensionPlan:
                         projection=fj["projection"],
                         raw_ids=raw_ids,
                         dtype=fj.get("dtype", "fp32"),
+                        row_alignment=fj.get("row_alignment", ROW_ALIGNMENT),
                     )
                 )
             except PlanError as e:

@@ -288,7 +288,7 @@ def test_served_tables_equal_a_dequantised_reference_and_the_bundle_bytes(
     batch = next(iter(stream.batches(dataset.days[-1], grow=False)))
     kjt = bundle.remap(batch.sparse_features)
     with torch.no_grad():
-        pooled = served.embedding.ebc(kjt).to_dict()
+        pooled = served.get_submodule("embedding.ebc")(kjt).to_dict()
     for t in bundle.plan.tables():
         rows = _dequantised(stored[t.name].numpy(), dtype, t.embedding_dim)
         jt = kjt[t.key]
