@@ -255,17 +255,17 @@ def _dequantised(rows: np.ndarray, dtype: str, dim: int) -> np.ndarray:
     return codes[:, :dim].astype(np.float32) * scale + bias
 
 
-@pytest.mark.parametrize("dtype", ["int8", "int4", "fp16"])
+@pytest.mark.parametrize(("dtype", "alignment"), [("int8", 16), ("int4", 16), ("fp16", 16), ("int4", 1), ("int8", 4)])
 def test_served_tables_equal_a_dequantised_reference_and_the_bundle_bytes(
-    run: tuple[Path, Path], dtype: str, tmp_path: Path
+    run: tuple[Path, Path], dtype: str, alignment: int, tmp_path: Path
 ) -> None:
-    """`--dtype` serves a trained run's every table in `dtype`: the bundle's serving/ bytes are what the plan
-    accounts, the served model's pooled embeddings are the dequantised stored rows summed, and its predictions
-    differ from the fp32 model's by quantisation error only."""
+    """`--dtype` serves a trained run's every table in `dtype`, rows padded to `alignment` bytes: the bundle's
+    serving/ bytes are what the plan accounts, the served model's pooled embeddings are the dequantised stored rows
+    summed, and its predictions differ from the fp32 model's by quantisation error only."""
     data, run_dir = run
-    out = export(run_dir, GPU16, tmp_path / "b", dtype=dtype)  # type: ignore[arg-type]
+    out = export(run_dir, GPU16, tmp_path / "b", dtype=dtype, row_alignment=alignment)  # type: ignore[arg-type]
     bundle = load_bundle(out)
-    assert set(bundle.plan.dtypes.values()) == {dtype}
+    assert set(bundle.plan.dtypes.values()) == {dtype} and bundle.plan.row_alignment == alignment
     projections = sum(f.projection_parameters for f in bundle.plan.features)
     stored = {t.name: torch.load(out / f"serving/{t.name}.pt", weights_only=True) for t in bundle.plan.tables()}
     assert sum(v.numel() for v in stored.values()) == bundle.plan.serving_bytes - 4 * projections
@@ -274,7 +274,7 @@ def test_served_tables_equal_a_dequantised_reference_and_the_bundle_bytes(
         assert stored[t.name].dtype == torch.uint8
         assert (
             stored[t.name].shape
-            == (t.num_embeddings, row_bytes(t.embedding_dim, dtype))
+            == (t.num_embeddings, row_bytes(t.embedding_dim, dtype, alignment))
             == (
                 t.num_embeddings,
                 listed[t.name] // t.num_embeddings,
