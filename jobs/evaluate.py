@@ -3,10 +3,11 @@
     python -m jobs.evaluate --run runs/demo
     python -m jobs.evaluate --run runs/demo --days 2024-01-04..2024-01-05 --out reports/demo-late
     python -m jobs.evaluate --run runs/autodim --split test --compare runs/demo runs/demo2 --out reports/cmp
+    python -m jobs.evaluate --run plans/demo-int8 --compare runs/demo    # a bundle, scored as it serves
 
-Each run is opened with `jobs.runs.load_run` (its newest complete checkpoint, unsharded, on CPU) and scored in this
-one process, without gradients, in large batches. Every run is scored on the same rows, the ones the first run
-selects:
+Each run is opened with `jobs.runs.load_run` (its newest complete checkpoint, unsharded, on CPU), each export bundle
+with `jobs.export.load_bundle` (verified; scored through its own serving bytes), and scored in this one process,
+without gradients, in large batches. Every run is scored on the same rows, the ones the first run selects:
 
 - `--days A..B`: days of the dataset, as dates (`2024-01-04`) or 1-based day numbers (`4`); either end may be left
   out (`3..`), and a single `A` is one day;
@@ -60,7 +61,7 @@ from torchrec.datasets.utils import Batch
 from tqdm import tqdm
 
 from jobs.config import ConfigError
-from jobs.export import run_inputs, served_model
+from jobs.export import MANIFEST, BundleError, load_bundle, run_inputs, served_model
 from jobs.logs import setup_logging
 from jobs.runs import LoadedRun, load_run
 from models.errors import ModelConfigError
@@ -317,7 +318,7 @@ def evaluate_run(run: LoadedRun, selection: Selection, name: str, batch_size: in
     features = stream.features
     # Scored as served: quantised plans through TorchRec's inference tables (this swaps `run.model`'s tables in
     # place; nothing below needs the fp32 weights); an all-fp32 plan is `run.model` itself.
-    model = served_model(run.model.eval(), run.plan)
+    model = run.served if run.served is not None else served_model(run.model.eval(), run.plan)
     task = selection.dataset.spec.task
     trained = set(_trained_days(run))
     run_split = (run.cfg.data.protocol, tuple(run.cfg.data.fractions) if run.cfg.data.fractions else None)
@@ -852,8 +853,11 @@ def write_report(runs: Sequence[RunEvaluation], selection: Selection, out: Path)
 
 
 def _check_run_dir(path: Path) -> None:
-    """Fail before any scoring when a run directory, its config or its checkpoint is missing."""
-    fix = "pass a run directory written by jobs.train (<train.out_dir>/<train.name>, e.g. runs/demo)"
+    """Fail before any scoring when a run directory, its config or its checkpoint is missing (a bundle directory
+    is verified when it is opened)."""
+    fix = "pass a run directory written by jobs.train (<train.out_dir>/<train.name>, e.g. runs/demo) or a bundle"
+    if (path / MANIFEST).is_file():
+        return
     if not path.is_dir():
         raise EvaluationError(f"{path}: no such run directory. Fix: {fix}")
     if not (path / "config.yaml").is_file():
@@ -916,7 +920,8 @@ def evaluate(
     results: list[RunEvaluation] = []
     selection: Selection | None = None
     for path, name in zip(paths, names, strict=True):
-        run = load_run(path, data_path)  # one run in memory at a time
+        # One run in memory at a time; a bundle is scored through the tables it serves.
+        run = load_bundle(path).as_run(data_path) if (path / MANIFEST).is_file() else load_run(path, data_path)
         if selection is None:
             selection = select_data(run, days, split)
             logger.info("scoring on %s", selection.description)
@@ -972,8 +977,14 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m jobs.evaluate",
         description="Score finished runs per day and overall; write report.md, plots and metrics.parquet.",
     )
-    parser.add_argument("--run", type=Path, help="the run directory (runs/<name>); it selects the data")
-    parser.add_argument("--compare", type=Path, nargs="+", default=[], help="more run directories, side by side")
+    parser.add_argument(
+        "--run",
+        type=Path,
+        help="the run directory (runs/<name>) or an export bundle (scored as served); it selects the data",
+    )
+    parser.add_argument(
+        "--compare", type=Path, nargs="+", default=[], help="more run directories or bundles, side by side"
+    )
     parser.add_argument("--days", help="days A..B (dates YYYY-MM-DD or 1-based numbers; A.., ..B and A work too)")
     parser.add_argument("--split", help="train, valid or test split of the first run's static protocol")
     parser.add_argument(
@@ -988,7 +999,7 @@ def main(argv: list[str] | None = None) -> None:
         report = evaluate(
             runs, days=args.days, split=args.split, out=args.out, data_path=args.data, batch_size=args.batch_size
         )
-    except (EvaluationError, DatasetError, PlanError, ConfigError, ModelConfigError) as e:
+    except (EvaluationError, DatasetError, PlanError, ConfigError, ModelConfigError, BundleError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print_summary(report)

@@ -558,6 +558,28 @@ class Bundle:
             stored.copy_(saved)  # the lookup kernel's own storage (a view of the TBE weights)
         return model
 
+    def as_run(self, data_path: str | Path | None = None) -> LoadedRun:
+        """The bundle opened as a run for `jobs.evaluate`: its config, plan, vocabulary and fp32 model, and the
+        served model (`served_model`) that scores it; the days it was trained on from its export provenance.
+
+        Args:
+            data_path: the dataset to score (same spec); None: the run's `data.path`.
+        """
+        from pipeline.dataset import Dataset
+
+        export_prov = self.plan.provenance.get("export", {})
+        metrics = export_prov.get("metrics", {})
+        progress: dict[str, Any] = {
+            "days": [{"day": d} for d in export_prov.get("data", {}).get("days_trained", [])],
+            "epochs": [{}] * int(metrics.get("epochs_recorded") or 0),
+            "position": metrics.get("position") or [0, 0, 0],
+        }
+        dataset = Dataset(data_path or self.cfg.data.path)
+        model = self.inference_model()
+        return LoadedRun(
+            self.path, self.path, self.cfg, dataset, self.plan, self.vocab, model, progress, self.served_model()
+        )
+
     def serving_bytes(
         self, dtypes: Mapping[str, ServingDtype] | None = None, default: ServingDtype | None = None
     ) -> dict[str, int]:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from jobs.config import JobConfig, load_config
 from models.recommender import Recommender
 from pipeline.dataset import Dataset
@@ -35,6 +37,8 @@ class LoadedRun:
         vocab: the id vocabularies at the checkpoint.
         model: the trained model, unsharded, on CPU, in eval mode.
         progress: the checkpoint's `progress.json` (position, per-day/epoch records).
+        served: the model as served, when the run was opened from an export bundle (`Bundle.as_run`): its tables
+            hold the bundle's serving bytes.
     """
 
     run_dir: Path
@@ -45,6 +49,7 @@ class LoadedRun:
     vocab: VocabularySet
     model: Recommender
     progress: dict[str, Any]
+    served: nn.Module | None = None
 
 
 def load_run(run_dir: str | Path, data_path: str | Path | None = None) -> LoadedRun:

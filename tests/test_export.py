@@ -315,3 +315,17 @@ def test_serving_bytes_budget_and_bad_dtypes(run: tuple[Path, Path]) -> None:
         DimensionPlan(plan.features, Budget(int8, "serving_bytes")).check_budget()
     with pytest.raises(PlanError, match=r"dtype is 'int3', expected one of \['fp32', 'fp16', 'int8', 'int4'\]"):
         plan.with_dtypes("int3")
+
+
+def test_bundles_are_evaluated_as_served(run: tuple[Path, Path], bundle_dir: Path, tmp_path: Path) -> None:
+    """`jobs.evaluate` opens a bundle as a run: an fp32 bundle scores exactly as its run, an int4 one through its
+    own serving bytes (different, close)."""
+    _, run_dir = run
+    int4 = export(run_dir, GPU16, tmp_path / "int4", dtype="int4")
+    report = evaluate([run_dir, bundle_dir, int4], out=tmp_path / "report")
+    trained, fp32, served = (r.overall for r in report.runs)
+    assert trained.examples == fp32.examples == served.examples == 4000
+    assert fp32.metrics == trained.metrics
+    assert served.metrics["auc"] != trained.metrics["auc"]
+    assert abs(served.metrics["auc"] - trained.metrics["auc"]) < 0.05
+    assert "| int4 |" in (report.out / "report.md").read_text()
