@@ -17,11 +17,12 @@ a measured rule, not a learned policy:
    each feature alone, taken as additive) subject to `Σ_f rows_f × row_bytes(d, q) ≤ budget`, solved exactly by
    dynamic programming over the budget in `RESOLUTION` units with every cost rounded *up* — so the chosen plan never
    exceeds the budget (the plan is also checked against it, `Budget(unit="serving_bytes")`).
-4. **Fine-tune** at the chosen dims: the tables keep their first `d` columns (`PlannedModel.reconfigure`'s prefix
-   migration, the cut that was measured), each feature at `d < search.dim` becomes a one-bucket row-level feature
-   zero-padded to `search.dim` (the dense model is unchanged), for `finetune_epochs` epochs (0: serve the cut as
-   measured); on a stream the following days train on. Training stays fp32; each table is quantised to its
-   chosen dtype at export (`jobs.export`) and scored that way by `jobs.evaluate`.
+4. **Fine-tune** at the chosen dims (or, with `from_scratch` on a static split, retrain them from fresh weights):
+   the tables keep their first `d` columns (`PlannedModel.reconfigure`'s prefix migration, the cut that was
+   measured), each feature at `d < search.dim` becomes a one-bucket row-level feature zero-padded to `search.dim`
+   (the dense model is unchanged), for `finetune_epochs` epochs (0: serve the cut as measured); on a stream the
+   following days train on. Training stays fp32; each table is quantised to its chosen dtype at export
+   (`jobs.export`) and scored that way by `jobs.evaluate`.
 
 Why a measured rule: the quantities a budget trades — a table's bytes and its effect on the loss — are both
 observable on the trained model for every candidate at the cost of a forward pass, so no policy has to learn them;
@@ -70,6 +71,8 @@ class JointSettings:
         dtypes: candidate serving dtypes.
         search_epochs: epochs at `search.dim` before the search (static protocols).
         finetune_epochs: epochs at the chosen dims after it (static protocols; 0: none).
+        from_scratch: static protocols: train the chosen plan from fresh weights for `finetune_epochs` (a retrain,
+            as AutoDim and CIESS retrain their derived plans) instead of fine-tuning the cut model.
         search_days: days of the stream at `search.dim` before the search (prequential).
         env_batches: held-out batches every candidate is scored on.
     """
@@ -80,6 +83,7 @@ class JointSettings:
     dtypes: tuple[str, ...] = PRECISIONS
     search_epochs: int = 1
     finetune_epochs: int = 1
+    from_scratch: bool = False
     search_days: int = 1
     env_batches: int = 8
 
@@ -290,7 +294,7 @@ class JointSearcher(Searcher):
             return None
         if info.get("env") is None:
             raise SearchConfigError("search.method=joint needs the job's environment at the end of its search phase")
-        return PhaseEnd(self.search(info["env"]))
+        return PhaseEnd(self.search(info["env"]), from_scratch=self.settings.from_scratch)
 
     def observe(self, stats: DayStats) -> None:
         if self.static or self.choices is not None or stats.day_index + 1 < self.settings.search_days:

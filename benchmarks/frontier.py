@@ -1,0 +1,422 @@
+"""The memory–quality frontier: every method against FIXED-d × dtype and MD, at equal serving bytes.
+
+    python -m benchmarks.frontier            # ML-1M, ml-latest-small and the Criteo-like stream (--rows)
+    python -m benchmarks.frontier --quick    # a 300,000-row Criteo-like stream only, one seed (a few minutes)
+
+Every point is a real `jobs.train` run on 2 gloo ranks (`jobs.launch`), exported by `jobs.export` (serving rows
+padded to `ALIGNMENT` byte, the layout FBGEMM's CPU inference kernels read; TorchRec's default of 16 bytes makes
+every row at least 1/4 of a 16-dim fp32 row, so no method could go below 1/4) and scored *as served* by
+`jobs.evaluate` on the bundle (TorchRec's quantised inference tables holding the bundle's bytes):
+
+* ML-1M with its side features, random 80/10/10 split, DeepFM, 2 epochs, scored on the test split;
+* ml-latest-small as a stream of 8 equal-count segments (`benchmarks.streaming`), MF, trained on the first 7
+  prequentially, scored on the 8th (never trained on);
+* the Criteo-like stream (`pipeline.criteo_synthetic`: 26 fields up to `--max-cardinality` ids, 3 multi-hot), DLRM,
+  trained on all days but the last, scored on the last.
+
+Methods, at serving-byte budgets of 1/2 … 1/32 of FIXED-16 fp32's (`BUDGETS`):
+
+* FIXED-d × dtype: every field at d ∈ {4, 8, 16, 32} trained in fp32, exported in fp32, fp16, int8 and int4
+  (post-training quantisation; one training per d). uniform-budget at fraction f is FIXED-(16 f) fp32 (the
+  largest equal dim within the bytes), so it is not run again.
+* MD (streams): user and item rows in equal-mass blocks sized by the power rule (α 0.3, 4 blocks, learned
+  projections), every other field at the uniform dim of the budget, in fp32 (parameters = bytes / 4) and, served
+  in int8 (`search.dtype=int8`), with the parameter budget that leaves room for the rows' scale and bias.
+* AutoDim (ML-1M, the static field-level search): its parameter budget at fraction f (fp32).
+* joint: `search.method=joint` (dims × dtype per table by measured loss and a knapsack) at each budget; on ML-1M
+  searched after one epoch and retrained from scratch for two (as AutoDim is), on streams decided after day 1.
+
+Three seeds (`train.seed`) for the runs that decide the headline (FIXED-16 fp32 and joint at `HEADLINE`), one
+elsewhere. Per dataset it prints method, dtype, bytes as a fraction of FIXED-16 fp32, AUC (± the spread over seeds)
+and log loss, Δ AUC against FIXED-16 fp32, writes `frontier-<dataset>.png` (AUC against serving bytes, log x, one
+line per method) and the `jobs.evaluate` report of the seed-0 points (its Frontier section marks the Pareto set)
+under `--out`, and ends with the headline per method: the smallest byte fraction at which its AUC is within
+0.001 of FIXED-16 fp32's. Infeasible budgets (no plan of the method fits) are listed with the method's reason.
+
+Targets (issue "memory–quality frontier"): on the Criteo-like stream and ML-1M the best method is within 0.001 AUC
+of FIXED-16 fp32 at ≤ 1/8 of its bytes; at every budget joint's AUC ≥ every baseline's (FIXED-d × dtype, MD) that
+fits it; every plan within its byte budget.
+
+The last line is `RESULT frontier: key=value ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+GPU16 = REPO / "jobs/configs/topology/gpu16x80.yaml"
+ALIGNMENT = 1
+BUDGETS = (1 / 2, 1 / 4, 1 / 8, 1 / 16, 1 / 32)
+HEADLINE = 1 / 8
+DTYPES = ("fp32", "fp16", "int8", "int4")
+WITHIN = 0.001
+SEEDS = (0, 1, 2)
+
+BASE: dict[
+    str, dict[str, dict[str, Any]]
+] = {  # the job config of each dataset (fixed, fp32); methods override `search`
+    "ml-1m": {
+        "data": {"protocol": "random", "batch_size": 1000},
+        "model": {"name": "deepfm", "dense_lr": 0.02, "options": {"embedding_dim": 32}},
+        "sharding": {"optimizer": "rowwise_adagrad", "learning_rate": 0.05, "planner_batch_size": 1000},
+        "train": {"epochs": 2, "log_every": 1000},
+    },
+    "ml-latest": {
+        "data": {"protocol": "prequential", "batch_size": 1000, "days": 7},
+        "model": {"name": "mf", "dense_lr": 0.01},
+        "sharding": {"optimizer": "rowwise_adagrad", "learning_rate": 0.05, "planner_batch_size": 1000},
+        "train": {"log_every": 1000},
+    },
+    "criteo-synthetic": {
+        "data": {"protocol": "prequential", "batch_size": 2048},
+        "model": {"name": "dlrm", "dense_lr": 0.05},
+        "sharding": {"optimizer": "rowwise_adagrad", "learning_rate": 0.05, "planner_batch_size": 2048},
+        "train": {"log_every": 1000},
+    },
+}
+
+
+@dataclass
+class Point:
+    """One method at one budget on one dataset, as served."""
+
+    dataset: str
+    method: str
+    dtype: str
+    budget: float | None  # the nominal fraction it was given (None: a FIXED point)
+    fraction: float = float("nan")  # serving bytes / FIXED-16 fp32's
+    auc: list[float] = field(default_factory=list)  # one per seed
+    log_loss: list[float] = field(default_factory=list)
+    within_budget: bool = True
+    note: str = ""  # why it has no AUC (infeasible)
+    bundle: Path | None = None
+
+    @property
+    def mean_auc(self) -> float:
+        return float(np.mean(self.auc)) if self.auc else float("nan")
+
+
+def datasets_root() -> Path:
+    return Path(os.environ.get("DIMSEARCH_DATASETS", REPO.parent / "shared" / "datasets"))
+
+
+class Bench:
+    """Runs, exports and scores the points of one dataset in `work`."""
+
+    def __init__(self, name: str, data: Path, work: Path, quick: bool) -> None:
+        self.name, self.data, self.work, self.quick = name, data, work, quick
+        self.static = BASE[name]["data"]["protocol"] != "prequential"
+        base = json.loads(json.dumps(BASE[name]))
+        base["data"]["path"] = str(data)
+        base["search"] = {"method": "fixed", "dim": 16, "row_alignment": ALIGNMENT}
+        base["train"].update(out_dir=str(work / "runs"), checkpoint=True)
+        if not self.static:
+            from pipeline.dataset import Dataset
+
+            days = len(Dataset(data).days)
+            base["data"]["days"] = days - 1  # the last day is scored, never trained on
+            self.score_days = str(days)
+        work.mkdir(parents=True, exist_ok=True)
+        self.config = work / f"{name}.yaml"
+        self.config.write_text(json.dumps(base))  # JSON is YAML
+        self.points: list[Point] = []
+        self.seconds = 0.0
+
+    def train(self, run: str, search: list[str], seed: int = 0) -> tuple[Path | None, str]:
+        """One run of the job; (its directory, "") or (None, why it could not start: its first error line)."""
+        env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
+        cmd = [
+            sys.executable, "-m", "jobs.launch", "--standalone", "--nproc-per-node=2", "--",
+            "--config", str(self.config), f"train.name={run}", f"train.seed={seed}", *search,
+        ]  # fmt: skip
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+        self.seconds += time.perf_counter() - start
+        if proc.returncode == 0:
+            return self.work / "runs" / run, ""
+        reason = re.search(r"(PlanError|SearchConfigError|ConfigError|error): (.*)", proc.stderr)
+        if reason and ("fits" in reason.group(2) or "budget" in reason.group(2)):
+            return None, reason.group(2).strip()[:200]
+        log = self.work / f"{run}.failed.log"
+        log.write_text(proc.stderr)
+        print(f"run {run} FAILED (exit {proc.returncode}); its log: {log}\n{proc.stderr[-1500:]}", file=sys.stderr)
+        return None, f"FAILED (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1][:160]}"
+
+    def export(self, run: Path, tag: str, dtype: str | None = None) -> Path:
+        from jobs.export import export
+
+        start = time.perf_counter()
+        out = export(run, GPU16, self.work / "bundles" / tag, dtype=dtype, row_alignment=ALIGNMENT)  # type: ignore[arg-type]
+        self.seconds += time.perf_counter() - start
+        return out
+
+    def add(self, method: str, dtype: str, budget: float | None, run: Path | None, note: str = "") -> Point:
+        point = Point(self.name, method, dtype, budget, note=note)
+        if run is not None:
+            point.bundle = self.export(
+                run, f"{method}-{dtype}-{budget}-{run.name}", None if dtype == "mixed" else dtype
+            )
+        self.points.append(point)
+        return point
+
+    def seeded(self, point: Point, run: str, search: list[str], dtype: str | None) -> None:
+        """Runs seeds 1 and 2 of `point` and scores them into it."""
+        for seed in SEEDS[1:]:
+            path, _ = self.train(f"{run}-s{seed}", search, seed)
+            assert path is not None
+            bundle = self.export(path, f"{run}-s{seed}", dtype)
+            auc, loss, _ = self.score([bundle], f"seed{seed}-{run}")[0]
+            point.auc.append(auc)
+            point.log_loss.append(loss)
+
+    def score(self, bundles: list[Path], tag: str) -> list[tuple[float, float, int]]:
+        """(AUC, log loss, serving bytes) of each bundle as served, on the held-out rows; the report goes to
+        `<work>/reports/<dataset>-<tag>` (the seed-0 one is copied to --out)."""
+        from jobs.evaluate import evaluate
+        from jobs.export import load_bundle
+
+        start = time.perf_counter()
+        selection = {"split": "test"} if self.static else {"days": self.score_days}
+        report = evaluate(bundles, out=self.work / "reports" / f"{self.name}-{tag}", **selection)  # type: ignore[arg-type]
+        self.seconds += time.perf_counter() - start
+        self.report = report.out
+        return [
+            (r.overall.metrics["auc"], r.overall.metrics["log_loss"], load_bundle(b).plan.serving_bytes)
+            for r, b in zip(report.runs, bundles, strict=True)
+        ]
+
+    def run(self) -> None:
+        fixed_dims = (8, 16) if self.quick else (4, 8, 16, 32)
+        budgets = (1 / 4, 1 / 8) if self.quick else BUDGETS
+        seeds = not self.quick
+        reference: Point | None = None
+        for d in fixed_dims:
+            path, note = self.train(f"fixed{d}", ["search.method=fixed", f"search.dim={d}"])
+            for q in DTYPES:
+                p = self.add(f"FIXED-{d}", q, None, path, note)
+                if d == 16 and q == "fp32":
+                    reference = p
+        assert reference is not None
+        if seeds:
+            self.seeded(reference, "fixed16", ["search.method=fixed", "search.dim=16"], "fp32")
+        for b in budgets:
+            search = ["search.method=joint", "search.dim=16", f"search.joint.budget_fraction={b}"]
+            search += ["search.joint.dims=[4,8,12,16]", "search.joint.env_batches=8"]
+            if self.static:  # searched after 1 epoch, then retrained from scratch for FIXED's 2 (as AutoDim is)
+                search += ["search.joint.from_scratch=true", "search.joint.finetune_epochs=2"]
+            path, note = self.train(f"joint-{b:.4f}", search)
+            p = self.add("joint", "mixed", b, path, note)
+            if seeds and b == HEADLINE and path is not None:
+                self.seeded(p, f"joint-{b:.4f}", search, None)
+        if not self.static:
+            for b, dtype in [(1 / 2, "fp32"), (1 / 2, "int8"), (1 / 4, "int8"), (1 / 8, "int8")]:
+                if self.quick and dtype == "fp32":
+                    continue
+                path, note = self.train(f"md-{dtype}-{b:.4f}", self.md_search(b, dtype))
+                self.add("MD", dtype, b, path, note)
+        elif not self.quick:
+            for b in (1 / 2, 1 / 4):
+                search = ["search.method=autodim", f"search.budget={int(b * self.fixed16_parameters())}"]
+                path, note = self.train(f"autodim-{b:.4f}", search)
+                self.add("AutoDim", "fp32", b, path, note)
+        scored = [p for p in self.points if p.bundle is not None]
+        results = self.score([p.bundle for p in scored if p.bundle is not None], "seed0")
+        full = reference_bytes(reference, results, scored)
+        for p, (auc, loss, nbytes) in zip(scored, results, strict=True):
+            p.auc.insert(0, auc)
+            p.log_loss.insert(0, loss)
+            p.fraction = nbytes / full
+            p.within_budget = p.budget is None or p.fraction <= p.budget + 1e-12
+
+    def fixed16_parameters(self) -> int:
+        from sharding.plan import DimensionPlan
+
+        return DimensionPlan.load(self.work / "runs" / "fixed16" / "plan").parameters
+
+    def md_search(self, fraction: float, dtype: str) -> list[str]:
+        """MD at `fraction` of FIXED-16 fp32's serving bytes: the other fields at the budget's uniform dim, the
+        parameter budget that serves within the bytes (fp32: bytes / 4; int8: the rows' scale and bias and the
+        fp32 projections off first)."""
+        from jobs.train import table_capacities
+        from pipeline.dataset import Dataset
+
+        capacity = table_capacities(Dataset(self.data), None)
+        rows = sum(capacity.values())
+        nbytes = int(fraction * rows * 64)
+        per_dim = 4 if dtype == "fp32" else 1
+        other = max(4, min(16, int((fraction * 64 - (0 if dtype == "fp32" else 4)) / per_dim) // 4 * 4))
+        projections = 2 * 16 * (4 + 8 + 12 + 16)  # the most 4 blocks per feature can project (d x 16 each)
+        parameters = nbytes // 4 if dtype == "fp32" else nbytes - 4 * rows - 3 * projections
+        search = ["search.method=md", "search.dim=16", f"search.other_dim={other}", f"search.budget={parameters}"]
+        return search + ([f"search.dtype={dtype}"] if dtype != "fp32" else [])
+
+
+def reference_bytes(reference: Point, results: list[tuple[float, float, int]], scored: list[Point]) -> int:
+    return next(r[2] for p, r in zip(scored, results, strict=True) if p is reference)
+
+
+def _label(p: Point) -> str:
+    return p.method if p.method in ("joint", "MD", "AutoDim") else f"FIXED {p.dtype}"
+
+
+def print_dataset(points: list[Point], reference: Point) -> None:
+    ref = reference.mean_auc
+    print(f"\n{points[0].dataset}: AUC on the held-out rows as served (FIXED-16 fp32 {ref:.4f})")
+    print(f"{'method':<12}{'dtype':<7}{'budget':>8}{'bytes':>8}{'AUC':>9}{'± seeds':>9}{'log loss':>10}{'Δ AUC':>9}")
+    for p in sorted(points, key=lambda p: (np.nan_to_num(p.fraction, nan=9), p.method)):
+        budget = "-" if p.budget is None else f"1/{round(1 / p.budget)}"
+        if not p.auc:
+            print(f"{p.method:<12}{p.dtype:<7}{budget:>8}{'-':>8}  infeasible: {p.note}")
+            continue
+        spread = f"{np.std(p.auc):.4f}" if len(p.auc) > 1 else ""
+        flag = "" if p.within_budget else "  OVER BUDGET"
+        print(
+            f"{p.method:<12}{p.dtype:<7}{budget:>8}{p.fraction:>8.4f}{p.mean_auc:>9.4f}{spread:>9}"
+            f"{np.mean(p.log_loss):>10.4f}{p.mean_auc - ref:>+9.4f}{flag}"
+        )
+
+
+def plot(points: list[Point], reference: Point, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for label in dict.fromkeys(_label(p) for p in points):
+        line = sorted((p.fraction, p.mean_auc) for p in points if _label(p) == label and p.auc)
+        if line:
+            ax.plot(*zip(*line, strict=True), marker="o", label=label)
+    ax.axhline(reference.mean_auc - WITHIN, color="grey", linestyle=":", label="FIXED-16 fp32 − 0.001")
+    ax.set_xscale("log")
+    ax.set_xlabel("serving bytes / FIXED-16 fp32's")
+    ax.set_ylabel("AUC (held out, as served)")
+    ax.set_title(f"{points[0].dataset}: the memory–quality frontier")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def headline(points: list[Point], reference: Point) -> dict[str, float]:
+    """Per method (line), the smallest byte fraction whose AUC is within 0.001 of FIXED-16 fp32's (nan: none)."""
+    out: dict[str, float] = {}
+    for label in dict.fromkeys(_label(p) for p in points):
+        good = [
+            p.fraction for p in points if _label(p) == label and p.auc and p.mean_auc >= reference.mean_auc - WITHIN
+        ]
+        out[label] = min(good) if good else float("nan")
+    return out
+
+
+def dominance(points: list[Point]) -> list[tuple[float, float, float]]:
+    """Per budget joint ran at: (budget, joint's AUC, the best baseline's AUC within that budget)."""
+    rows = []
+    for j in (p for p in points if p.method == "joint" and p.auc and p.budget is not None):
+        assert j.budget is not None
+        base = [
+            p.mean_auc
+            for p in points
+            if (p.method.startswith("FIXED") or p.method == "MD") and p.auc and p.fraction <= j.budget + 1e-12
+        ]
+        rows.append((j.budget, j.mean_auc, max(base) if base else float("nan")))
+    return rows
+
+
+def prepare(name: str, work: Path, rows: int, days: int, max_cardinality: int) -> Path | None:
+    root = datasets_root()
+    if name == "criteo-synthetic":
+        from pipeline.criteo_synthetic import CriteoSyntheticConfig, write_criteo_synthetic
+
+        cfg = CriteoSyntheticConfig(
+            days=days,
+            rows_per_day=rows // days,
+            chunk_rows=min(1_000_000, rows // days),
+            max_cardinality=max_cardinality,
+        )
+        return write_criteo_synthetic(cfg, work / "data-criteo")
+    src = root / ("ml-1m" if name == "ml-1m" else "ml-latest-small")
+    if not src.is_dir():
+        print(f"skip {name}: {src} not found (licensed data is read from ../shared/datasets)")
+        return None
+    if name == "ml-1m":
+        from pipeline.ingest import ingest
+
+        return ingest("ml-1m", src, work / "data-ml-1m")
+    from benchmarks.streaming import segmented_ml_latest
+
+    return segmented_ml_latest(work / "data-ml-latest")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.frontier", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a small Criteo-like stream only, one seed")
+    parser.add_argument("--rows", type=int, default=None, help="rows of the Criteo-like stream (full: 6,000,000)")
+    parser.add_argument("--days", type=int, default=None, help="its days (the last is scored; full: 4)")
+    parser.add_argument("--max-cardinality", type=int, default=1_000_000, help="ids of its largest field")
+    parser.add_argument("--datasets", default=None, help="comma-separated subset of ml-1m,ml-latest,criteo-synthetic")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "frontier")
+    parser.add_argument("--work", type=Path, default=None, help="parent of the temporary work directory")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    rows = args.rows or (300_000 if args.quick else 6_000_000)
+    days = args.days or (3 if args.quick else 4)
+    names = (args.datasets or ("criteo-synthetic" if args.quick else "ml-1m,ml-latest,criteo-synthetic")).split(",")
+    args.out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    parts: list[str] = []
+    all_points: dict[str, tuple[list[Point], Point]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-frontier-", dir=args.work) as tmp:
+        for name in names:
+            data = prepare(name, Path(tmp), rows, days, args.max_cardinality)
+            if data is None:
+                continue
+            bench = Bench(name, data, Path(tmp) / name, args.quick)
+            bench.run()
+            reference = next(p for p in bench.points if p.method == "FIXED-16" and p.dtype == "fp32")
+            all_points[name] = (bench.points, reference)
+            print_dataset(bench.points, reference)
+            plot(bench.points, reference, args.out / f"frontier-{name}.png")
+            shutil.copytree(bench.report, args.out / f"report-{name}", dirs_exist_ok=True)
+            print(f"({name}: {bench.seconds:.0f} s; plot and report in {args.out})")
+            head = headline(bench.points, reference)
+            print("smallest byte fraction within 0.001 AUC of FIXED-16 fp32: " + ", ".join(
+                f"{k} {v:.4f}" for k, v in head.items()))  # fmt: skip
+            dom = dominance(bench.points)
+            for b, j, base in dom:
+                print(
+                    f"  budget 1/{round(1 / b)}: joint {j:.4f} vs best baseline within it {base:.4f} ({j - base:+.4f})"
+                )
+            key = name.replace("-", "_")
+            best = min(head.values(), default=float("nan"))
+            parts += [
+                f"{key}_fixed16_auc={reference.mean_auc:.4f}",
+                f"{key}_joint_smallest_within={head.get('joint', float('nan')):.4f}",
+            ]
+            parts.append(f"{key}_best_smallest_within={best:.4f}")
+            if name in ("ml-1m", "criteo-synthetic"):
+                parts.append(f"{key}_target_within_0.001_at_1/8={'met' if best <= HEADLINE + 1e-12 else 'missed'}")
+            dominated = all(j >= base - 1e-12 for _, j, base in dom if not np.isnan(base))
+            parts.append(f"{key}_target_joint_at_or_above_baselines={'met' if dominated else 'missed'}")
+            over = sum(not p.within_budget for p in bench.points if p.auc)
+            parts.append(f"{key}_over_budget={over}")
+    print(f"(total {time.perf_counter() - start:.0f} s; Criteo-like stream {rows:,} rows over {days} days)")
+    print("RESULT frontier: " + " ".join(parts))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
