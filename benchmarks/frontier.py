@@ -176,8 +176,10 @@ class Bench:
     def seeded(self, point: Point, run: str, search: list[str], dtype: str | None) -> None:
         """Runs seeds 1 and 2 of `point` and scores them into it."""
         for seed in SEEDS[1:]:
-            path, _ = self.train(f"{run}-s{seed}", search, seed)
-            assert path is not None
+            path, note = self.train(f"{run}-s{seed}", search, seed)
+            if path is None:
+                print(f"seed {seed} of {run}: {note}", file=sys.stderr)
+                continue
             bundle = self.export(path, f"{run}-s{seed}", dtype)
             auc, loss, _ = self.score([bundle], f"seed{seed}-{run}")[0]
             point.auc.append(auc)
