@@ -155,7 +155,8 @@ def solve_knapsack(costs: Sequence[np.ndarray], values: Sequence[np.ndarray], bu
         smallest = sum(int(np.min(c)) for c in costs)
         raise PlanError(
             f"no plan fits a budget of {budget:,} serving bytes: the smallest the candidates allow is {smallest:,} "
-            "(every table at its smallest dim and dtype). Raise the budget, or add smaller dims or dtypes"
+            "(every table at its smallest dim and dtype). Possible solutions: raise the budget, or add smaller dims or "
+            "dtypes"
         )
     chosen = [0] * len(costs)
     c = RESOLUTION
@@ -221,8 +222,8 @@ class JointSearcher(Searcher):
             raise PlanError(
                 f"search.joint: no plan fits a budget of {value:,} serving bytes ({value / full:.4f} of every table "
                 f"at dim {self.dim} in fp32): the smallest the candidates allow is {smallest:,} "
-                f"({smallest / full:.4f}; rows are padded to {self.alignment} bytes). Raise the budget, lower "
-                "search.row_alignment, or add smaller dims or dtypes"
+                f"({smallest / full:.4f}; rows are padded to {self.alignment} bytes). Possible solutions: raise the "
+                "budget, lower search.row_alignment, or add smaller dims or dtypes"
             )
         return uniform_plan(features, num_embeddings, self.dim, provenance={"method": self.name})
 

@@ -1004,6 +1004,22 @@ JOB_CASES: list[Case] = [
         ("do not fit the budget of 4,096 bytes over 2 ranks", "Possible solutions: raise sharding.budget_bytes"),
     ),
     Case(
+        "job-serving-dtype-unknown",
+        _copy_run,
+        _job("search.dtype=int3"),
+        ("search.dtype is 'int3', expected one of ['fp32', 'fp16', 'int8', 'int4']", "Fix: correct"),
+    ),
+    Case(
+        "job-joint-budget-impossible",
+        _copy_run,
+        _job("--replace", "search.method=joint", "search.joint.budget_fraction=0.05"),
+        (
+            "search.joint: no plan fits a budget of",
+            "rows are padded to 16 bytes",
+            "Possible solutions: raise the budget",
+        ),
+    ),
+    Case(
         "job-plan-missing",
         _copy_run,
         _job("--replace", lambda a: f"search.plan={a.run.parent / 'no-plan'}"),
