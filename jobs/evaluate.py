@@ -28,8 +28,8 @@ replaces only an earlier report: an `--out` that is, contains or lies inside a r
 anything but a report's files, is refused before any scoring (`pipeline.dataset.check_output_dir`):
 
 - `report.md`: the runs, overall and per-day quality, unseen ids, embedding parameters, training bytes and served
-  bytes per table (from the plan: `TableSpec.serving_bytes`, rows in the table's dtype aligned to 16 bytes, plus fp32
-  projections) and per rank (the sharding planner's estimate, optimizer state included, from the run's last metrics
+  bytes per table (from the plan: `TableSpec.serving_bytes`, rows in the table's dtype padded to the plan's row
+  alignment, plus fp32 projections) and per rank (the sharding planner's estimate, optimizer state included, from the run's last metrics
   record), and the frontier: each run's served bytes and primary metric, and the Pareto set (the runs no other run
   beats on both, `pareto_set`);
 - `quality_per_day.png`, `bytes_per_table.png` (served bytes), `quality_vs_memory.png` (the primary metric against
@@ -427,7 +427,7 @@ class TableMemory:
         parameters: stored parameters, projection included.
         bytes: `parameters` in the plan's training dtype (`plan.dtype`).
         dtype: the dtype serving stores the table in.
-        serving_bytes: the table as served (`TableSpec.serving_bytes`: rows in `dtype`, aligned to 16 bytes, the
+        serving_bytes: the table as served (`TableSpec.serving_bytes`: rows in `dtype`, padded to its row alignment, the
             int8/int4 scale and bias included) plus its projection in fp32.
     """
 
@@ -566,7 +566,7 @@ def plot_bytes_per_table(runs: Sequence[RunEvaluation], path: Path) -> None:
         ax.barh(y + i * height, [sizes.get(t, 0) / 1024 for t in tables], height, label=r.name)
     ax.set_yticks(y + height * (len(runs) - 1) / 2, tables, fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("KiB served (rows in the table's dtype, 16-byte aligned, + fp32 projections)")
+    ax.set_xlabel("KiB served (rows in the table's dtype, rows padded to the row alignment, + fp32 projections)")
     ax.set_title("served embedding bytes per table")
     ax.legend(fontsize=8)
     ax.grid(axis="x", alpha=0.3)
@@ -747,7 +747,8 @@ def render_markdown(runs: Sequence[RunEvaluation], selection: Selection, has_dim
         "",
         "Per table, from the plan: parameters are the stored width `ceil4(dim)` × rows, learned projections included; "
         f"MiB is them in training storage ({runs[0].plan.dtype}); served MiB is the table as serving stores it, in "
-        "its dtype (rows aligned to 16 bytes, an int8/int4 row with its 4-byte scale and bias), projections in fp32:",
+        "its dtype (rows padded to the plan's row alignment, an int8/int4 row with its 4-byte scale and bias), "
+        "projections in fp32:",
         "",
         _md_table(
             ["run", "table", "feature", "rows", "dim", "stored dim", "parameters", "MiB", "dtype", "served MiB"],
