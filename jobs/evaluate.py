@@ -29,9 +29,9 @@ anything but a report's files, is refused before any scoring (`pipeline.dataset.
 
 - `report.md`: the runs, overall and per-day quality, unseen ids, embedding parameters, training bytes and served
   bytes per table (from the plan: `TableSpec.serving_bytes`, rows in the table's dtype padded to the plan's row
-  alignment, plus fp32 projections) and per rank (the sharding planner's estimate, optimizer state included, from the run's last metrics
-  record), and the frontier: each run's served bytes and primary metric, and the Pareto set (the runs no other run
-  beats on both, `pareto_set`);
+  alignment, plus fp32 projections) and per rank (the sharding planner's estimate, optimizer state included, from
+  the run's last metrics record), and the frontier: each run's served bytes and primary metric, and the Pareto set
+  (the runs no other run beats on both, `pareto_set`);
 - `quality_per_day.png`, `bytes_per_table.png` (served bytes), `quality_vs_memory.png` (the primary metric against
   served bytes, log scale, the Pareto set filled and joined), and `dims_vs_frequency.png` when a run has a row-level
   plan;
