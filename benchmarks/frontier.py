@@ -23,7 +23,9 @@ Methods, at serving-byte budgets of 1/2 … 1/32 of FIXED-16 fp32's (`BUDGETS`):
   projections), every other field at the uniform dim of the budget, in fp32 (parameters = bytes / 4) and, served
   in int8 (`search.dtype=int8`), with the parameter budget that leaves room for the rows' scale and bias.
 * AutoDim (ML-1M, the static field-level search): its parameter budget at fraction f (fp32).
-* joint: `search.method=joint` (dims × dtype per table by measured loss and a knapsack) at each budget; on ML-1M
+* joint: `search.method=joint` (dims × dtype per table by measured loss and a knapsack) at each budget (in bytes:
+  the fraction of FIXED-16 fp32's), trained first at `--joint-dim` (32: candidates 4…32, so a table may be served
+  wider than 16 in fewer bytes, as FIXED-32 int4 is); on ML-1M
   searched after one epoch and retrained from scratch for two (as AutoDim is), on streams decided after day 1.
 
 Three seeds (`train.seed`) for the runs that decide the headline (FIXED-16 fp32 and joint at `HEADLINE`), one
@@ -65,6 +67,7 @@ HEADLINE = 1 / 8
 DTYPES = ("fp32", "fp16", "int8", "int4")
 WITHIN = 0.001
 SEEDS = (0, 1, 2)
+JOINT_DIMS = (4, 8, 12, 16, 24, 32)
 
 BASE: dict[
     str, dict[str, dict[str, Any]]
@@ -117,8 +120,8 @@ def datasets_root() -> Path:
 class Bench:
     """Runs, exports and scores the points of one dataset in `work`."""
 
-    def __init__(self, name: str, data: Path, work: Path, quick: bool) -> None:
-        self.name, self.data, self.work, self.quick = name, data, work, quick
+    def __init__(self, name: str, data: Path, work: Path, quick: bool, joint_dim: int = 32) -> None:
+        self.name, self.data, self.work, self.quick, self.joint_dim = name, data, work, quick, joint_dim
         self.static = BASE[name]["data"]["protocol"] != "prequential"
         base = json.loads(json.dumps(BASE[name]))
         base["data"]["path"] = str(data)
@@ -216,8 +219,12 @@ class Bench:
         if seeds:
             self.seeded(reference, "fixed16", ["search.method=fixed", "search.dim=16"], "fp32")
         for b in budgets:
-            search = ["search.method=joint", "search.dim=16", f"search.joint.budget_fraction={b}"]
-            search += ["search.joint.dims=[4,8,12,16]", "search.joint.env_batches=8"]
+            dims = ",".join(str(d) for d in JOINT_DIMS if d <= self.joint_dim)
+            search = ["search.method=joint", f"search.dim={self.joint_dim}", f"search.joint.dims=[{dims}]"]
+            search += [
+                f"search.joint.budget_bytes={int(b * self.fixed16_serving_bytes())}",
+                "search.joint.env_batches=8",
+            ]
             if self.static:  # searched after 1 epoch, then retrained from scratch for FIXED's 2 (as AutoDim is)
                 search += ["search.joint.from_scratch=true", "search.joint.finetune_epochs=2"]
             path, note = self.train(f"joint-{b:.4f}", search)
@@ -243,6 +250,11 @@ class Bench:
             p.log_loss.insert(0, loss)
             p.fraction = nbytes / full
             p.within_budget = p.budget is None or p.fraction <= p.budget + 1e-12
+
+    def fixed16_serving_bytes(self) -> int:
+        from sharding.plan import DimensionPlan
+
+        return DimensionPlan.load(self.work / "runs" / "fixed16" / "plan").serving_bytes
 
     def fixed16_parameters(self) -> int:
         from sharding.plan import DimensionPlan
@@ -373,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--datasets", default=None, help="comma-separated subset of ml-1m,ml-latest,criteo-synthetic")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "frontier")
     parser.add_argument("--work", type=Path, default=None, help="parent of the temporary work directory")
+    parser.add_argument(
+        "--joint-dim", type=int, default=32, help="joint's search.dim: trained first, its widest candidate (16 or 32)"
+    )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     rows = args.rows or (300_000 if args.quick else 6_000_000)
     days = args.days or (3 if args.quick else 4)
@@ -386,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
             data = prepare(name, Path(tmp), rows, days, args.max_cardinality)
             if data is None:
                 continue
-            bench = Bench(name, data, Path(tmp) / name, args.quick)
+            bench = Bench(name, data, Path(tmp) / name, args.quick, args.joint_dim)
             bench.run()
             reference = next(p for p in bench.points if p.method == "FIXED-16" and p.dtype == "fp32")
             all_points[name] = (bench.points, reference)
