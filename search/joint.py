@@ -13,8 +13,9 @@ a measured rule, not a learned policy:
    forward pass over the held-out batches per candidate (`features × dims × dtypes` passes). For a single-hot
    feature this is exactly the served model's loss change; for a multi-hot one the pooled sum is quantised instead
    of each row (an approximation).
-3. **Choose.** A multiple-choice knapsack: one `(d, q)` per feature, minimising `Σ_f Δ(f, d, q)` (the change of
-   each feature alone, taken as additive) subject to `Σ_f rows_f × row_bytes(d, q) ≤ budget`, solved exactly by
+3. **Choose.** A multiple-choice knapsack: one `(d, q)` per feature, minimising `Σ_f max(Δ(f, d, q), 0)` (the
+   change of each feature alone, taken as additive; a measured gain counts as none, and ties go to the larger
+   option) subject to `Σ_f rows_f × row_bytes(d, q) ≤ budget`, solved exactly by
    dynamic programming over the budget in `RESOLUTION` units with every cost rounded *up* — so the chosen plan never
    exceeds the budget (the plan is also checked against it, `Budget(unit="serving_bytes")`).
 4. **Fine-tune** at the chosen dims (or, with `from_scratch` on a static split, retrain them from fresh weights):
@@ -248,7 +249,12 @@ class JointSearcher(Searcher):
                 loss.append(env.metrics(sizes, {f: q} if q != "fp32" else None)["loss"])
             costs.append(np.array([n * row_bytes(d, q, self.alignment) for d, q in options], dtype=np.int64))
             deltas.append(np.asarray(loss) - reference)
-        picks = solve_knapsack(costs, deltas, self.budget.value)
+        # A cut measured as better than the model as trained is taken as no loss, not as a gain: the model trains
+        # on after the search, and on a model still training the held-out gain of a cut is regularisation noise
+        # that more training at full width overtakes. Among options of equal measured loss the knapsack then keeps
+        # the larger (a tie-break of 1e-9 per budget share): the budget is spent, not left unused.
+        values = [np.maximum(d, 0.0) - 1e-9 * c / self.budget.value for d, c in zip(deltas, costs, strict=True)]
+        picks = solve_knapsack(costs, values, self.budget.value)
         self.choices = {
             f: Choice(options[k][0], options[k][1], int(costs[i][k]), float(deltas[i][k]))
             for i, (f, k) in enumerate(zip(features, picks, strict=True))
