@@ -13,11 +13,12 @@ a measured rule, not a learned policy:
    forward pass over the held-out batches per candidate (`features × dims × dtypes` passes). For a single-hot
    feature this is exactly the served model's loss change; for a multi-hot one the pooled sum is quantised instead
    of each row (an approximation).
-3. **Choose.** A multiple-choice knapsack: one `(d, q)` per feature, minimising `Σ_f max(Δ(f, d, q), 0)` (the
-   change of each feature alone, taken as additive; a measured gain counts as none, and ties go to the larger
-   option) subject to `Σ_f rows_f × row_bytes(d, q) ≤ budget`, solved exactly by
-   dynamic programming over the budget in `RESOLUTION` units with every cost rounded *up* — so the chosen plan never
-   exceeds the budget (the plan is also checked against it, `Budget(unit="serving_bytes")`).
+3. **Choose.** A multiple-choice knapsack: one `(d, q)` per feature, minimising `Σ_f Δ(f, d, q)` (the change of
+   each feature alone, taken as additive; a change within `tolerance` of the loss, or a gain, counts as none, and
+   ties go to the wider dim, then the fewer bytes: `JointSearcher.values`) subject to
+   `Σ_f rows_f × row_bytes(d, q) ≤ budget`, solved exactly by dynamic programming over the budget in `RESOLUTION`
+   units with every cost rounded *up* — so the chosen plan never exceeds the budget (the plan is also checked
+   against it, `Budget(unit="serving_bytes")`).
 4. **Fine-tune** at the chosen dims (or, with `from_scratch` on a static split, retrain them from fresh weights):
    the tables keep their first `d` columns (`PlannedModel.reconfigure`'s prefix migration, the cut that was
    measured), each feature at `d < search.dim` becomes a one-bucket row-level feature zero-padded to `search.dim`
@@ -76,6 +77,7 @@ class JointSettings:
             as AutoDim and CIESS retrain their derived plans) instead of fine-tuning the cut model.
         search_days: days of the stream at `search.dim` before the search (prequential).
         env_batches: held-out batches every candidate is scored on.
+        tolerance: a loss change below this fraction of the trained model's held-out loss counts as none.
     """
 
     budget_bytes: int | None = None
@@ -87,6 +89,7 @@ class JointSettings:
     from_scratch: bool = False
     search_days: int = 1
     env_batches: int = 8
+    tolerance: float = 1e-3
 
     def __post_init__(self) -> None:
         problems = []
@@ -249,12 +252,7 @@ class JointSearcher(Searcher):
                 loss.append(env.metrics(sizes, {f: q} if q != "fp32" else None)["loss"])
             costs.append(np.array([n * row_bytes(d, q, self.alignment) for d, q in options], dtype=np.int64))
             deltas.append(np.asarray(loss) - reference)
-        # A cut measured as better than the model as trained is taken as no loss, not as a gain: the model trains
-        # on after the search, and on a model still training the held-out gain of a cut is regularisation noise
-        # that more training at full width overtakes. Among options of equal measured loss the knapsack then keeps
-        # the larger (a tie-break of 1e-9 per budget share): the budget is spent, not left unused.
-        values = [np.maximum(d, 0.0) - 1e-9 * c / self.budget.value for d, c in zip(deltas, costs, strict=True)]
-        picks = solve_knapsack(costs, values, self.budget.value)
+        picks = solve_knapsack(costs, self.values(deltas, costs, reference, options), self.budget.value)
         self.choices = {
             f: Choice(options[k][0], options[k][1], int(costs[i][k]), float(deltas[i][k]))
             for i, (f, k) in enumerate(zip(features, picks, strict=True))
@@ -271,6 +269,23 @@ class JointSearcher(Searcher):
             {f: f"{c.dim}/{c.dtype}" for f, c in self.choices.items()},
         )
         return plan
+
+    def values(
+        self, deltas: list[np.ndarray], costs: list[np.ndarray], reference: float, options: list[tuple[int, str]]
+    ) -> list[np.ndarray]:
+        """What the knapsack minimises per feature and option: the measured loss change, with changes within
+        `tolerance` of the reference loss — a cut measured as *better* than the model as trained among them — taken
+        as none (on a model that trains on after the search such a gain is noise that training at full width
+        overtakes), and ties broken toward the wider dim, then the fewer bytes: dims are what training can still
+        use, precision only what serving stores."""
+        assert self.budget is not None
+        floor, budget = self.settings.tolerance * abs(reference), self.budget.value
+        width = np.array([d for d, _ in options], dtype=np.float64) / self.dim
+        out = []
+        for delta, cost in zip(deltas, costs, strict=True):
+            loss = np.where(delta <= floor, 0.0, delta)
+            out.append(loss - 1e-9 * width + 1e-12 * cost / budget)
+        return out
 
     def _plan(self, reference: float, seconds: float, candidates: int) -> DimensionPlan:
         assert self.choices is not None and self.budget is not None
