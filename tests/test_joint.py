@@ -141,3 +141,17 @@ def test_joint_search_on_a_stream_moves_once_within_budget(data: Path, tmp_path:
     plan = DimensionPlan.load(tmp_path / "stream" / "plan")
     assert plan.budget is not None and plan.serving_bytes <= plan.budget.value
     assert plan.provenance["method"] == "joint" and len(plan.provenance["choices"]) == len(plan.features)
+
+
+def test_values_ignore_noise_and_prefer_width_then_fewer_bytes() -> None:
+    """Changes within the tolerance (and gains) count as none; among them the knapsack sees the wider dim as better,
+    then the cheaper dtype; a real loss is kept as measured."""
+    searcher = JointSearcher(JointSettings(budget_bytes=10_000, tolerance=1e-3), dim=32, static=True)
+    searcher.initial_plan(["a"], {"a": 10})
+    options = [(16, "fp32"), (32, "fp16"), (32, "int4"), (8, "int8")]
+    costs = [np.array([10 * row_bytes(d, q) for d, q in options])]
+    deltas = [np.array([-0.01, 0.0004, 0.0009, 0.3])]  # reference loss 1.0: the first three are within 1e-3
+    (values,) = searcher.values(deltas, costs, 1.0, options)
+    assert np.argsort(values).tolist() == [2, 1, 0, 3]  # 32 int4, 32 fp16 (wider than 16), 16 fp32, then the loss
+    assert values[3] == pytest.approx(0.3, abs=1e-6)
+    assert solve_knapsack(costs, [values], 10_000) == [2]
