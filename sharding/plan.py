@@ -406,6 +406,11 @@ class DimensionPlan:
         chosen = {f: dtypes for f in self.feature_names} if isinstance(dtypes, str) else dict(dtypes or {})
         if unknown := sorted(set(chosen) - set(self.feature_names)):
             raise PlanError(f"dtypes name features {unknown} that the plan lacks (its features: {self.feature_names})")
+        if all(chosen.get(f.feature, f.dtype) == f.dtype for f in self.features) and row_alignment in (
+            None,
+            self.row_alignment,
+        ):
+            return self  # nothing changes (a row-level feature's remap is not computed again)
         features = tuple(f.with_dtype(chosen.get(f.feature), row_alignment) for f in self.features)
         return DimensionPlan(features, self.budget, self.dtype, self.provenance)
 
