@@ -1,7 +1,7 @@
 """The memory–quality frontier: every method against FIXED-d × dtype and MD, at equal serving bytes.
 
     python -m benchmarks.frontier            # ML-1M, ml-latest-small and the Criteo-like stream (--rows)
-    python -m benchmarks.frontier --quick    # a 300,000-row Criteo-like stream only, one seed (a few minutes)
+    python -m benchmarks.frontier --quick    # a 120,000-row Criteo-like stream only, one seed (5.6 min here)
 
 Every point is a real `jobs.train` run on 2 gloo ranks (`jobs.launch`), exported by `jobs.export` (serving rows
 padded to `ALIGNMENT` byte, the layout FBGEMM's CPU inference kernels read; TorchRec's default of 16 bytes makes
@@ -389,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         "--joint-dim", type=int, default=32, help="joint's search.dim: trained first, its widest candidate (16 or 32)"
     )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    rows = args.rows or (300_000 if args.quick else 6_000_000)
+    rows = args.rows or (120_000 if args.quick else 6_000_000)
     days = args.days or (3 if args.quick else 4)
     names = (args.datasets or ("criteo-synthetic" if args.quick else "ml-1m,ml-latest,criteo-synthetic")).split(",")
     args.out.mkdir(parents=True, exist_ok=True)

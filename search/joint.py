@@ -237,7 +237,6 @@ class JointSearcher(Searcher):
         assert self.budget is not None, "initial_plan sets the budget"
         start = time.perf_counter()
         features = list(self.num_embeddings)
-        full = {f: np.full(n, self.dim, dtype=np.int64) for f, n in self.num_embeddings.items()}
         reference = env.metrics({})["loss"]
         options = [(d, q) for d in self.dims for q in self.settings.dtypes]
         costs, deltas = [], []
@@ -248,7 +247,7 @@ class JointSearcher(Searcher):
                 if d == self.dim and q == "fp32":
                     loss.append(reference)
                     continue
-                sizes = {f: np.full(n, d, dtype=np.int64)} if d < self.dim else {f: full[f]}
+                sizes = {f: np.full(n, d, dtype=np.int64)} if d < self.dim else {}  # full width: no cut
                 loss.append(env.metrics(sizes, {f: q} if q != "fp32" else None)["loss"])
             costs.append(np.array([n * row_bytes(d, q, self.alignment) for d, q in options], dtype=np.int64))
             deltas.append(np.asarray(loss) - reference)
