@@ -97,6 +97,9 @@ class _Column:
     offsets: np.ndarray | None
 
 
+# A chunk that pass 1 read with every column, and (on one rank) its mapped columns, which pass 2 then reuses.
+_Chunk = tuple[pl.DataFrame, list[_Column] | None]
+
 # Pass 1's summary of one feature over some rows: the distinct raw ids in order of first appearance, and their counts.
 _Distinct = pl.DataFrame
 
@@ -239,11 +242,14 @@ class DayStream:
         k = self.config.batches_per_chunk
         return [bounds[i : i + k + 1] for i in range(0, max(bounds.size - 1, 1), k)]
 
-    def _grow(self, rows: _Rows, edges: list[np.ndarray]) -> pl.DataFrame | None:
+    def _grow(self, rows: _Rows, edges: list[np.ndarray]) -> _Chunk | None:
         """Pass 1: admit the day's new ids on every rank, in whole-day row order, and count every id.
 
-        Returns the rank's first chunk with every column when pass 1 read it last (pass 2 starts with it).
+        Returns the rank's first chunk with every column when pass 1 read it last (pass 2 starts with it), and on one
+        rank its mapped columns too.
         """
+        if self.world_size == 1:
+            return self._grow_alone(rows, edges)
         sparse = [f.column for f in self.fields]
         if self.world_size == 1 or self.gather is not None:
             own = [(int(e[0]), int(e[-1])) for e in edges]
@@ -269,18 +275,33 @@ class DayStream:
             gathered = self.gather(local) if self.world_size > 1 and self.gather is not None else [local]
             del local
             _update_distinct(self.vocab[f.name], _merge(gathered))
-        return first
+        return None if first is None else (first, None)
 
-    def _batches(
-        self, rows: _Rows, edges: list[np.ndarray], grow: bool, cached: pl.DataFrame | None
-    ) -> Iterator[Batch]:
-        """Pass 2: each chunk of this rank's rows, mapped with `lookup`, cut into its batches."""
+    def _grow_alone(self, rows: _Rows, edges: list[np.ndarray]) -> _Chunk | None:
+        """Pass 1 on one rank: `Vocabulary.update` on each chunk in row order, so each id is looked up once and only
+        the new ones are hashed again to order them. A day read in one chunk keeps its frame and mapped columns, and
+        pass 2 maps nothing again."""
+        sparse = [f.column for f in self.fields]
+        whole = len(edges) == 1
+        for bounds in edges:
+            df = rows.read(self._columns if whole else sparse, int(bounds[0]), int(bounds[-1]))
+            mapped = [self._column(df, f, self.vocab[f.name].update(_ids(df, f))) for f in self.fields]
+            if whole:
+                return df, mapped
+        return None
+
+    def _batches(self, rows: _Rows, edges: list[np.ndarray], grow: bool, cached: _Chunk | None) -> Iterator[Batch]:
+        """Pass 2: each chunk of this rank's rows, mapped with `lookup` (unless pass 1 mapped it), cut into batches."""
         for i, bounds in enumerate(edges):
             start, stop = int(bounds[0]), int(bounds[-1])
-            df = cached if i == 0 and cached is not None else rows.read(self._columns, start, stop)
+            df, columns = cached if i == 0 and cached is not None else (rows.read(self._columns, start, stop), None)
             cached = None  # held no longer than its chunk
-            # Training already counted its ids in pass 1, so only evaluation counts the unseen here.
-            columns = [self._map(df, f, count_unseen=not grow) for f in self.fields]
+            if columns is None:
+                # Training already counted its ids in pass 1, so only evaluation counts the unseen here.
+                columns = [
+                    self._column(df, f, self.vocab[f.name].lookup(_ids(df, f), count_unseen=not grow))
+                    for f in self.fields
+                ]
             # torch wants writable arrays; polars' zero-copy views are read-only.
             dense = np.require(
                 df.select(self.spec.dense).cast(pl.Float32).to_numpy(order="c")
@@ -291,40 +312,39 @@ class DayStream:
             labels = df.get_column(self.spec.label).cast(pl.Float32).to_numpy(writable=True)
             del df
             local = (bounds - start).tolist()
+            # Per batch, not per chunk: one chunk-wide copy lands in freshly mapped pages (slower in a profile, 4x),
+            # where a batch's few MiB reuse memory that is still in cache.
+            ones = np.ones(max(b - a for a, b in itertools.pairwise(local)), dtype=np.int32)
+            lengths = [None if c.offsets is None else np.diff(c.offsets).astype(np.int32) for c in columns]
             for a, b in itertools.pairwise(local):
-                yield self._batch(columns, dense, labels, a, b)
+                kjt = KeyedJaggedTensor(
+                    keys=self.features,
+                    values=torch.from_numpy(
+                        np.concatenate(
+                            [
+                                c.values[a:b] if c.offsets is None else c.values[c.offsets[a] : c.offsets[b]]
+                                for c in columns
+                            ]
+                        )
+                    ),
+                    lengths=torch.from_numpy(np.concatenate([ones[: b - a] if n is None else n[a:b] for n in lengths])),
+                    stride=b - a,
+                )
+                yield Batch(
+                    dense_features=torch.from_numpy(dense[a:b]),
+                    sparse_features=kjt,
+                    labels=torch.from_numpy(labels[a:b]),
+                )
 
-    def _map(self, df: pl.DataFrame, f: SparseField, *, count_unseen: bool) -> _Column:
-        vocab = self.vocab[f.name]
-        rows = vocab.lookup(_ids(df, f), count_unseen=count_unseen)
+    @staticmethod
+    def _column(df: pl.DataFrame, f: SparseField, rows: np.ndarray) -> _Column:
+        """Feature `f`'s mapped `rows` (in the order `_ids` gives) as a column of `df`'s examples."""
         if not f.multi_hot:
             return _Column(rows, None)
         lengths = df.get_column(f.column).list.len().fill_null(0).to_numpy()
         offsets = np.zeros(lengths.size + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         return _Column(rows, offsets)
-
-    def _batch(self, columns: list[_Column], dense: np.ndarray, labels: np.ndarray, start: int, stop: int) -> Batch:
-        size = stop - start
-        values, lengths = [], []
-        for c in columns:
-            if c.offsets is None:
-                values.append(c.values[start:stop])
-                lengths.append(np.ones(size, dtype=np.int32))
-            else:
-                values.append(c.values[c.offsets[start] : c.offsets[stop]])
-                lengths.append(np.diff(c.offsets[start : stop + 1]).astype(np.int32))
-        kjt = KeyedJaggedTensor(
-            keys=self.features,
-            values=torch.from_numpy(np.concatenate(values)),
-            lengths=torch.from_numpy(np.concatenate(lengths)),
-            stride=size,
-        )
-        return Batch(
-            dense_features=torch.from_numpy(dense[start:stop]),
-            sparse_features=kjt,
-            labels=torch.from_numpy(labels[start:stop]),
-        )
 
 
 def _ids(df: pl.DataFrame, f: SparseField) -> np.ndarray:

@@ -9,7 +9,7 @@ by these frequencies.
 Everything is vectorised, and an update costs time in the ids it admits, not in the ids already held (a feature
 may hold 10M ids and admit a few hundred thousand a day). Small non-negative raw ids are looked up through a
 direct index array (one gather), grown geometrically. Other ids go through a growable open-addressing hash table
-(`HashTable`: multiplicative hashing, linear probing, load at most 1/2, doubled when full, so each id is re-hashed
+(`HashTable`: multiplicative hashing, linear probing, load at most 1/3, doubled when full, so each id is re-hashed
 O(1) times amortised). `update` looks each id up once: the ids it misses are deduplicated in order of first
 appearance with their inverse, so their rows follow without a second lookup. `python -m benchmarks.vocab` compares
 this table with the previous static two-level hash, a polars join, `pandas.Index.get_indexer` and a sorted
@@ -38,6 +38,7 @@ _DIRECT_LIMIT = 1 << 22
 _EMPTY = -1  # marks a free slot; raw ids are non-negative (checked in `update`) so it never matches a query
 _MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)  # 2**64 / golden ratio (Fibonacci hashing)
 _MIN_BITS = 10
+_SLOTS_PER_KEY = 3  # the load stays at most 1/3 (at 1/2 lookups ran at half the speed: BENCHMARKS.md, "pipeline")
 
 
 def _slot(ids: np.ndarray, bits: int) -> np.ndarray:
@@ -53,7 +54,7 @@ class HashTable:
     """A growable raw id → row hash table with linear probing, vectorised over batches of ids.
 
     Key and row sit side by side in one (2**bits, 2) int64 array, so a probe is one gather (one cache line). The
-    load stays at most 1/2: a hit takes 1.5 probes and a miss 2.5 on average, each round of probes one vectorised
+    load stays at most 1/3: a hit takes 1.25 probes and a miss 1.6 on average, each round of probes one vectorised
     pass over the ids still unresolved. Nothing is ever deleted, so a slot once filled stays filled, which is all
     linear probing needs to stay correct under inserts.
     """
@@ -88,14 +89,14 @@ class HashTable:
 
     def insert(self, keys: np.ndarray, rows: np.ndarray) -> None:
         """Add `keys` → `rows`. The keys must be distinct and not yet in the table (`Vocabulary.update` ensures it)."""
-        if 2 * (self.size + keys.size) > self.table.shape[0]:
+        if _SLOTS_PER_KEY * (self.size + keys.size) > self.table.shape[0]:
             self._grow(self.size + keys.size)
         self._place(keys, rows)
         self.size += int(keys.size)
 
     def _grow(self, size: int) -> None:
         old = self.table[self.table[:, 0] != _EMPTY]
-        self.bits = max(int(np.ceil(np.log2(2 * size))), _MIN_BITS)
+        self.bits = max(int(np.ceil(np.log2(_SLOTS_PER_KEY * size))), _MIN_BITS)
         self.table = np.full((1 << self.bits, 2), _EMPTY, dtype=np.int64)
         self._place(old[:, 0], old[:, 1])
 
@@ -153,7 +154,9 @@ class Vocabulary:
         # everything admitted before.
         self._raw_ids = np.zeros(0, dtype=np.int64)
         self._num_ids = 0
-        self._direct: np.ndarray | None = np.zeros(0, dtype=np.int32)  # raw id → row while every id < _DIRECT_LIMIT
+        # Raw id → row while every id < _DIRECT_LIMIT. One slot longer than the ids it covers: the last slot stays 0
+        # (the fallback row), and a lookup clamps every id past the range onto it, so it is one gather with no mask.
+        self._direct: np.ndarray | None = np.zeros(1, dtype=np.int32)
         self._hashed: HashTable | None = None
 
     @property
@@ -180,9 +183,9 @@ class Vocabulary:
         """Map raw ids to rows; ids never admitted map to `FALLBACK_ROW` (and are counted in `unseen`)."""
         ids = np.asarray(ids, dtype=np.int64)
         if self._direct is not None:
-            in_range = (ids >= 0) & (ids < self._direct.size)
-            rows = np.zeros(ids.shape, dtype=np.int64)
-            rows[in_range] = self._direct[ids[in_range]]
+            # Viewed as unsigned, a negative id is past the range too.
+            end = np.uint64(self._direct.size - 1)
+            rows = self._direct.take(np.minimum(ids.view(np.uint64), end)).astype(np.int64)
         else:
             assert self._hashed is not None
             rows = self._hashed.lookup(ids)
@@ -268,9 +271,10 @@ class Vocabulary:
         if self._direct is not None:
             top = int(new_ids.max()) + 1
             if top <= _DIRECT_LIMIT:
-                if top > self._direct.size:
-                    grown = np.zeros(min(max(top, 2 * self._direct.size), _DIRECT_LIMIT), dtype=np.int32)
-                    grown[: self._direct.size] = self._direct
+                covered = self._direct.size - 1
+                if top > covered:
+                    grown = np.zeros(min(max(top, 2 * covered), _DIRECT_LIMIT) + 1, dtype=np.int32)
+                    grown[:covered] = self._direct[:covered]
                     self._direct = grown
                 self._direct[new_ids] = rows
                 return

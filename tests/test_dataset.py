@@ -229,8 +229,22 @@ def test_check_values_is_cached_per_file_and_read_day_skips_the_frame_check(
     ds = Dataset(ds_dir)
     ds.read_day(ds.days[1])
     assert len(calls) == 1
+    ds.read_day(ds.days[1], ["user", "item"], 1, 2)
+    assert len(calls) == 1  # a day read whole once is not checked again, whatever slice is read later
+    _set(ds_dir / "day=2024-03-03" / "part-00000.parquet", "user", 0, 5)  # valid, but unchecked again
+    day3 = Dataset(ds_dir).days[2]
+    ds.read_day(day3, ["user"], 1, 2)
+    ds.read_day(day3, ["user"], 1, 2)
+    assert len(calls) == 2  # a slice is checked once for the columns it has
+    ds.read_day(day3, ["user", "label"], 1, 2)
+    assert len(calls) == 3  # and again for a column it did not have
+    ds.read_day(day3, ["label"], 1, 2)
+    assert len(calls) == 3
     monkeypatch.undo()
-    with pytest.raises(DatasetError, match="negative id -1 in row 0"):
+    _set(part, "user", 0, -2)  # rewritten again: unchecked again (the fake check above let the first rewrite pass)
+    with pytest.raises(DatasetError, match="negative id -2 in row 0"):
+        Dataset(ds_dir).read_day(ds.days[1])
+    with pytest.raises(DatasetError, match="negative id -2 in row 0"):
         ds.check_values()
 
 
