@@ -4,8 +4,8 @@
     torchrun --standalone --nproc_per_node=2 -m jobs.train --config jobs/configs/demo.yaml --resume
 
 `Trainer.run` reads top to bottom (DESIGN.md decisions 12 and 16): for each phase, for each epoch, for each day:
-evaluate (prequential: the day before training on it) → train (`TrainPipelineSparseDist`, or plain steps with the
-searcher's own step between them; a stream searcher's environment batches held out) → searcher step
+evaluate (prequential: the day before training on it) → train (`TrainPipelineSparseDist` on CUDA, plain DMP steps
+on CPU or with the searcher's own step between them; a stream searcher's environment batches held out) → searcher step
 (`observe`/`propose`, scoring plans on the held-out batches) → reconfigure if the plan changed (the live model is
 `sharding.live.PlannedModel`) → train on the held-out batches → checkpoint (DCP, atomic); a phase's end may bring
 the searcher's derived plan. The job knows searchers only
@@ -530,9 +530,9 @@ class Trainer:
 
     def train_day(self, unit: Unit) -> tuple[float, int, float]:
         """Train on one day: (mean loss, examples, examples/s) over all ranks. A searcher's own step, where it has
-        one, runs between model-weight steps; otherwise `TrainPipelineSparseDist` overlaps the input distribution
-        with the step. On a stream, a searcher's environment batches (the day's last `env_batches` per rank) are
-        held out here and trained on after the searcher's step (`train_held_out`)."""
+        one, runs between model-weight steps; otherwise the steps are `_pipelined`'s. On a stream, a searcher's
+        environment batches (the day's last `env_batches` per rank) are held out here and trained on after the
+        searcher's step (`train_held_out`)."""
         steps = self._steps(self.train_split, unit.day)
         held = 0 if self.static else min(self.searcher.env_batches, max(steps - 1, 0))
         stream = self._batches_with_rows(self.train_split, [unit.day], unit.grow)
@@ -578,6 +578,17 @@ class Trainer:
         return self._finish(loss_sum, examples, elapsed)
 
     def _pipelined(self, batches: Iterator[Batch]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The day's training steps: `TrainPipelineSparseDist` on CUDA, plain DMP steps on CPU.
+
+        The pipeline overlaps a batch's copy to the device and its input distribution with the previous step on
+        CUDA streams. On CPU there is no stream to overlap on, and what it costs stays: its fx rewrite of the model,
+        done again every day because evaluation needs the model detached (~0.1 s a day), and its per-batch
+        bookkeeping. Plain steps compute the same losses bit for bit and train 1.2-1.3x faster on one rank
+        (BENCHMARKS.md, "train_throughput", issue 15).
+        """
+        if self.device.type == "cpu":
+            yield from self._plain_steps(batches)
+            return
         pipeline = TrainPipelineSparseDist(self.live.dmp, self.live.optimizer, self.device, execute_all_batches=True)
         try:
             while True:
@@ -588,6 +599,15 @@ class Trainer:
                 yield loss, labels
         finally:
             pipeline.detach()
+
+    def _plain_steps(self, batches: Iterator[Batch]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        dmp, optimizer = self.live.dmp, self.live.optimizer
+        for batch in batches:
+            optimizer.zero_grad()
+            loss, (_, _, labels) = dmp(batch)
+            loss.backward()
+            optimizer.step()
+            yield loss, labels
 
     def _with_search_step(self, batches: Iterator[Batch], unit: Unit) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Model-weight steps, each followed by the searcher's own step when it is due (on the same day's
@@ -822,6 +842,25 @@ def print_summary(result: TrainResult, budget_bytes: int | None) -> None:
     print(f"run: {result.run_dir}  (metrics.jsonl, config.yaml, plan/, checkpoints/)")
 
 
+def _share_cpus() -> None:
+    """On CPU, give each of a node's ranks its own share of the cores: `LOCAL_RANK` is pinned to every
+    `LOCAL_WORLD_SIZE`-th allowed CPU from its own, and torch's intra-op threads are as many as it has.
+
+    Unpinned, a node's ranks, their prefetch threads and torch's OpenMP pools (one thread per core each, unless
+    OMP_NUM_THREADS says otherwise) all compete for every core. Pinned, a rank's step, its prefetch thread and its
+    collectives' threads share its own cores. A node with fewer allowed CPUs than ranks is left as it is.
+    `DIMSEARCH_PIN_CPUS=0` turns this off.
+    """
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    allowed = sorted(os.sched_getaffinity(0))
+    if os.environ.get("DIMSEARCH_PIN_CPUS", "1") == "0" or len(allowed) < local_world:
+        return
+    mine = allowed[int(os.environ.get("LOCAL_RANK", "0")) :: local_world]
+    if local_world > 1:
+        os.sched_setaffinity(0, mine)
+    torch.set_num_threads(min(len(mine), int(os.environ.get("OMP_NUM_THREADS", len(mine)))))
+
+
 def _init_process_group(device_type: str) -> None:
     backend = "nccl" if device_type == "cuda" else "gloo"
     timeout = dt.timedelta(seconds=120)
@@ -952,6 +991,8 @@ def train(cfg: JobConfig, resume: bool = False, replace: bool = False) -> TrainR
     )
     lock = RunLock(cfg.run_dir).acquire() if rank == 0 else None
     use_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    if not use_cuda:
+        _share_cpus()
     _init_process_group("cuda" if use_cuda else "cpu")
     try:
         # Every rank decided from the same untouched directory before rank 0 changes anything in it.

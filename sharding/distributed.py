@@ -268,22 +268,64 @@ def shard_model(
     )
 
 
+# FBGEMM's TBE optimizers use this epsilon; the replicated tables' optimizers match it.
+FBGEMM_EPS = 1e-8
+
+
+def _is_replicated_table(name: str) -> bool:
+    """Whether a parameter the fused optimizer does not own is an EBC table: a data-parallel one, which DMP
+    replicates as a plain parameter (its DDP all-reduces the gradient) without the in-backward optimizer."""
+    return ".embedding_bags." in name and name.endswith(".weight")
+
+
+def replicated_table_optimizer(
+    cfg: ShardingConfig, world_size: int
+) -> Callable[[list[torch.Tensor]], torch.optim.Optimizer]:
+    """The optimizer of data-parallel tables: `cfg.optimizer` at `cfg.learning_rate`, as the fused kernel of a
+    sharded table would apply it.
+
+    A sharded table's gradient sums the examples of every rank's batch (each rank's mean loss), where DDP averages a
+    replicated table's over the ranks: SGD's learning rate is scaled by the world size to take the same step. The
+    Adagrads divide by the root of their own accumulated squares, so the scale cancels (up to epsilon).
+    """
+    lr = cfg.learning_rate
+    if cfg.optimizer == "sgd":
+        return lambda params: torch.optim.SGD(params, lr=lr * world_size)
+    if cfg.optimizer == "adagrad":
+        return lambda params: torch.optim.Adagrad(params, lr=lr, eps=FBGEMM_EPS)
+    return lambda params: RowWiseAdagrad(params, lr=lr, eps=FBGEMM_EPS)
+
+
 def combined_optimizer(
-    dmp: DistributedModelParallel, dense_lr: float, exclude: Callable[[str], bool] | None = None
+    dmp: DistributedModelParallel,
+    dense_lr: float,
+    exclude: Callable[[str], bool] | None = None,
+    sharding: ShardingConfig | None = None,
+    world_size: int = 1,
 ) -> CombinedOptimizer:
     """The fused embedding optimizer plus Adagrad over the dense parameters (the in-backward ones filtered out).
+
+    Tables the planner made data-parallel are not fused (DMP replicates them as plain parameters): they get the
+    embedding optimizer of `sharding` (`replicated_table_optimizer`), not the dense one.
 
     Args:
         dmp: the sharded model.
         dense_lr: Adagrad's learning rate.
         exclude: dense parameter names another optimizer owns (e.g. a search's architecture weights).
+        sharding: the embedding optimizer's settings (default `ShardingConfig()`).
+        world_size: the ranks the model is sharded over.
     """
-    dense = {
+    rest = {
         name: p
         for name, p in in_backward_optimizer_filter(dmp.named_parameters())
         if exclude is None or not exclude(name)
     }
+    tables = {name: p for name, p in rest.items() if _is_replicated_table(name)}
+    dense = {name: p for name, p in rest.items() if name not in tables}
     optimizers: list[Any] = [dmp.fused_optimizer]
+    if tables:
+        make = replicated_table_optimizer(sharding or ShardingConfig(), world_size)
+        optimizers.append(KeyedOptimizerWrapper(tables, make))
     if dense:
         optimizers.append(KeyedOptimizerWrapper(dense, lambda params: torch.optim.Adagrad(params, lr=dense_lr)))
     return CombinedOptimizer(optimizers)

@@ -27,7 +27,8 @@
 
    **Optimizer state of migrated rows** moves with the row, by kind of state tensor (classified by its shape against
    the table's): *row-wise* (RowWiseAdagrad's `momentum1`, one value per row; a column-wise-sharded table holds one
-   copy per column shard, which are averaged when read and repeated when written) is carried as it is; *per
+   copy per column shard, which are averaged when read and repeated when written; a data-parallel table's
+   RowWiseAdagrad `sum` is the same values as a column) is carried as it is; *per
    element* (Adagrad's `momentum1`, torch Adagrad's `sum` for a data-parallel table) is cut or zero-padded like the
    weight, or — under a learned transform, for rows whose dim changed — replaced by the row's old mean broadcast
    over its new logical columns; a per-element source feeding a row-wise target gives the mean over the row's old
@@ -196,7 +197,8 @@ def _kind(size: tuple[int, ...], rows: int) -> StateKind | None:
     if len(size) == 0 or (len(size) == 1 and size[0] == 1 and rows != 1):
         return "scalar"
     if len(size) == 2 and size[0] == rows:
-        return "element"
+        # RowWiseAdagrad keeps a data-parallel table's per-row accumulator as a column.
+        return "row" if size[1] == 1 else "element"
     if len(size) == 1 and rows > 0 and size[0] % rows == 0:
         return "row"
     return None
@@ -545,6 +547,8 @@ class Reconfiguration:
         idx = torch.from_numpy(src_rows)
         if len(saved_size) == 1:
             return full.view(-1, spec.num_embeddings).mean(0)[idx]
+        if saved_size[1] == 1:  # per row, as a column
+            return full[idx, 0]
         return full[idx, : spec.logical_dim]
 
     def _migrate_state(
@@ -575,7 +579,7 @@ class Reconfiguration:
         fed = False
         for block in blocks:
             if kind == "row":
-                (o,), (n,) = block.offsets, block.sizes
+                o, n = block.offsets[0], block.sizes[0]
                 flat = np.arange(o, o + n)
                 rows = flat % rows_new
             else:
@@ -591,11 +595,11 @@ class Reconfiguration:
                 fed = True
                 saved_size = tuple(saved[key].size)
                 per_row = self._per_row(key, old_spec, src_rows, saved_size, old)
-                source_is_row = len(saved_size) == 1
+                source_is_row = len(saved_size) == 1 or saved_size[1] == 1
                 at_t = torch.from_numpy(at)
                 if kind == "row":
                     value = per_row if source_is_row else per_row.mean(1)
-                    block.tensor[at_t] = value.to(block.tensor.dtype)
+                    block.tensor[at_t] = value.to(block.tensor.dtype).reshape(block.tensor[at_t].shape)
                     continue
                 d_old = old_spec.logical_dim
                 if source_is_row:
@@ -695,7 +699,13 @@ class PlannedModel:
         torch.manual_seed(self.seed)
         self.dmp: DistributedModelParallel = shard_model(meta, sharding_plan, self.pg, self.device)
         excluded = self.exclude(self.dmp) if self.exclude is not None else set()
-        self.optimizer: CombinedOptimizer = combined_optimizer(self.dmp, self.dense_lr, exclude=excluded.__contains__)
+        self.optimizer: CombinedOptimizer = combined_optimizer(
+            self.dmp,
+            self.dense_lr,
+            exclude=excluded.__contains__,
+            sharding=self.sharding,
+            world_size=dist.get_world_size(self.pg),
+        )
         self.plan, self.remap = plan, RowRemap(plan)
 
     def reconfigure(
