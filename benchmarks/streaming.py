@@ -78,13 +78,19 @@ def unseen_lookups(data: Path, features: list[str]) -> list[int]:
     return out
 
 
-def run_job(config: str, name: str, out: Path, overrides: list[str]) -> tuple[list[dict[str, Any]], float]:
+def job_command(config: str, name: str, out: Path, overrides: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The command and environment of a 2-rank `jobs.train` run under torchrun (no checkpoints), in `out/name`."""
     env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "jobs.train",
         "--config", str(REPO / config), f"train.out_dir={out}", f"train.name={name}", "train.checkpoint=false",
         *overrides,
     ]  # fmt: skip
+    return cmd, env
+
+
+def run_job(config: str, name: str, out: Path, overrides: list[str]) -> tuple[list[dict[str, Any]], float]:
+    cmd, env = job_command(config, name, out, overrides)
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
