@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, cast
 
 import torch
@@ -69,6 +69,15 @@ class ShardingConfig:
         budget_bytes: total embedding memory budget across ranks (planner estimate, optimizer state
             included), or None for the device's capacity.
         planner_batch_size: the per-rank batch size the planner assumes for its IO estimates.
+        data_parallel_max_bytes: on CPU, tables whose fp32 weights take at most this many bytes are placed
+            data-parallel (replicated, their gradients all-reduced with the dense part's, no all-to-all) when
+            `sharding_types` is empty and the budget allows it; otherwise the planner places them as it would. On
+            gloo the all-to-alls of a sharded table cost a third of a 2-rank step (BENCHMARKS.md, "train_throughput",
+            issue 15); a replicated table's whole gradient is all-reduced and its whole optimizer state stepped
+            every step, so only small tables gain. 0 (the default) leaves every placement to the planner, and so
+            does CUDA. Off by default because, on at 1 MiB, it changed what AutoDim derives on 2 ranks (the
+            planted-importance test's Spearman fell from >= 0.8 to 0.60): a data-parallel table sits inside DDP,
+            which the searcher's frozen-embedding steps may not suit; not yet understood.
     """
 
     optimizer: FusedOptimizer = "rowwise_adagrad"
@@ -76,6 +85,7 @@ class ShardingConfig:
     sharding_types: tuple[str, ...] = ()
     budget_bytes: int | None = None
     planner_batch_size: int = 8192
+    data_parallel_max_bytes: int = 0
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("sgd", "adagrad", "rowwise_adagrad"):
@@ -88,6 +98,10 @@ class ShardingConfig:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.budget_bytes is not None and self.budget_bytes <= 0:
             raise ValueError(f"budget_bytes must be > 0, got {self.budget_bytes}")
+        if self.data_parallel_max_bytes < 0:
+            raise ValueError(
+                f"data_parallel_max_bytes must be >= 0 (0 turns it off), got {self.data_parallel_max_bytes}"
+            )
 
 
 @dataclass(frozen=True)
@@ -163,6 +177,13 @@ def _planner(
             for t in ebc.embedding_bag_configs()
             for t in [t.name]
         }
+    elif _prefers_data_parallel(cfg, compute_device):
+        constraints = {
+            t.name: ParameterConstraints(sharding_types=["data_parallel"])
+            for _, ebc in embedding_collections(module)
+            for t in ebc.embedding_bag_configs()
+            if t.num_embeddings * t.embedding_dim * 4 <= cfg.data_parallel_max_bytes
+        } or None
     return EmbeddingShardingPlanner(
         topology=topology,
         batch_size=cfg.planner_batch_size,
@@ -170,6 +191,10 @@ def _planner(
         storage_reservation=FixedPercentageStorageReservation(0.0),
         debug=False,
     )
+
+
+def _prefers_data_parallel(cfg: ShardingConfig, compute_device: str) -> bool:
+    return compute_device == "cpu" and not cfg.sharding_types and cfg.data_parallel_max_bytes > 0
 
 
 def _report(planner: EmbeddingShardingPlanner, world_size: int) -> MemoryReport:
@@ -231,16 +256,21 @@ def plan_sharding(
     per_rank_cap = _UNLIMITED if cfg.budget_bytes is None else cfg.budget_bytes // world_size
 
     def plan_here() -> tuple[ShardingPlan | None, MemoryReport | None, str | None]:
+        nonlocal cfg
         planner = _planner(module, world_size, compute_device, per_rank_cap, cfg, local_world_size)
         try:
-            plan = planner.plan(module, sharders())
+            return planner.plan(module, sharders()), _report(planner, world_size), None
         except PlannerError as e:
-            return None, None, str(e)
-        return plan, _report(planner, world_size), None
+            if not _prefers_data_parallel(cfg, compute_device):
+                return None, None, str(e)
+        # Replicating the small tables did not fit the budget: plan them as the planner would.
+        cfg = replace(cfg, data_parallel_max_bytes=0)
+        return plan_here()
 
     # What collective_plan does — rank 0 plans, the result is broadcast — but carrying a planner error to every
     # rank (collective_plan raises on rank 0 only and leaves the others waiting).
     plan, report, error = invoke_on_rank_and_broadcast_result(pg, 0, plan_here) if pg is not None else plan_here()
+    cfg = replace(cfg, data_parallel_max_bytes=0)  # the smallest budget, if asked for, is without replication
     if error is not None or plan is None or report is None:
         smallest = _smallest_budget(module, world_size, compute_device, cfg, local_world_size)
         hint = (

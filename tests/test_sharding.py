@@ -27,6 +27,7 @@ from sharding.distributed import (
     ShardingConfig,
     _planner,
     _report,
+    _smallest_budget,
     attach_fused_optimizer,
     combined_optimizer,
     plan_sharding,
@@ -183,6 +184,33 @@ def _run_replicated_tables_train_like_sharded(rank: int, world_size: int) -> Non
 
 def test_replicated_tables_train_like_sharded_ones() -> None:
     run_ranks(_run_replicated_tables_train_like_sharded, 2)
+
+
+def _run_small_tables_data_parallel(rank: int, world_size: int) -> None:
+    # fp32 bytes: user 1,280,000, item 160,000, f0 480 (the planner replicates only the smallest of these itself)
+    plan = DimensionPlan.field_level({"user": 16, "item": 8, "f0": 4}, {"user": 20_000, "item": 5_000, "f0": 30})
+    _, report = _sharded(plan, ShardingConfig(data_parallel_max_bytes=200_000), world_size)
+    types = {t: v["sharding_type"] for t, v in report.per_table.items()}
+    _, off = _sharded(plan, ShardingConfig(data_parallel_max_bytes=0), world_size)
+    planners = {t: v["sharding_type"] for t, v in off.per_table.items()}
+    assert types == {"t_user": "table_wise", "t_item": "data_parallel", "t_f0": "data_parallel"}
+    assert planners["t_item"] == "table_wise"  # replicated because of the setting, not by the planner's choice
+    _, chosen = _sharded(plan, ShardingConfig(sharding_types=("table_wise",)), world_size)
+    assert {v["sharding_type"] for v in chosen.per_table.values()} == {"table_wise"}
+    # A budget that fits only without replication: the small tables go back to the planner's own placement.
+    meta = _Embeddings(plan, "meta")
+    off_cfg = ShardingConfig(data_parallel_max_bytes=0)
+    attach_fused_optimizer(meta, off_cfg)
+    smallest = _smallest_budget(meta, world_size, "cpu", off_cfg, None)
+    assert smallest is not None
+    assert max(report.per_rank_bytes) > smallest // world_size  # so replicating item does not fit that budget
+    _, tight = _sharded(plan, ShardingConfig(budget_bytes=smallest, data_parallel_max_bytes=200_000), world_size)
+    assert tight.total_bytes <= smallest
+    assert {t: v["sharding_type"] for t, v in tight.per_table.items()}["t_item"] != "data_parallel"
+
+
+def test_small_tables_are_data_parallel_on_cpu_when_the_budget_allows() -> None:
+    run_ranks(_run_small_tables_data_parallel, 2)
 
 
 def _run_budget(rank: int, world_size: int) -> None:
