@@ -319,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{full.ciess_iterations}), SCALL {settings.scall_steps} steps (full: {full.scall_steps}), ESAPN "
             f"{settings.esapn_steps} batches (full: {full.esapn_steps}) — figures are not comparable with the paper's"
         )
-    logging.basicConfig(level=logging.INFO, format="  %(message)s")
+    # force: importing torchrec has already given the root logger a handler, and basicConfig would do nothing.
+    logging.basicConfig(level=logging.INFO, format="  %(message)s", force=True)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-ciess-") as tmp:
         bench = Bench(load_ml1m(Path(tmp)), settings, args.cache)

@@ -20,9 +20,11 @@ then hands every rank all ranks' lists. The slices are contiguous and in rank or
 deduplicated against it, and so on, is the whole day's order of first appearance. Every rank admits that merged list
 and adds its counts (`Vocabulary.update_distinct`). Pass 2 re-reads the rows chunk by chunk and maps them with
 `lookup`, which grows nothing. Without a `gather` on more than one rank, pass 1 reads the whole day (still chunk by
-chunk), so the ranks agree without any communication. Growth runs in the caller's thread, never the prefetch
-thread, because the gather is a collective. Evaluation (`grow=False`) maps unseen ids to the fallback row and counts
-them.
+chunk), so the ranks agree without any communication. On one rank, pass 1 is `Vocabulary.update` on each chunk in
+row order instead (each id looked up once, only the new ones deduplicated), and a day read in one chunk keeps its
+frame and mapped rows, so pass 2 reads and maps nothing again. Growth runs in the caller's thread, never the
+prefetch thread, because the gather is a collective. Evaluation (`grow=False`) maps unseen ids to the fallback row and
+counts them.
 """
 
 from __future__ import annotations
