@@ -583,8 +583,8 @@ class Trainer:
         The pipeline overlaps a batch's copy to the device and its input distribution with the previous step on
         CUDA streams. On CPU there is no stream to overlap on, and what it costs stays: its fx rewrite of the model,
         done again every day because evaluation needs the model detached (~0.1 s a day), and its per-batch
-        bookkeeping. Plain steps compute the same losses bit for bit and train 1.2-1.3x faster on one rank
-        (BENCHMARKS.md, "train_throughput", issue 15).
+        bookkeeping. Plain steps compute the same losses bit for bit and are faster (1-rank steps 8.5 -> 5.6 ms in a
+        profile, with the session's other changes; BENCHMARKS.md, "speed near the limits").
         """
         if self.device.type == "cpu":
             yield from self._plain_steps(batches)
@@ -848,8 +848,9 @@ def _share_cpus() -> None:
 
     Unpinned, a node's ranks, their prefetch threads and torch's OpenMP pools (one thread per core each, unless
     OMP_NUM_THREADS says otherwise) all compete for every core. Pinned, a rank's step, its prefetch thread and its
-    collectives' threads share its own cores. A node with fewer allowed CPUs than ranks is left as it is.
-    `DIMSEARCH_PIN_CPUS=0` turns this off.
+    collectives' threads share its own cores (measured on 2 cores and 2 ranks: no effect either way, 259k against
+    263k examples/s). A node with fewer allowed CPUs than ranks is left as it is. `DIMSEARCH_PIN_CPUS=0` turns this
+    off.
     """
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     allowed = sorted(os.sched_getaffinity(0))

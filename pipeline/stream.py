@@ -316,7 +316,7 @@ class DayStream:
             local = (bounds - start).tolist()
             # Per batch, not per chunk: one chunk-wide copy lands in freshly mapped pages (slower in a profile, 4x),
             # where a batch's few MiB reuse memory that is still in cache.
-            ones = np.ones(max(b - a for a, b in itertools.pairwise(local)), dtype=np.int32)
+            ones = np.ones(max((b - a for a, b in itertools.pairwise(local)), default=0), dtype=np.int32)
             lengths = [None if c.offsets is None else np.diff(c.offsets).astype(np.int32) for c in columns]
             for a, b in itertools.pairwise(local):
                 kjt = KeyedJaggedTensor(

@@ -144,3 +144,17 @@ def test_keying_gives_the_plans_table_keys_beside_the_vocabulary_rows(dataset: D
             assert batch.sparse_features.keys() == manual.keys() == remap.keys
             assert torch.equal(batch.sparse_features.values(), manual.values())
             assert torch.equal(batch.sparse_features.lengths(), manual.lengths())
+
+
+def test_a_day_whose_split_selects_no_row_yields_no_batch(dataset: Dataset) -> None:
+    # The second day's split is empty: it grows nothing and yields nothing, and the other days stream as usual.
+    second = dataset.days[1]
+
+    def keep(day):  # type: ignore[no-untyped-def]
+        return np.full(day.num_rows, day != second)
+
+    vocab = VocabularySet(dataset.spec.feature_names)
+    stream = DayStream(dataset, vocab, StreamConfig(batch_size=16, prefetch=0), row_filter=keep)
+    counts = [sum(int(b.labels.numel()) for b in stream.batches(day, grow=True)) for day in stream.days]
+    assert counts == [day.num_rows if day != second else 0 for day in dataset.days]
+    assert [stream.num_batches(day) for day in dataset.days][1] == 0
