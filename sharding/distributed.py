@@ -69,15 +69,12 @@ class ShardingConfig:
         budget_bytes: total embedding memory budget across ranks (planner estimate, optimizer state
             included), or None for the device's capacity.
         planner_batch_size: the per-rank batch size the planner assumes for its IO estimates.
-        data_parallel_max_bytes: on CPU, tables whose fp32 weights take at most this many bytes are placed
-            data-parallel (replicated, their gradients all-reduced with the dense part's, no all-to-all) when
-            `sharding_types` is empty and the budget allows it; otherwise the planner places them as it would. On
-            gloo the all-to-alls of a sharded table cost a third of a 2-rank step (BENCHMARKS.md, "train_throughput",
-            issue 15); a replicated table's whole gradient is all-reduced and its whole optimizer state stepped
-            every step, so only small tables gain. 0 (the default) leaves every placement to the planner, and so
-            does CUDA. Off by default because, on at 1 MiB, it changed what AutoDim derives on 2 ranks (the
-            planted-importance test's Spearman fell from >= 0.8 to 0.60): a data-parallel table sits inside DDP,
-            which the searcher's frozen-embedding steps may not suit; not yet understood.
+        data_parallel_max_bytes: on CPU, the smallest tables are placed data-parallel (replicated, their gradients
+            all-reduced with the dense part's, no all-to-all) while their fp32 weights total at most this many bytes,
+            when `sharding_types` is empty and the budget allows it; the other tables are placed as the planner
+            chooses. On gloo the all-to-alls of sharded tables cost a third of a 2-rank step (BENCHMARKS.md, "speed
+            near the limits"); a replicated table's whole gradient is all-reduced and its whole optimizer state
+            stepped every step, so the total is capped. 0 leaves every placement to the planner, as on CUDA.
     """
 
     optimizer: FusedOptimizer = "rowwise_adagrad"
@@ -85,7 +82,7 @@ class ShardingConfig:
     sharding_types: tuple[str, ...] = ()
     budget_bytes: int | None = None
     planner_batch_size: int = 8192
-    data_parallel_max_bytes: int = 0
+    data_parallel_max_bytes: int = 4 << 20
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("sgd", "adagrad", "rowwise_adagrad"):
@@ -178,12 +175,18 @@ def _planner(
             for t in [t.name]
         }
     elif _prefers_data_parallel(cfg, compute_device):
-        constraints = {
-            t.name: ParameterConstraints(sharding_types=["data_parallel"])
+        sizes = sorted(
+            (t.num_embeddings * t.embedding_dim * 4, t.name)
             for _, ebc in embedding_collections(module)
             for t in ebc.embedding_bag_configs()
-            if t.num_embeddings * t.embedding_dim * 4 <= cfg.data_parallel_max_bytes
-        } or None
+        )
+        replicated, total = [], 0
+        for size, name in sizes:  # smallest first, while the total fits
+            if total + size > cfg.data_parallel_max_bytes:
+                break
+            replicated.append(name)
+            total += size
+        constraints = {name: ParameterConstraints(sharding_types=["data_parallel"]) for name in replicated} or None
     return EmbeddingShardingPlanner(
         topology=topology,
         batch_size=cfg.planner_batch_size,
