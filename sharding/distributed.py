@@ -75,7 +75,7 @@ class ShardingConfig:
             chooses. On gloo the all-to-alls of sharded tables cost a third of a 2-rank step (BENCHMARKS.md, "speed
             near the limits"); a replicated table's whole gradient is all-reduced and its whole optimizer state
             stepped every step, so the total is capped. 0 (the default) leaves every placement to the planner, as
-            on CUDA. Off by default: at 4 MiB it trained 2 ranks 1.4x faster on `benchmarks.train_throughput`, but
+            on CUDA. Off by default: at 4 MiB it trained 2 ranks 1.55x faster on `benchmarks.train_throughput`, but
             its day-2 AUC was lower (1 rank, 3 seeds: 0.8566 against 0.8649 table-wise), for a reason not found
             (a test shows replicated and sharded tables take the same steps from the same weights).
     """
