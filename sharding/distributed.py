@@ -74,10 +74,9 @@ class ShardingConfig:
             when `sharding_types` is empty and the budget allows it; the other tables are placed as the planner
             chooses. On gloo the all-to-alls of sharded tables cost a third of a 2-rank step (BENCHMARKS.md, "speed
             near the limits"); a replicated table's whole gradient is all-reduced and its whole optimizer state
-            stepped every step, so the total is capped. 0 (the default) leaves every placement to the planner, as
-            on CUDA. Off by default: at 4 MiB it trained 2 ranks 1.55x faster on `benchmarks.train_throughput`, but
-            its day-2 AUC was lower (1 rank, 3 seeds: 0.8566 against 0.8649 table-wise), for a reason not found
-            (a test shows replicated and sharded tables take the same steps from the same weights).
+            stepped every step, so the total is capped. 0 leaves every placement to the planner, as on CUDA. At the
+            default 4 MiB, 2 ranks train 1.4-1.55x faster on `benchmarks.train_throughput` at the same day-2 AUC (8
+            seeds on 1 rank: 0.8607 against 0.8608 as the planner places the tables).
     """
 
     optimizer: FusedOptimizer = "rowwise_adagrad"
@@ -85,7 +84,7 @@ class ShardingConfig:
     sharding_types: tuple[str, ...] = ()
     budget_bytes: int | None = None
     planner_batch_size: int = 8192
-    data_parallel_max_bytes: int = 0
+    data_parallel_max_bytes: int = 4 << 20
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("sgd", "adagrad", "rowwise_adagrad"):

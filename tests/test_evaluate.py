@@ -59,7 +59,12 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     procs = {
         "d16": _launch(data, root / "runs", "d16", "search.dim=16"),
         "d8": _launch(data, root / "runs", "d8", "search.dim=8", "data.protocol=random"),
-        "d16q": _launch(data, root / "runs", "d16q", "search.dim=16", "search.dtype=int8"),
+        # Table-wise, as planned before small tables were replicated by default: replicated (initialised and
+        # trained otherwise), one day's AUC moved by only 8e-7 in int8, under the 1e-6 the metrics are matched to,
+        # so the int8 check below could not tell that day apart.
+        "d16q": _launch(
+            data, root / "runs", "d16q", "search.dim=16", "search.dtype=int8", "sharding.data_parallel_max_bytes=0"
+        ),
     }
     for name, proc in procs.items():
         _, stderr = proc.communicate(timeout=300)
