@@ -15,7 +15,7 @@ evaluation.
     `OMP_NUM_THREADS=1`, `train.checkpoint=false`): its TorchRec `EmbeddingBagCollection` is sharded by DMP
     (FBGEMM's fused row-wise Adagrad in the backward pass for sharded tables; data-parallel
     tables get the same optimizer), trained in plain DMP steps (on CPU; `TrainPipelineSparseDist` on CUDA), each
-    rank pinned to its share of the cores, the smallest tables (4 MiB in all) replicated. Five setups: 1 and 2
+    rank pinned to its share of the cores, the smallest tables (2 MiB in all) replicated. Five setups: 1 and 2
     ranks as the job runs by default; 1 and 2 ranks placed by the planner alone
     (`sharding.data_parallel_max_bytes=0`: more tables sharded, so all-to-alls on 2 ranks); 2 ranks unpinned
     (`DIMSEARCH_PIN_CPUS=0`). Throughput and quality come from its `metrics.jsonl`.

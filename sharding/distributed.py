@@ -74,9 +74,11 @@ class ShardingConfig:
             when `sharding_types` is empty and the budget allows it; the other tables are placed as the planner
             chooses. On gloo the all-to-alls of sharded tables cost a third of a 2-rank step (BENCHMARKS.md, "speed
             near the limits"); a replicated table's whole gradient is all-reduced and its whole optimizer state
-            stepped every step, so the total is capped. 0 leaves every placement to the planner, as on CUDA. At the
-            default 4 MiB, 2 ranks train 1.4-1.55x faster on `benchmarks.train_throughput` at the same day-2 AUC (8
-            seeds on 1 rank: 0.8607 against 0.8608 as the planner places the tables).
+            stepped every step, so the total is capped. 0 leaves every placement to the planner, as on CUDA. With
+            every table of `benchmarks.train_throughput` (1.4 MB) replicated, 2 ranks train 1.4-1.55x faster at the
+            same day-2 AUC (8 seeds on 1 rank: 0.8607 against 0.8608 as the planner places the tables); at 4 MiB,
+            `benchmarks.peers`' Fixed-222 also replicated its 3.3 MB item table and trained 23% slower (80k against
+            105k rows/s), so the default is 2 MiB.
     """
 
     optimizer: FusedOptimizer = "rowwise_adagrad"
@@ -84,7 +86,7 @@ class ShardingConfig:
     sharding_types: tuple[str, ...] = ()
     budget_bytes: int | None = None
     planner_batch_size: int = 8192
-    data_parallel_max_bytes: int = 4 << 20
+    data_parallel_max_bytes: int = 2 << 20
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("sgd", "adagrad", "rowwise_adagrad"):
