@@ -83,12 +83,13 @@ BUNDLE_OUTPUT = OutputKind(
 )
 EBC_PREFIX = "embedding.ebc.embedding_bags."
 
-ServingDtype = Literal["fp32", "fp16", "int8", "int4"]
+ServingDtype = Literal["fp32", "fp16", "int8", "int4", "int2"]
 SERVING_DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
     "fp16": torch.float16,
     "int8": torch.qint8,
     "int4": torch.quint4x2,
+    "int2": torch.quint2x4,
 }
 
 

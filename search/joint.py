@@ -83,7 +83,7 @@ class JointSettings:
     budget_bytes: int | None = None
     budget_fraction: float | None = None
     dims: tuple[int, ...] = (4, 8, 12, 16, 24, 32, 48, 64)
-    dtypes: tuple[str, ...] = PRECISIONS
+    dtypes: tuple[str, ...] = ("fp32", "fp16", "int8", "int4")  # int2 only when asked: it rarely pays per table
     search_epochs: int = 1
     finetune_epochs: int = 1
     from_scratch: bool = False

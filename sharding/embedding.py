@@ -21,12 +21,12 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 
 from sharding.plan import DimensionPlan, physical_dim
 
-QUANT_BITS = {"int8": 8, "int4": 4}
+QUANT_BITS = {"int8": 8, "int4": 4, "int2": 2}
 
 
 def quantize_dequantize(x: torch.Tensor, dtype: str) -> torch.Tensor:
     """Rows of `x` (`[n, d]`, float) as serving stores and reads them in `dtype`: fp32 unchanged, fp16 rounded,
-    int8/int4 quantised row-wise with an fp16 scale and bias by FBGEMM's own op (the one TorchRec's inference
+    int8/int4/int2 quantised row-wise with an fp16 scale and bias by FBGEMM's own op (the one TorchRec's inference
     quantisation calls) and read back by its inverse, the row zero-padded to its stored width (`physical_dim`) as
     the bundle's served tables are. A row served in `dtype` looks up exactly this."""
     if dtype == "fp32":

@@ -271,6 +271,19 @@ class Reconfiguration:
                 f"the old plan stores tables as {old.dtype} and the new one as {new.dtype}; a live reconfiguration "
                 "keeps the training dtype. Give both plans the same dtype (quantise at export)"
             )
+        changed_shared = [
+            f.feature
+            for f in new.features
+            if f.feature in old.feature_names
+            and (f.shared_rows or old[f.feature].shared_rows)
+            and [t.name for t in f.tables()] != [t.name for t in old[f.feature].tables()]
+        ]
+        if changed_shared:
+            raise ReconfigurationError(
+                f"features {changed_shared} move rows into or out of a shared (dim-0) table: many ids share one of "
+                "its rows, so no row can be migrated with its optimizer state. Reconfigure from scratch, or compress "
+                "after training (`python -m jobs.compress`)"
+            )
         self.old, self.new = old, new
         self.transform = transform
         self.table_prefix = table_prefix

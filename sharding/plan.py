@@ -35,12 +35,13 @@ import polars as pl
 logger = logging.getLogger(__name__)
 
 PLAN_FORMAT = "dimsearch-plan"
-PLAN_VERSION = 2  # 2: a per-feature serving `dtype`; version 1 plans (no dtype) are read as fp32
-READABLE_VERSIONS = (1, 2)
+PLAN_VERSION = 3  # 3: row-level bytes (per-row dtypes, dim-0 rows in a shared table); 2: a per-feature `dtype`
+READABLE_VERSIONS = (1, 2, 3)  # version 1 plans (no dtype) are read as fp32
 PLAN_FILE = "plan.json"
 BYTES_PER_PARAM = {"fp32": 4, "fp16": 2}
 # The storage dtypes a table can be served in (TorchRec's quantised inference tables).
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
+PRECISIONS = ("fp32", "fp16", "int8", "int4", "int2")
+SHARED = "shared"  # the table name suffix of a feature's shared rows: `t_<feature>__shared`
 ROW_ALIGNMENT = 16  # bytes; torchrec.inference's DEFAULT_ROW_ALIGNMENT (what GPU serving needs)
 ROW_ALIGNMENTS = (1, 2, 4, 8, 16)  # FBGEMM's CPU inference kernels read rows at any of these
 Projection = Literal["pad", "linear"]
@@ -56,7 +57,7 @@ def physical_dim(dim: int) -> int:
 
 
 def row_bytes(dim: int, dtype: str, alignment: int = ROW_ALIGNMENT) -> int:
-    """Bytes of one served row of `dim` columns in FBGEMM's inference layout: int8/int4 rows carry a 4-byte fp16
+    """Bytes of one served row of `dim` columns in FBGEMM's inference layout: int8/int4/int2 rows carry a 4-byte fp16
     scale and bias, and every row is padded to `alignment` bytes (TorchRec's default 16; FBGEMM's CPU kernels
     also read rows aligned to 1, 2, 4 or 8).
 
@@ -64,7 +65,13 @@ def row_bytes(dim: int, dtype: str, alignment: int = ROW_ALIGNMENT) -> int:
         PlanError: `dtype` is not one of `PRECISIONS`.
     """
     check_precision(dtype, "dtype")
-    raw = {"fp32": 4 * dim, "fp16": 2 * dim, "int8": dim + 4, "int4": math.ceil(dim / 2) + 4}[dtype]
+    raw = {
+        "fp32": 4 * dim,
+        "fp16": 2 * dim,
+        "int8": dim + 4,
+        "int4": math.ceil(dim / 2) + 4,
+        "int2": math.ceil(dim / 4) + 4,
+    }[dtype]
     return alignment * math.ceil(raw / alignment)
 
 
@@ -141,12 +148,20 @@ class FeaturePlan:
         num_embeddings: rows (the vocabulary capacity, fallback row included).
         output_dim: the width the model sees for this feature.
         dim: the logical dim of every row (field-level), or None for a row-level plan.
-        row_dims: the logical dim of each row (row-level), or None for a field-level plan.
+        row_dims: the logical dim of each row (row-level), or None for a field-level plan. Dim 0 means the row is
+            not stored: it is served by row `shared_slots()[row]` of the feature's shared table (frequency-based
+            admission and the hashing trick, expressed as a dimension).
         projection: how a row-level bucket reaches `output_dim`: `pad` (zeros) or `linear` (a learned map).
         raw_ids: optional raw id of each row (row 0, the fallback row, has raw id -1), saved with row-level plans.
         dtype: the dtype serving stores every table of the feature in (`PRECISIONS`); training stays fp32, and
             the export quantises (`jobs.export`).
         row_alignment: the bytes each served row is padded to (`ROW_ALIGNMENTS`; one for the whole plan).
+        row_dtypes: row-level only: each row's serving dtype, as an index into `PRECISIONS` (None: every row in
+            `dtype`). Rows of one dim and one dtype form one table, `t_<feature>__d<dim>_<dtype>`.
+        shared_rows: rows of the shared table `t_<feature>__shared` that the dim-0 rows are hashed into (0: no
+            dim-0 rows). 1 is one shared fallback row for every unstored id.
+        shared_dim: the shared table's logical dim (0: `output_dim`).
+        shared_dtype: the shared table's serving dtype (None: `dtype`).
     """
 
     feature: str
@@ -158,6 +173,10 @@ class FeaturePlan:
     raw_ids: np.ndarray | None = field(default=None, repr=False)
     dtype: str = "fp32"
     row_alignment: int = ROW_ALIGNMENT
+    row_dtypes: np.ndarray | None = field(default=None, repr=False)
+    shared_rows: int = 0
+    shared_dim: int = 0
+    shared_dtype: str | None = None
 
     def __post_init__(self) -> None:
         where = f"feature '{self.feature}'"
@@ -170,17 +189,38 @@ class FeaturePlan:
             raise PlanError(f"{where}: give exactly one of dim (field-level) or row_dims (row-level)")
         if self.dim is not None and self.dim <= 0:
             raise PlanError(f"{where}: dim is {self.dim}; dims must be > 0")
+        if self.row_dims is None and (self.row_dtypes is not None or self.shared_rows):
+            raise PlanError(f"{where}: row_dtypes and shared_rows need a row-level plan (row_dims)")
         if self.row_dims is not None:
             rd = np.asarray(self.row_dims)
             if rd.shape != (self.num_embeddings,):
                 raise PlanError(f"{where}: row_dims has shape {rd.shape}, expected ({self.num_embeddings},)")
-            if rd.size and rd.min() <= 0:
-                raise PlanError(f"{where}: row {int(rd.argmin())} has dim {int(rd.min())}; dims must be > 0")
-            if self.projection == "pad" and rd.max() > self.output_dim:
+            if rd.size and rd.min() < 0:
+                raise PlanError(f"{where}: row {int(rd.argmin())} has dim {int(rd.min())}; dims must be >= 0")
+            unstored = int((rd == 0).sum())
+            if unstored and self.shared_rows < 1:
                 raise PlanError(
-                    f"{where}: a row has dim {int(rd.max())} > output_dim {self.output_dim}; zero padding cannot "
-                    "shrink. Raise output_dim or use projection 'linear'"
+                    f"{where}: {unstored:,} rows have dim 0 (not stored) but shared_rows is {self.shared_rows}. "
+                    "Give shared_rows >= 1: the shared table that serves them"
                 )
+            if self.shared_rows < 0 or (self.shared_rows and not unstored):
+                raise PlanError(f"{where}: shared_rows is {self.shared_rows} but no row has dim 0; set it to 0")
+            if self.projection == "pad" and max(int(rd.max()), self.shared_dim) > self.output_dim:
+                raise PlanError(
+                    f"{where}: a row has dim {max(int(rd.max()), self.shared_dim)} > output_dim {self.output_dim}; "
+                    "zero padding cannot shrink. Raise output_dim or use projection 'linear'"
+                )
+            if self.row_dtypes is not None:
+                rt = np.asarray(self.row_dtypes)
+                if rt.shape != rd.shape or (rt.size and (rt.min() < 0 or rt.max() >= len(PRECISIONS))):
+                    raise PlanError(
+                        f"{where}: row_dtypes must hold one index into {list(PRECISIONS)} per row "
+                        f"({self.num_embeddings})"
+                    )
+        if self.shared_dim < 0:
+            raise PlanError(f"{where}: shared_dim is {self.shared_dim}; it must be >= 0 (0: output_dim)")
+        if self.shared_dtype is not None:
+            check_precision(self.shared_dtype, f"{where}: shared_dtype")
         if self.projection not in ("pad", "linear"):
             raise PlanError(f"{where}: projection is '{self.projection}', expected 'pad' or 'linear'")
         if self.output_dim <= 0:
@@ -197,24 +237,66 @@ class FeaturePlan:
         return self.row_dims is not None
 
     @cached_property
-    def bucket_dims(self) -> list[int]:
-        """The distinct logical dims (row-level), ascending; `[dim]` for a field-level plan."""
+    def _buckets(self) -> list[tuple[int, str]]:
+        """(logical dim, dtype) of each table: the stored buckets by dim then dtype, then the shared table."""
         if self.row_dims is None:
             assert self.dim is not None
-            return [self.dim]
-        return sorted(int(d) for d in np.unique(self.row_dims))
+            return [(self.dim, self.dtype)]
+        stored = np.asarray(self.row_dims) > 0
+        code = self._row_codes
+        pairs = np.unique(np.stack([np.asarray(self.row_dims)[stored], code[stored]]), axis=1) if stored.any() else []
+        out = [(int(d), PRECISIONS[int(c)]) for d, c in np.asarray(pairs).T] if stored.any() else []
+        if self.shared_rows:
+            out.append((self.shared_dim or self.output_dim, self.shared_dtype or self.dtype))
+        return out
+
+    @cached_property
+    def _row_codes(self) -> np.ndarray:
+        if self.row_dtypes is not None:
+            return np.asarray(self.row_dtypes, dtype=np.int64)
+        return np.full(self.num_embeddings, PRECISIONS.index(self.dtype), dtype=np.int64)
+
+    @cached_property
+    def bucket_dims(self) -> list[int]:
+        """Each table's logical dim, in `tables()` order (row-level: the distinct dims ascending, unless per-row
+        dtypes split a dim into several tables; the shared table last); `[dim]` for a field-level plan."""
+        return [d for d, _ in self._buckets]
+
+    def shared_slots(self) -> np.ndarray:
+        """Per row, the row of the shared table that serves it if its dim is 0: `splitmix64(row) mod
+        shared_rows` (deterministic, so serving maps an id exactly as training and export did)."""
+        from pipeline.splits import splitmix64
+
+        rows = np.arange(self.num_embeddings, dtype=np.uint64)
+        return (splitmix64(rows) % np.uint64(max(1, self.shared_rows))).astype(np.int64)
 
     @cached_property
     def remap(self) -> tuple[np.ndarray, np.ndarray]:
-        """Row → (bucket index into `bucket_dims`, local row within the bucket's table), rows kept in order."""
+        """Row → (bucket index into `tables()`, local row within the bucket's table), stored rows kept in order;
+        dim-0 rows go to the shared table (last) at their `shared_slots`."""
         if self.row_dims is None:
             return np.zeros(self.num_embeddings, dtype=np.int64), np.arange(self.num_embeddings, dtype=np.int64)
-        bucket = np.searchsorted(np.asarray(self.bucket_dims), self.row_dims).astype(np.int64)
-        order = np.argsort(bucket, kind="stable")
-        starts = np.searchsorted(bucket[order], np.arange(len(self.bucket_dims)))
+        dims = np.asarray(self.row_dims)
+        stored = dims > 0
+        keys = [d * len(PRECISIONS) + PRECISIONS.index(q) for d, q in self._buckets[: len(self._buckets) - bool(self.shared_rows)]]
+        row_key = dims * len(PRECISIONS) + self._row_codes
+        bucket = np.searchsorted(np.asarray(keys, dtype=np.int64), row_key).astype(np.int64)
+        bucket[~stored] = len(self._buckets) - 1
         local = np.empty(self.num_embeddings, dtype=np.int64)
-        local[order] = np.arange(self.num_embeddings) - np.repeat(starts, np.bincount(bucket, minlength=len(starts)))
+        nstored = len(keys)
+        order = np.argsort(np.where(stored, bucket, nstored), kind="stable")
+        counts = np.bincount(bucket[stored], minlength=nstored)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]]) if nstored else np.zeros(0, dtype=np.int64)
+        n = int(stored.sum())
+        first = order[:n]
+        local[first] = np.arange(n) - np.repeat(starts, counts)
+        if self.shared_rows:
+            local[~stored] = self.shared_slots()[~stored]
         return bucket, local
+
+    def _table_name(self, dim: int, dtype: str, shared: bool) -> tuple[str, str]:
+        suffix = SHARED if shared else f"d{dim}" + ("" if self.row_dtypes is None else f"_{dtype}")
+        return f"t_{self.feature}__{suffix}", f"{self.feature}__{suffix}"
 
     def tables(self) -> list[TableSpec]:
         if self.row_dims is None:
@@ -231,20 +313,15 @@ class FeaturePlan:
                     self.row_alignment,
                 )
             ]
-        counts = np.bincount(self.remap[0], minlength=len(self.bucket_dims))
-        return [
-            TableSpec(
-                f"t_{self.feature}__d{d}",
-                self.feature,
-                f"{self.feature}__d{d}",
-                int(n),
-                d,
-                physical_dim(d),
-                self.dtype,
-                self.row_alignment,
-            )
-            for d, n in zip(self.bucket_dims, counts, strict=True)
-        ]
+        stored = np.asarray(self.row_dims) > 0
+        counts = np.bincount(self.remap[0][stored], minlength=len(self._buckets)).tolist()
+        if self.shared_rows:
+            counts[-1] = self.shared_rows
+        out = []
+        for i, ((d, q), n) in enumerate(zip(self._buckets, counts, strict=True)):
+            name, key = self._table_name(d, q, self.shared_rows > 0 and i == len(self._buckets) - 1)
+            out.append(TableSpec(name, self.feature, key, int(n), d, physical_dim(d), q, self.row_alignment))
+        return out
 
     @property
     def projection_parameters(self) -> int:
@@ -259,19 +336,30 @@ class FeaturePlan:
 
     @property
     def serving_bytes(self) -> int:
-        """The bytes serving stores: its tables in its dtype (`TableSpec.serving_bytes`) plus fp32 projections."""
+        """The bytes serving stores: its tables in their dtypes (`TableSpec.serving_bytes`) plus fp32 projections."""
         return sum(t.serving_bytes for t in self.tables()) + 4 * self.projection_parameters
 
     def with_dtype(self, dtype: str | None = None, row_alignment: int | None = None) -> FeaturePlan:
-        """The same sizes, served in `dtype` (None: its own) with rows aligned to `row_alignment` (None: its own)."""
-        return dataclasses.replace(self, dtype=dtype or self.dtype, row_alignment=row_alignment or self.row_alignment)
+        """The same sizes, served in `dtype` (None: its own; a dtype given replaces per-row and shared dtypes
+        too) with rows aligned to `row_alignment` (None: its own)."""
+        if dtype is None:
+            return dataclasses.replace(self, row_alignment=row_alignment or self.row_alignment)
+        return dataclasses.replace(
+            self, dtype=dtype, row_dtypes=None, shared_dtype=None, row_alignment=row_alignment or self.row_alignment
+        )
+
+    @property
+    def dtype_label(self) -> str:
+        """Its serving dtype, or `mixed` when its tables differ."""
+        used = {t.dtype for t in self.tables()}
+        return used.pop() if len(used) == 1 else "mixed"
 
     @property
     def logical_parameters(self) -> int:
         if self.row_dims is None:
             assert self.dim is not None
             return self.num_embeddings * self.dim
-        return int(np.asarray(self.row_dims).sum())
+        return int(np.asarray(self.row_dims).sum()) + self.shared_rows * (self.shared_dim or self.output_dim)
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -288,11 +376,15 @@ class FeaturePlan:
         }
         if self.dim is not None:
             d["dim"] = self.dim
+        if self.row_dtypes is not None:
+            d["row_dtypes"] = True
+        if self.shared_rows:
+            d["shared"] = {"rows": self.shared_rows, "dim": self.shared_dim, "dtype": self.shared_dtype}
         return d
 
     def rows_frame(self) -> pl.DataFrame:
         bucket, local = self.remap
-        return pl.DataFrame(
+        frame = pl.DataFrame(
             {
                 "row": np.arange(self.num_embeddings, dtype=np.int64),
                 "raw_id": np.asarray(self.raw_ids, dtype=np.int64) if self.raw_ids is not None else None,
@@ -301,6 +393,11 @@ class FeaturePlan:
                 "local_row": local,
             }
         )
+        if self.row_dtypes is not None:
+            frame = frame.with_columns(
+                pl.Series("dtype", np.asarray(PRECISIONS)[self._row_codes], dtype=pl.Enum(list(PRECISIONS)))
+            )
+        return frame
 
 
 @dataclass(frozen=True, eq=False)
@@ -431,7 +528,7 @@ class DimensionPlan:
             return
         serving = self.budget.unit == "serving_bytes"
         per = ", ".join(
-            f"{f.feature}={f.serving_bytes if serving else f.parameters:,}" + (f" ({f.dtype})" if serving else "")
+            f"{f.feature}={f.serving_bytes if serving else f.parameters:,}" + (f" ({f.dtype_label})" if serving else "")
             for f in self.features
         )
         raise PlanError(
@@ -480,7 +577,7 @@ class DimensionPlan:
             mib = f.parameters * BYTES_PER_PARAM[self.dtype] / 2**20
             lines.append(
                 f"{f.feature:<12}{'row' if f.row_level else 'field':<7}{dims:<22}{f.num_embeddings:>11,}"
-                f"{f.parameters:>13,}{mib:>9.2f}{f.dtype:>8}{f.serving_bytes / 2**20:>11.2f}"
+                f"{f.parameters:>13,}{mib:>9.2f}{f.dtype_label:>8}{f.serving_bytes / 2**20:>11.2f}"
             )
         total = (
             f"total {self.parameters:,} parameters, {self.bytes / 2**20:.2f} MiB to train, "
@@ -566,7 +663,8 @@ class DimensionPlan:
                 )
         features: list[FeaturePlan] = []
         for fj in body["features"]:
-            row_dims = raw_ids = None
+            row_dims = raw_ids = row_dtypes = None
+            shared = fj.get("shared") or {}
             if fj["level"] == "row":
                 rows = pl.read_parquet(directory / f"rows/{fj['feature']}.parquet")
                 if rows.height != fj["num_embeddings"]:
@@ -577,6 +675,22 @@ class DimensionPlan:
                 row_dims = rows.get_column("dim").to_numpy()
                 raw = rows.get_column("raw_id")
                 raw_ids = None if raw.null_count() == raw.len() else raw.to_numpy()
+                if fj.get("row_dtypes"):
+                    if "dtype" not in rows.columns:
+                        raise PlanError(
+                            f"{directory}/rows/{fj['feature']}.parquet: no 'dtype' column, but the plan gives this "
+                            "feature per-row dtypes. Export the plan again"
+                        )
+                    codes = {q: i for i, q in enumerate(PRECISIONS)}
+                    try:
+                        row_dtypes = (
+                            rows.get_column("dtype").cast(pl.String).replace_strict(codes, return_dtype=pl.Int64)
+                        ).to_numpy()
+                    except pl.exceptions.InvalidOperationError as e:
+                        raise PlanError(
+                            f"{directory}/rows/{fj['feature']}.parquet: a row's dtype is not one of "
+                            f"{list(PRECISIONS)} ({e}). Export the plan again"
+                        ) from e
             try:
                 features.append(
                     FeaturePlan(
@@ -589,6 +703,10 @@ class DimensionPlan:
                         raw_ids=raw_ids,
                         dtype=fj.get("dtype", "fp32"),
                         row_alignment=fj.get("row_alignment", ROW_ALIGNMENT),
+                        row_dtypes=row_dtypes,
+                        shared_rows=int(shared.get("rows", 0)),
+                        shared_dim=int(shared.get("dim", 0)),
+                        shared_dtype=shared.get("dtype"),
                     )
                 )
             except PlanError as e:

@@ -178,7 +178,18 @@ def test_uniform_plan() -> None:
     [
         ({"dim": 0, "output_dim": 0}, r"feature 'f': dim is 0; dims must be > 0"),
         ({"dim": -4, "output_dim": 4}, r"feature 'f': dim is -4; dims must be > 0"),
-        ({"row_dims": np.array([4, 4, 0, 2])}, r"feature 'f': row 2 has dim 0; dims must be > 0"),
+        ({"row_dims": np.array([4, 4, -1, 2])}, r"feature 'f': row 2 has dim -1; dims must be >= 0"),
+        (  # dim 0 is a row not stored: it needs the shared table that serves it
+            {"row_dims": np.array([4, 4, 0, 2])},
+            r"feature 'f': 1 rows have dim 0 \(not stored\) but shared_rows is 0",
+        ),
+        ({"row_dims": np.array([4, 4, 4, 2]), "shared_rows": 2}, r"shared_rows is 2 but no row has dim 0"),
+        ({"dim": 4, "shared_rows": 2}, r"row_dtypes and shared_rows need a row-level plan"),
+        (
+            {"row_dims": np.array([4, 4, 0, 2]), "shared_rows": 1, "row_dtypes": np.array([0, 9, 0, 0])},
+            r"row_dtypes must hold one index into",
+        ),
+        ({"row_dims": np.array([4, 0]), "num_embeddings": 2, "shared_rows": 1, "shared_dim": 8}, r"a row has dim 8"),
         ({"row_dims": np.array([4, 4, 2])}, r"row_dims has shape \(3,\), expected \(4,\)"),
         (
             {"dim": 4, "row_dims": np.array([4, 4, 4, 4])},
@@ -320,7 +331,7 @@ def test_load_rejects_damaged_json_format_and_version(tmp_path: Path) -> None:
 
     d = _mixed_plan().save(tmp_path / "p")
     _edit_json(d, lambda b: b.update(version=PLAN_VERSION + 1))
-    with pytest.raises(PlanError, match=rf"plan version {PLAN_VERSION + 1} is not supported .* versions \[1, 2\]"):
+    with pytest.raises(PlanError, match=rf"plan version {PLAN_VERSION + 1} is not supported .* versions \[1, 2, 3\]"):
         DimensionPlan.load(d)
 
     d = _mixed_plan().save(tmp_path / "p")
@@ -370,7 +381,8 @@ def test_load_validates_dims_even_with_valid_checksums(tmp_path: Path) -> None:
     )
     digest = plan_module.sha256_file(rows_path)
     _edit_json(d, lambda b: b["checksums"]["files"].update({"rows/item.parquet": digest}))
-    with pytest.raises(PlanError, match=r"plan\.json: feature 'item': row 4 has dim 0; dims must be > 0"):
+    # A dim-0 row is one not stored; with no shared table to serve it, the plan is refused.
+    with pytest.raises(PlanError, match=r"plan\.json: feature 'item': 1 rows have dim 0 \(not stored\) but shared_rows"):
         DimensionPlan.load(d)
 
 
