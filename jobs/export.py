@@ -366,6 +366,27 @@ def run_inputs(run_dir: str | Path, flag: str = "--run") -> dict[str, Path]:
     return inputs
 
 
+def _with_tables(run: LoadedRun, plan: DimensionPlan, tables: Mapping[str, torch.Tensor]) -> Recommender:
+    """The unsharded fp32 model of `plan` (eval): the run's dense model, and `tables`' logical columns padded to
+    each table's physical width.
+
+    Raises:
+        ExportError: a table of the plan is missing from `tables` or has another shape.
+    """
+    model = build_recommender(run.cfg, run.dataset.spec, plan, "cpu")
+    state = {k: v for k, v in run.model.state_dict().items() if not k.startswith(EBC_PREFIX)}
+    for t in plan.tables():
+        w = tables.get(t.name)
+        if w is None or tuple(w.shape) != (t.num_embeddings, t.logical_dim):
+            got = None if w is None else tuple(w.shape)
+            raise ExportError(f"table '{t.name}' needs weights ({t.num_embeddings}, {t.logical_dim}), got {got}")
+        full = torch.zeros(t.num_embeddings, t.embedding_dim)
+        full[:, : t.logical_dim] = w
+        state[f"{EBC_PREFIX}{t.name}.weight"] = full
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
 def export(
     run_dir: str | Path,
     topology_path: str | Path,
@@ -374,6 +395,7 @@ def export(
     overwrite: bool = False,
     dtype: ServingDtype | None = None,
     row_alignment: int | None = None,
+    compressed: tuple[DimensionPlan, Mapping[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write the bundle of `run_dir` (newest checkpoint) for the topology in `topology_path` to `out`, atomically.
 
@@ -386,6 +408,9 @@ def export(
             run; a plan with a serving-bytes budget must still meet it).
         row_alignment: pad every served row to this many bytes instead of the plan's (1, 2, 4, 8 or 16; GPU
             serving needs 16).
+        compressed: a plan of the same features made from the run's trained weights after training, and its
+            tables' fp32 weights (`[rows, logical_dim]`; `search.compress`): exported instead of the run's plan and
+            tables, with the run's dense model (`jobs.compress`).
 
     Returns:
         `out`.
@@ -403,9 +428,13 @@ def export(
     out = check_output_dir(out, kind=BUNDLE_OUTPUT, protected=protected, overwrite=overwrite)
     topology = load_topology(topology_path)
     run = load_run(run_dir)
-    sharding = plan_for_topology(run.cfg, run.dataset.spec, run.plan, topology, topology_path)
-    state = run.model.state_dict()
-    plan = DimensionPlan(run.plan.features, run.plan.budget, run.plan.dtype, _provenance(run))
+    model, trained = run.model, run.plan
+    if compressed is not None:
+        trained, tables = compressed
+        model = _with_tables(run, trained, tables)
+    sharding = plan_for_topology(run.cfg, run.dataset.spec, trained, topology, topology_path)
+    state = model.state_dict()
+    plan = DimensionPlan(trained.features, trained.budget, trained.dtype, {**_provenance(run), **trained.provenance})
     if dtype is not None or row_alignment is not None:
         try:
             plan = plan.with_dtypes(dtype, row_alignment)
@@ -422,7 +451,7 @@ def export(
         for t in plan.tables():
             _save_tensor(state[f"{EBC_PREFIX}{t.name}.weight"][:, : t.logical_dim], tmp / "weights" / f"{t.name}.pt")
         (tmp / "serving").mkdir()
-        for name, stored in serving_tensors(served_model(run.model, plan), plan).items():
+        for name, stored in serving_tensors(served_model(model, plan), plan).items():
             _save_tensor(stored, tmp / "serving" / f"{name}.pt")
         _save_tensor({k: v for k, v in state.items() if not k.startswith(EBC_PREFIX)}, tmp / "dense.pt")
         faults.from_env().hit("export")  # a fault drill: weights written, manifest not (see jobs/faults.py)

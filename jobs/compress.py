@@ -1,0 +1,292 @@
+"""Compress trained runs into the best plan for a serving-byte budget, verified on held-out rows, and export it.
+
+    python -m jobs.compress --run runs/fixed8 --run runs/fixed16 --budget "1/16 of fixed-16 fp32" \\
+        --verify-split valid --out plans/compressed-16
+    python -m jobs.compress --run runs/stream16 --budget 1500000 --verify-days 7 --out plans/stream-1.5mb
+
+Each run (a field-level plan: `fixed`, `uniform-budget`, `autodim`, `joint`) is compressed after training by every
+recipe of `search.compress` (uniform dtypes, admission, hashing, CAFE-style splits, two-tier row-level dtypes) to
+fit the budget; each candidate is scored as it would be served (its rows dequantised, its unstored rows read from
+their shared rows) on the verification rows; the best (`search.verify`) is exported as a bundle (`jobs.export`)
+that `jobs.evaluate` scores as served. The candidate set holds every uniform FIXED-d × dtype plan of the runs that
+fits, so on the verification rows the delivered plan is never worse than the best of them.
+
+The budget (`--budget`) is serving bytes: a number, or a fraction of a uniform reference plan over the runs'
+tables (`1/16 of fixed-16 fp32`; `sharding.plan.BUDGET_SYNTAX`); the resolved figure is logged and saved in the
+bundle's plan provenance under `compress`, with every candidate's score.
+
+Verification rows must be held out from what the plan is finally reported on: `--verify-split valid` for a run
+trained on a static split (the test split is refused), or `--verify-days` naming days other than the scored ones
+on a stream. `--verify-rows` caps the rows scored (the fidelity).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torchrec.datasets.utils import Batch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from jobs.config import ConfigError
+from jobs.evaluate import EvaluationError, select_data
+from jobs.export import BUNDLE_OUTPUT, EBC_PREFIX, REPO, BundleError, ExportError, export, run_inputs
+from jobs.logs import setup_logging
+from jobs.runs import LoadedRun, load_run
+from models.scoring import Scorer, score
+from pipeline.dataset import check_output_dir
+from pipeline.errors import DatasetError
+from pipeline.stream import DayStream, StreamConfig
+from search.compress import Candidate, Recipe, compress, recipes
+from search.verify import Scored, VerificationError, verify
+from sharding.plan import ROW_ALIGNMENTS, Budget, DimensionPlan, PlanError, parse_budget
+
+logger = logging.getLogger(__name__)
+
+GPU16_TOPOLOGY = REPO / "jobs/configs/topology/gpu16x80.yaml"
+
+
+class CompressError(ValueError):
+    """Runs that cannot be compressed together, or a verification selection that is not held out."""
+
+
+@dataclass
+class Option:
+    """One candidate: a run and a recipe that fits the budget, with what it costs and scores (its tables are
+    rebuilt for the one delivered: keeping every candidate's would hold a copy of the tables per recipe)."""
+
+    run: int  # index into the runs
+    recipe: Recipe
+    serving_bytes: int
+    stored_share: float
+    metrics: dict[str, float]
+
+
+@dataclass
+class CompressResult:
+    """What `compress_runs` delivered.
+
+    Args:
+        out: the bundle written.
+        budget: the resolved budget in serving bytes.
+        best: the delivered candidate, scored.
+        scored: every candidate, scored (the runs' order, then the recipes').
+        runs: the run directories, by `Option.run`.
+    """
+
+    out: Path
+    budget: int
+    best: Scored[Option]
+    scored: list[Scored[Option]]
+    candidate: Candidate
+    runs: list[Path] = field(default_factory=list)
+
+
+def _batches(run: LoadedRun, days: str | None, split: str | None, max_rows: int) -> list[Batch]:
+    selection = select_data(run, days, split)
+    stream = DayStream(
+        selection.dataset, run.vocab, StreamConfig(batch_size=8192, chunk_rows=run.cfg.data.chunk_rows),
+        row_filter=selection.row_filter,
+    )  # fmt: skip
+    out: list[Batch] = []
+    rows = 0
+    for day in selection.days:
+        for _, batch in stream.batches_with_rows(day, grow=False):
+            out.append(batch)
+            rows += int(batch.labels.numel())
+            if rows >= max_rows:
+                return out
+    return out
+
+
+def _score(run: LoadedRun, batches: Sequence[Batch], candidate: Candidate) -> dict[str, float]:
+    """`candidate` scored in the run's fp32 model, every row replaced by the vector it is served as."""
+    state = run.model.state_dict()
+    for f, rows in candidate.served_rows.items():
+        w = state[f"{EBC_PREFIX}t_{f}.weight"]
+        w.zero_()
+        w[:, : rows.shape[1]] = rows
+
+    def pairs() -> Iterator[tuple[KeyedJaggedTensor | None, Batch]]:
+        for b in batches:
+            yield None, b
+
+    return score(run.model, pairs(), Scorer(run.dataset.spec.task, keep_scores=True)).exact_metrics()
+
+
+def _field_weights(run: LoadedRun) -> dict[str, torch.Tensor]:
+    if row_level := [f.feature for f in run.plan.features if f.row_level]:
+        raise CompressError(
+            f"{run.run_dir}: features {row_level} have row-level plans; compression starts from a field-level run "
+            "(search.method fixed, uniform-budget, autodim or joint)"
+        )
+    state = run.model.state_dict()
+    return {
+        f.feature: state[f"{EBC_PREFIX}t_{f.feature}.weight"][:, : f.dim].detach().clone() for f in run.plan.features
+    }
+
+
+def compress_runs(
+    run_dirs: Sequence[str | Path],
+    budget: str | int,
+    out: str | Path,
+    *,
+    verify_days: str | None = None,
+    verify_split: str | None = None,
+    verify_rows: int = 200_000,
+    topology: str | Path = GPU16_TOPOLOGY,
+    row_alignment: int = 16,
+    candidates: Sequence[Recipe] | None = None,
+    overwrite: bool = False,
+) -> CompressResult:
+    """Compress each run by every recipe within `budget`, verify, and export the best to `out`.
+
+    Raises:
+        CompressError: runs of other features or tables, a row-level run, or a verification selection of the test
+            split.
+        PlanError: a bad budget.
+        VerificationError: no candidate fits the budget.
+        DatasetError, EvaluationError, ExportError: as `jobs.export` and `jobs.evaluate` raise them.
+    """
+    paths = [Path(p) for p in dict.fromkeys(str(p) for p in run_dirs)]
+    if not paths:
+        raise CompressError("no run to compress. Fix: pass --run runs/<name> (several: --run a --run b)")
+    if verify_split == "test":
+        raise CompressError(
+            "--verify-split test: the test split is what the delivered plan is reported on, so choosing on it would "
+            "report a selected score. Fix: --verify-split valid"
+        )
+    if verify_rows < 1:
+        raise CompressError(f"--verify-rows is {verify_rows}; it must be >= 1")
+    if row_alignment not in ROW_ALIGNMENTS:
+        raise CompressError(f"--row-alignment is {row_alignment}, expected one of {list(ROW_ALIGNMENTS)}")
+    request = parse_budget(budget, "--budget")
+    protected: dict[str, Path] = {}
+    for p in paths:
+        protected.update(run_inputs(p, f"--run {p}"))
+    out = check_output_dir(out, kind=BUNDLE_OUTPUT, protected=protected, overwrite=overwrite)
+    rows: dict[str, int] = {}
+    options: list[Option] = []
+    value = 0
+    for i, path in enumerate(paths):  # one run in memory at a time
+        run = load_run(path)
+        here = {f.feature: f.num_embeddings for f in run.plan.features}
+        if not rows:
+            rows = here
+            value = request.resolve(rows, "serving_bytes", row_alignment)
+            logger.info("budget %s (row alignment %d)", request.describe(value, "serving bytes"), row_alignment)
+        elif here != rows:
+            raise CompressError(
+                f"{path}: its tables ({here}) are not {paths[0]}'s ({rows}). Compress runs of one dataset and "
+                "capacity together"
+            )
+        weights = _field_weights(run)
+        counts = {f: run.vocab[f].counts for f in rows}
+        batches: list[Batch] | None = None
+        start = time.perf_counter()
+        for recipe in candidates or recipes():
+            cand = compress(weights, counts, value, recipe, row_alignment)
+            if cand is None:
+                continue
+            if batches is None:
+                batches = _batches(run, verify_days, verify_split, verify_rows)
+            metrics = _score(run, batches, cand)
+            options.append(Option(i, recipe, cand.serving_bytes, cand.stored_share, metrics))
+            logger.info("%s %s: %s", path.name, recipe.label, {k: round(v, 4) for k, v in metrics.items()})
+        logger.info("%s: %d candidates scored in %.1f s", path.name, sum(o.run == i for o in options),
+                    time.perf_counter() - start)  # fmt: skip
+        del run
+    metric = "auc" if "auc" in (options[0].metrics if options else {"auc": 0}) else "mse"
+    best, scored = verify(options, lambda o: o.metrics, lambda o: o.serving_bytes, metric)
+    chosen = load_run(paths[best.candidate.run])
+    cand = compress(_field_weights(chosen), {f: chosen.vocab[f].counts for f in rows}, value, best.candidate.recipe,
+                    row_alignment)  # fmt: skip
+    assert cand is not None  # it fitted when it was scored: the same inputs
+    provenance: dict[str, Any] = {
+        **chosen.plan.provenance,
+        "compress": {
+            "budget": {"text": request.text, "serving_bytes": value, "row_alignment": row_alignment},
+            "verification": {"days": verify_days, "split": verify_split, "rows": verify_rows, "metric": metric},
+            "delivered": {"run": str(paths[best.candidate.run]), "recipe": cand.recipe.label, **best.metrics},
+            "candidates": [
+                {
+                    "run": str(paths[s.candidate.run]),
+                    "recipe": s.candidate.recipe.label,
+                    "serving_bytes": s.serving_bytes,
+                    "stored_share": round(s.candidate.stored_share, 6),
+                    **{k: float(v) for k, v in s.metrics.items()},
+                }
+                for s in scored
+            ],
+        },
+    }
+    plan = DimensionPlan(
+        tuple(cand.features[f] for f in rows), Budget(value, "serving_bytes"), chosen.plan.dtype, provenance
+    )
+    plan.check_budget()
+    export(paths[best.candidate.run], topology, out, overwrite=overwrite, compressed=(plan, cand.tables))
+    return CompressResult(Path(out), value, best, scored, cand, paths)
+
+
+def format_candidates(result: CompressResult) -> str:
+    """The candidates as a table, best first by the verification metric, the delivered one marked."""
+    metric = "auc" if "auc" in result.best.metrics else "mse"
+    sign = -1 if metric == "auc" else 1
+    rows = sorted(result.scored, key=lambda s: sign * s.metrics[metric])
+    lines = [f"{'':2}{'run':<16}{'candidate':<34}{'bytes':>13}{'stored':>8}{metric:>9}{'log loss':>10}"]
+    for s in rows:
+        mark = "*" if s is result.best else ""
+        lines.append(
+            f"{mark:2}{result.runs[s.candidate.run].name:<16}{s.candidate.recipe.label:<34}"
+            f"{s.serving_bytes:>13,}{s.candidate.stored_share:>8.3f}{s.metrics[metric]:>9.4f}"
+            f"{s.metrics.get('log_loss', float('nan')):>10.4f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m jobs.compress", description=__doc__.split("\n")[0])
+    parser.add_argument("--run", type=Path, action="append", required=True, help="a trained field-level run")
+    parser.add_argument("--budget", required=True, help="serving bytes, or e.g. '1/16 of fixed-16 fp32'")
+    parser.add_argument("--out", type=Path, required=True, help="the bundle directory to write")
+    parser.add_argument("--verify-split", default=None, help="valid (runs on a static split)")
+    parser.add_argument("--verify-days", default=None, help="days to verify on (not the days you report)")
+    parser.add_argument("--verify-rows", type=int, default=200_000, help="the most rows scored per candidate")
+    parser.add_argument("--topology", type=Path, default=GPU16_TOPOLOGY, help="topology YAML for the bundle")
+    parser.add_argument("--row-alignment", type=int, default=16, choices=ROW_ALIGNMENTS)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out bundle")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    setup_logging()
+    try:
+        result = compress_runs(
+            args.run,
+            args.budget,
+            args.out,
+            verify_days=args.verify_days,
+            verify_split=args.verify_split,
+            verify_rows=args.verify_rows,
+            topology=args.topology,
+            row_alignment=args.row_alignment,
+            overwrite=args.overwrite,
+        )
+    except (
+        CompressError, PlanError, VerificationError, DatasetError, EvaluationError, ExportError, BundleError,
+        ConfigError,
+    ) as e:  # fmt: skip
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(format_candidates(result))
+    print(f"budget {result.budget:,} serving bytes; delivered {result.best.candidate.recipe.label} of "
+          f"{result.runs[result.best.candidate.run]} ({result.best.serving_bytes:,} bytes)")  # fmt: skip
+    print(f"bundle: {result.out}")
+
+
+if __name__ == "__main__":
+    main()
