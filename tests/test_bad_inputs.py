@@ -1007,7 +1007,7 @@ JOB_CASES: list[Case] = [
         "job-serving-dtype-unknown",
         _copy_run,
         _job("search.dtype=int3"),
-        ("search.dtype is 'int3', expected one of ['fp32', 'fp16', 'int8', 'int4']", "Fix: correct"),
+        ("search.dtype is 'int3', expected one of ['fp32', 'fp16', 'int8', 'int4', 'int2']", "Fix: correct"),
     ),
     Case(
         "job-joint-budget-impossible",

@@ -313,7 +313,7 @@ def test_serving_bytes_budget_and_bad_dtypes(run: tuple[Path, Path]) -> None:
     DimensionPlan(plan.with_dtypes("int8").features, Budget(int8, "serving_bytes")).check_budget()
     with pytest.raises(PlanError, match=r"needs [\d,]+ serving_bytes but the budget is .*user=[\d,]+ \(fp32\)"):
         DimensionPlan(plan.features, Budget(int8, "serving_bytes")).check_budget()
-    with pytest.raises(PlanError, match=r"dtype is 'int3', expected one of \['fp32', 'fp16', 'int8', 'int4'\]"):
+    with pytest.raises(PlanError, match=r"dtype is 'int3', expected one of \['fp32', 'fp16', 'int8', 'int4', 'int2'\]"):
         plan.with_dtypes("int3")
 
 
