@@ -23,7 +23,7 @@ from torch import nn
 from torchrec import KeyedJaggedTensor
 
 from jobs.export import served_model, serving_tensors
-from search.compress import Recipe, compress, recipes
+from search.compress import Candidate, Recipe, compress, recipes
 from search.verify import VerificationError, verify
 from sharding.embedding import PlannedEmbedding, RowRemap, quantize_dequantize
 from sharding.plan import (
@@ -214,16 +214,17 @@ def test_verify_on_compressed_candidates_recovers_the_planted_rows() -> None:
     weights, counts = _trained(5)
     held_out = {f: torch.from_numpy(np.where(c > 1, 0.0, 50.0)) for f, c in counts.items()}  # cold rows only
     budget = sum(w.shape[0] for w in weights.values()) * row_bytes(8, "int2", 1)
-    options = [
-        compress(weights, counts, budget, r, 1) for r in (Recipe("uniform", "int2"), Recipe("admission", "int8"))
-    ]
-    assert all(o is not None for o in options)
+    options: list[Candidate] = []
+    for r in (Recipe("uniform", "int2"), Recipe("admission", "int8")):
+        cand = compress(weights, counts, budget, r, 1)
+        assert cand is not None
+        options.append(cand)
 
-    def neg_error(c: object) -> dict[str, float]:
-        err = sum(float((held_out[f][:, None] * (c.served_rows[f] - weights[f]).double() ** 2).sum()) for f in weights)  # type: ignore[attr-defined]
-        return {"loss": err}
+    def held_out_error(c: Candidate) -> dict[str, float]:
+        errors = [(held_out[f][:, None] * (c.served_rows[f] - weights[f]).double() ** 2).sum() for f in weights]
+        return {"loss": float(sum(errors))}
 
-    best, scored = verify(options, neg_error, lambda c: c.serving_bytes, "loss")  # type: ignore[union-attr]
+    best, scored = verify(options, held_out_error, lambda c: c.serving_bytes, "loss")
     assert best.candidate is options[0] and scored[0].metrics["loss"] < scored[1].metrics["loss"]
 
 

@@ -382,7 +382,7 @@ def test_load_validates_dims_even_with_valid_checksums(tmp_path: Path) -> None:
     digest = plan_module.sha256_file(rows_path)
     _edit_json(d, lambda b: b["checksums"]["files"].update({"rows/item.parquet": digest}))
     # A dim-0 row is one not stored; with no shared table to serve it, the plan is refused.
-    with pytest.raises(PlanError, match=r"plan\.json: feature 'item': 1 rows have dim 0 \(not stored\) but shared_rows"):
+    with pytest.raises(PlanError, match=r"plan\.json: feature 'item': 1 rows have dim 0 \(not stored\)"):
         DimensionPlan.load(d)
 
 
