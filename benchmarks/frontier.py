@@ -62,7 +62,18 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 GPU16 = REPO / "jobs/configs/topology/gpu16x80.yaml"
 ALIGNMENT = 1
-BUDGETS = (1 / 2, 1 / 4, 1 / 8, 1 / 16, 1 / 32)
+BUDGETS = (1 / 2, 1 / 4, 1 / 8, 1 / 16, 1 / 32, 1 / 64)
+METHODS = ("fixed", "compress", "joint", "md", "autodim")
+# The compressed baselines (`search.compress` recipe families), each tuned on the verification rows like any method.
+FAMILIES = {"admission": ("admission",), "hashing": ("hashing",), "CAFE": ("cafe",)}
+# Issue 26's "within" targets: (dataset, budget) -> the most AUC the delivered plan may lose to FIXED-16 fp32.
+WITHIN_TARGETS = {
+    ("criteo-synthetic", 1 / 16): 0.002,
+    ("criteo-synthetic", 1 / 32): 0.005,
+    ("ml-latest", 1 / 16): 0.003,
+    ("ml-1m", 1 / 16): 0.005,
+}
+VERIFY_ROWS = 200_000
 HEADLINE = 1 / 8
 DTYPES = ("fp32", "fp16", "int8", "int4")
 WITHIN = 0.001
@@ -107,6 +118,8 @@ class Point:
     within_budget: bool = True
     note: str = ""  # why it has no AUC (infeasible)
     bundle: Path | None = None
+    detail: str = ""  # what a compressed plan is: its source run and recipe
+    validation: dict[str, float] = field(default_factory=dict)  # delivered: its and the best uniform's held-out metric
 
     @property
     def mean_auc(self) -> float:
@@ -120,8 +133,12 @@ def datasets_root() -> Path:
 class Bench:
     """Runs, exports and scores the points of one dataset in `work`."""
 
-    def __init__(self, name: str, data: Path, work: Path, quick: bool, joint_dim: int = 32) -> None:
+    def __init__(
+        self, name: str, data: Path, work: Path, quick: bool, joint_dim: int = 32, methods: tuple[str, ...] = METHODS
+    ) -> None:
         self.name, self.data, self.work, self.quick, self.joint_dim = name, data, work, quick, joint_dim
+        self.methods = methods
+        self.later: list[tuple[Point, Path]] = []  # seeds 1 and 2 of a point: (point, bundle), scored at the end
         self.static = BASE[name]["data"]["protocol"] != "prequential"
         base = json.loads(json.dumps(BASE[name]))
         base["data"]["path"] = str(data)
@@ -133,6 +150,9 @@ class Bench:
             days = len(Dataset(data).days)
             base["data"]["days"] = days - 1  # the last day is scored, never trained on
             self.score_days = str(days)
+            # Compressed plans are chosen on the last day trained on: the only day that is neither the scored one
+            # nor unseen by the model (so the choice is made in-sample; BENCHMARKS.md says what that costs).
+            self.verify_days = str(days - 1)
         work.mkdir(parents=True, exist_ok=True)
         self.config = work / f"{name}.yaml"
         self.config.write_text(json.dumps(base))  # JSON is YAML
@@ -206,19 +226,29 @@ class Bench:
 
     def run(self) -> None:
         fixed_dims = (8, 16) if self.quick else (4, 8, 16, 32)
-        budgets = (1 / 4, 1 / 8) if self.quick else BUDGETS
+        budgets = (1 / 4, 1 / 8, 1 / 16) if self.quick else BUDGETS
         seeds = not self.quick
         reference: Point | None = None
-        for d in fixed_dims:
-            path, note = self.train(f"fixed{d}", ["search.method=fixed", f"search.dim={d}"])
-            for q in DTYPES:
-                p = self.add(f"FIXED-{d}", q, None, path, note)
-                if d == 16 and q == "fp32":
-                    reference = p
+        fixed: dict[int, list[Path]] = {}  # seed -> its FIXED-d runs (what the compressed plans start from)
+        for seed in SEEDS if seeds and "compress" in self.methods else (0,):
+            for d in fixed_dims:
+                tag = f"fixed{d}" + (f"-s{seed}" if seed else "")
+                path, note = self.train(tag, ["search.method=fixed", f"search.dim={d}"], seed)
+                if path is not None:
+                    fixed.setdefault(seed, []).append(path)
+                if seed == 0:
+                    for q in DTYPES:
+                        p = self.add(f"FIXED-{d}", q, None, path, note)
+                        if d == 16 and q == "fp32":
+                            reference = p
+                elif d == 16 and path is not None and reference is not None:
+                    self.later.append((reference, self.export(path, f"{tag}-fp32", "fp32")))
         assert reference is not None
-        if seeds:
+        if seeds and "compress" not in self.methods:
             self.seeded(reference, "fixed16", ["search.method=fixed", "search.dim=16"], "fp32")
-        for b in budgets:
+        if "compress" in self.methods:
+            self.compressed(fixed, budgets)
+        for b in budgets if "joint" in self.methods else ():
             dims = ",".join(str(d) for d in JOINT_DIMS if d <= self.joint_dim)
             search = ["search.method=joint", f"search.dim={self.joint_dim}", f"search.joint.dims=[{dims}]"]
             search += [
@@ -231,13 +261,13 @@ class Bench:
             p = self.add("joint", "mixed", b, path, note)
             if seeds and b == HEADLINE and path is not None:
                 self.seeded(p, f"joint-{b:.4f}", search, None)
-        if not self.static:
+        if not self.static and "md" in self.methods:
             for b, dtype in [(1 / 2, "fp32"), (1 / 2, "int8"), (1 / 4, "int8"), (1 / 8, "int8")]:
                 if self.quick and dtype == "fp32":
                     continue
                 path, note = self.train(f"md-{dtype}-{b:.4f}", self.md_search(b, dtype))
                 self.add("MD", dtype, b, path, note)
-        elif not self.quick:
+        elif not self.quick and "autodim" in self.methods:
             for b in (1 / 2, 1 / 4):
                 search = ["search.method=autodim", f"search.budget={int(b * self.fixed16_parameters())}"]
                 path, note = self.train(f"autodim-{b:.4f}", search)
@@ -250,6 +280,61 @@ class Bench:
             p.log_loss.insert(0, loss)
             p.fraction = nbytes / full
             p.within_budget = p.budget is None or p.fraction <= p.budget + 1e-12
+        if self.later:  # the other seeds' bundles, scored on the same rows
+            results = self.score([b for _, b in self.later], "seeds")
+            for (p, _), (auc, loss, nbytes) in zip(self.later, results, strict=True):
+                p.auc.append(auc)
+                p.log_loss.append(loss)
+                p.within_budget = p.within_budget and (p.budget is None or nbytes / full <= p.budget + 1e-12)
+
+    def compressed(self, fixed: dict[int, list[Path]], budgets: tuple[float, ...]) -> None:
+        """The delivered plan at every budget and seed (`jobs.compress` over that seed's FIXED-d runs, verified on
+        held-out rows), and, at seed 0, each compressed baseline family tuned on the same rows."""
+        from jobs.compress import deliver, score_candidates
+        from search.compress import fraction_label
+
+        texts = [f"{fraction_label(b)} of fixed-16 fp32" for b in budgets]
+        selection = {"verify_split": "valid"} if self.static else {"verify_days": self.verify_days}
+        points: dict[float, Point] = {}
+        for seed, runs in sorted(fixed.items()):
+            start = time.perf_counter()
+            scorings = score_candidates(
+                runs,
+                texts,
+                verify_rows=VERIFY_ROWS,
+                row_alignment=ALIGNMENT,
+                **selection,  # type: ignore[arg-type]
+            )
+            self.seconds += time.perf_counter() - start
+            for b, scoring in zip(budgets, scorings, strict=True):
+                families = {"delivered": None, **FAMILIES} if seed == 0 else {"delivered": None}
+                for family, names in families.items():
+                    among = None if names is None else (lambda r, names=names: r.name in names)
+                    if not [o for o in scoring.options if among is None or among(o.recipe)]:
+                        if seed == 0:
+                            self.points.append(Point(self.name, family, "-", b, note="no candidate fits"))
+                        continue
+                    best, scored = scoring.best(among)
+                    tag = f"{family}-{b:.5f}-s{seed}"
+                    start = time.perf_counter()
+                    bundle = self.work / "bundles" / tag
+                    deliver(scoring, best, scored, bundle, overwrite=True)
+                    self.seconds += time.perf_counter() - start
+                    if seed:
+                        if b in points:
+                            self.later.append((points[b], bundle))
+                        continue
+                    label = best.candidate.recipe.label
+                    p = Point(self.name, family, "mixed", b, bundle=bundle)
+                    p.detail = f"{scoring.runs[best.candidate.run].name} {label}"
+                    if family == "delivered":
+                        uniform = [o.metrics[scoring.metric] for o in scoring.options if o.recipe.name == "uniform"]
+                        p.validation = {
+                            "delivered": best.metrics[scoring.metric],
+                            "best_uniform": max(uniform) if uniform else float("nan"),
+                        }
+                        points[b] = p
+                    self.points.append(p)
 
     def fixed16_serving_bytes(self) -> int:
         from sharding.plan import DimensionPlan
@@ -284,7 +369,10 @@ def reference_bytes(reference: Point, results: list[tuple[float, float, int]], s
 
 
 def _label(p: Point) -> str:
-    return p.method if p.method in ("joint", "MD", "AutoDim") else f"FIXED {p.dtype}"
+    return f"FIXED {p.dtype}" if p.method.startswith("FIXED") else p.method
+
+
+BASELINES = ("MD", *FAMILIES)  # with every FIXED-d × dtype: what the delivered plan must match or beat
 
 
 def print_dataset(points: list[Point], reference: Point) -> None:
@@ -300,7 +388,7 @@ def print_dataset(points: list[Point], reference: Point) -> None:
         flag = "" if p.within_budget else "  OVER BUDGET"
         print(
             f"{p.method:<12}{p.dtype:<7}{budget:>8}{p.fraction:>8.4f}{p.mean_auc:>9.4f}{spread:>9}"
-            f"{np.mean(p.log_loss):>10.4f}{p.mean_auc - ref:>+9.4f}{flag}"
+            f"{np.mean(p.log_loss):>10.4f}{p.mean_auc - ref:>+9.4f}{flag}  {p.detail}"
         )
 
 
@@ -314,7 +402,10 @@ def plot(points: list[Point], reference: Point, path: Path) -> None:
     for label in dict.fromkeys(_label(p) for p in points):
         line = sorted((p.fraction, p.mean_auc) for p in points if _label(p) == label and p.auc)
         if line:
-            ax.plot(*zip(*line, strict=True), marker="o", label=label)
+            bold = label == "delivered"
+            ax.plot(
+                *zip(*line, strict=True), marker="o", label=label, linewidth=2.5 if bold else 1, zorder=3 if bold else 2
+            )
     ax.axhline(reference.mean_auc - WITHIN, color="grey", linestyle=":", label="FIXED-16 fp32 − 0.001")
     ax.set_xscale("log")
     ax.set_xlabel("serving bytes / FIXED-16 fp32's")
@@ -349,6 +440,65 @@ def dominance(points: list[Point]) -> list[tuple[float, float, float]]:
         ]
         rows.append((j.budget, j.mean_auc, max(base) if base else float("nan")))
     return rows
+
+
+def best_baseline(points: list[Point], budget: float) -> Point | None:
+    """The baseline (FIXED-d × dtype, MD, a compressed family) with the best mean AUC within `budget`."""
+    fits = [
+        p
+        for p in points
+        if (p.method.startswith("FIXED") or p.method in BASELINES) and p.auc and p.fraction <= budget + 1e-12
+    ]
+    return max(fits, key=lambda p: p.mean_auc, default=None)
+
+
+def delivered_targets(name: str, points: list[Point], reference: Point) -> tuple[list[str], list[str]]:
+    """Issue 26's targets for the delivered plans: (printed lines, RESULT parts)."""
+    tol = float(np.std(reference.auc)) if len(reference.auc) > 1 else 0.0
+    lines, parts = [], []
+    key = name.replace("-", "_")
+    beaten = checked = 0
+    test_vs_uniform = []
+    for p in sorted(
+        (p for p in points if p.method == "delivered" and p.budget is not None), key=lambda p: -(p.budget or 0)
+    ):
+        assert p.budget is not None
+        label = f"1/{round(1 / p.budget)}"
+        if not p.auc:
+            lines.append(f"  {label}: no delivered plan ({p.note})")
+            continue
+        base = best_baseline(points, p.budget)
+        spread = f" ± {np.std(p.auc):.4f}" if len(p.auc) > 1 else ""
+        line = f"  {label}: delivered {p.mean_auc:.4f}{spread} ({p.detail})"
+        if base is None:
+            line += "; no baseline fits"
+        else:
+            checked += 1
+            ok = p.mean_auc >= base.mean_auc - tol
+            beaten += ok
+            line += (
+                f"; best baseline {base.method} {base.dtype} {base.detail} {base.mean_auc:.4f} "
+                f"({p.mean_auc - base.mean_auc:+.4f}, {'met' if ok else 'MISSED'})"
+            )
+        uniform = [q for q in points if q.method.startswith("FIXED") and q.auc and q.fraction <= p.budget + 1e-12]
+        if uniform and p.validation:
+            u = max(uniform, key=lambda q: q.mean_auc)
+            test_vs_uniform.append(p.auc[0] >= u.auc[0])
+            line += (
+                f"; validation {p.validation['delivered']:.4f} vs best uniform {p.validation['best_uniform']:.4f}, "
+                f"test (seed 0) {p.auc[0]:.4f} vs {u.method} {u.dtype} {u.auc[0]:.4f}"
+            )
+        target = WITHIN_TARGETS.get((name, p.budget))
+        if target is not None:
+            gap = reference.mean_auc - p.mean_auc
+            ok = gap <= target
+            line += f"; within {target} of FIXED-16 fp32: {'met' if ok else 'MISSED'} (gap {gap:+.4f})"
+            parts.append(f"{key}_target_within_{target}_at_{label}={'met' if ok else 'missed'}")
+        lines.append(line)
+    parts.append(f"{key}_delivered_at_or_above_best_baseline={beaten}/{checked}")
+    parts.append(f"{key}_delivered_test_at_or_above_best_uniform={sum(test_vs_uniform)}/{len(test_vs_uniform)}")
+    parts.append(f"{key}_fixed16_std={tol:.4f}")
+    return lines, parts
 
 
 def prepare(name: str, work: Path, rows: int, days: int, max_cardinality: int) -> Path | None:
@@ -388,7 +538,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--joint-dim", type=int, default=32, help="joint's search.dim: trained first, its widest candidate (16 or 32)"
     )
+    parser.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help=f"comma-separated subset of {','.join(METHODS)} (fixed always runs)",
+    )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    methods = tuple(m for m in args.methods.split(",") if m)
+    if unknown := sorted(set(methods) - set(METHODS)):
+        parser.error(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
     rows = args.rows or (120_000 if args.quick else 6_000_000)
     days = args.days or (3 if args.quick else 4)
     names = (args.datasets or ("criteo-synthetic" if args.quick else "ml-1m,ml-latest,criteo-synthetic")).split(",")
@@ -401,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
             data = prepare(name, Path(tmp), rows, days, args.max_cardinality)
             if data is None:
                 continue
-            bench = Bench(name, data, Path(tmp) / name, args.quick, args.joint_dim)
+            bench = Bench(name, data, Path(tmp) / name, args.quick, args.joint_dim, methods)
             bench.run()
             reference = next(p for p in bench.points if p.method == "FIXED-16" and p.dtype == "fp32")
             all_points[name] = (bench.points, reference)
@@ -412,6 +570,11 @@ def main(argv: list[str] | None = None) -> int:
             head = headline(bench.points, reference)
             print("smallest byte fraction within 0.001 AUC of FIXED-16 fp32: " + ", ".join(
                 f"{k} {v:.4f}" for k, v in head.items()))  # fmt: skip
+            if "compress" in methods:
+                print("the delivered plan (jobs.compress over the FIXED-d runs, verified on held-out rows):")
+                lines, more = delivered_targets(name, bench.points, reference)
+                print("\n".join(lines))
+                parts += more
             dom = dominance(bench.points)
             for b, j, base in dom:
                 print(
@@ -424,10 +587,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"{key}_joint_smallest_within={head.get('joint', float('nan')):.4f}",
             ]
             parts.append(f"{key}_best_smallest_within={best:.4f}")
-            if name in ("ml-1m", "criteo-synthetic"):
+            if name in ("ml-1m", "criteo-synthetic") and "compress" not in methods:
                 parts.append(f"{key}_target_within_0.001_at_1/8={'met' if best <= HEADLINE + 1e-12 else 'missed'}")
-            dominated = all(j >= base - 1e-12 for _, j, base in dom if not np.isnan(base))
-            parts.append(f"{key}_target_joint_at_or_above_baselines={'met' if dominated else 'missed'}")
+            if "joint" in methods:
+                dominated = all(j >= base - 1e-12 for _, j, base in dom if not np.isnan(base))
+                parts.append(f"{key}_target_joint_at_or_above_baselines={'met' if dominated else 'missed'}")
             over = sum(not p.within_budget for p in bench.points if p.auc)
             parts.append(f"{key}_over_budget={over}")
     print(f"(total {time.perf_counter() - start:.0f} s; Criteo-like stream {rows:,} rows over {days} days)")

@@ -26,7 +26,7 @@ import argparse
 import logging
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,9 +44,9 @@ from models.scoring import Scorer, score
 from pipeline.dataset import check_output_dir
 from pipeline.errors import DatasetError
 from pipeline.stream import DayStream, StreamConfig
-from search.compress import Candidate, Recipe, compress, recipes
+from search.compress import Candidate, Recipe, compress, rank_rows, recipes
 from search.verify import Scored, VerificationError, verify
-from sharding.plan import ROW_ALIGNMENTS, Budget, DimensionPlan, PlanError, parse_budget
+from sharding.plan import ROW_ALIGNMENTS, Budget, BudgetRequest, DimensionPlan, PlanError, parse_budget
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +70,36 @@ class Option:
 
 
 @dataclass
+class Scoring:
+    """Every candidate of one budget, scored on the verification rows (`score_candidates`).
+
+    Args:
+        request: the budget as given.
+        budget: the resolved budget in serving bytes.
+        options: the candidates that fit, scored (the runs' order, then the recipes').
+        runs: the run directories, by `Option.run`.
+        verification: what the candidates were scored on.
+        row_alignment: the bytes every served row is padded to.
+    """
+
+    request: BudgetRequest
+    budget: int
+    options: list[Option]
+    runs: list[Path]
+    verification: dict[str, Any]
+    row_alignment: int
+
+    @property
+    def metric(self) -> str:
+        return str(self.verification["metric"])
+
+    def best(self, among: Callable[[Recipe], bool] | None = None) -> tuple[Scored[Option], list[Scored[Option]]]:
+        """The verified best (`search.verify`) of all candidates, or of those whose recipe `among` accepts."""
+        options = [o for o in self.options if among is None or among(o.recipe)]
+        return verify(options, lambda o: o.metrics, lambda o: o.serving_bytes, self.metric)
+
+
+@dataclass
 class CompressResult:
     """What `compress_runs` delivered.
 
@@ -78,6 +108,7 @@ class CompressResult:
         budget: the resolved budget in serving bytes.
         best: the delivered candidate, scored.
         scored: every candidate, scored (the runs' order, then the recipes').
+        candidate: the delivered candidate's plan and tables.
         runs: the run directories, by `Option.run`.
     """
 
@@ -133,6 +164,138 @@ def _field_weights(run: LoadedRun) -> dict[str, torch.Tensor]:
     }
 
 
+def _check_request(verify_split: str | None, verify_rows: int, row_alignment: int) -> None:
+    if verify_split == "test":
+        raise CompressError(
+            "--verify-split test: the test split is what the delivered plan is reported on, so choosing on it would "
+            "report a selected score. Fix: --verify-split valid"
+        )
+    if verify_rows < 1:
+        raise CompressError(f"--verify-rows is {verify_rows}; it must be >= 1")
+    if row_alignment not in ROW_ALIGNMENTS:
+        raise CompressError(f"--row-alignment is {row_alignment}, expected one of {list(ROW_ALIGNMENTS)}")
+
+
+def score_candidates(
+    run_dirs: Sequence[str | Path],
+    budgets: Sequence[str | int],
+    *,
+    verify_days: str | None = None,
+    verify_split: str | None = None,
+    verify_rows: int = 200_000,
+    row_alignment: int = 16,
+    candidates: Sequence[Recipe] | None = None,
+) -> list[Scoring]:
+    """Compress each run by every recipe within each budget and score every candidate that fits on the
+    verification rows. Each run is loaded, ranked and read once for all budgets.
+
+    Raises:
+        CompressError: no run, runs of other features or tables, a row-level run, or the test split as
+            verification rows.
+        PlanError: a bad budget.
+        DatasetError, EvaluationError: as `jobs.evaluate` raises them for the runs or the verification rows.
+    """
+    paths = [Path(p) for p in dict.fromkeys(str(p) for p in run_dirs)]
+    if not paths:
+        raise CompressError("no run to compress. Fix: pass --run runs/<name> (several: --run a --run b)")
+    _check_request(verify_split, verify_rows, row_alignment)
+    requests = [parse_budget(b, "--budget") for b in budgets]
+    rows: dict[str, int] = {}
+    values: list[int] = []
+    options: list[list[Option]] = [[] for _ in requests]
+    metric = "auc"
+    for i, path in enumerate(paths):  # one run in memory at a time
+        run = load_run(path)
+        here = {f.feature: f.num_embeddings for f in run.plan.features}
+        if not rows:
+            rows = here
+            values = [r.resolve(rows, "serving_bytes", row_alignment) for r in requests]
+            for r, v in zip(requests, values, strict=True):
+                logger.info("budget %s (row alignment %d)", r.describe(v, "serving bytes"), row_alignment)
+            metric = "auc" if run.dataset.spec.task == "binary" else "mse"
+        elif here != rows:
+            raise CompressError(
+                f"{path}: its tables ({here}) are not {paths[0]}'s ({rows}). Compress runs of one dataset and "
+                "capacity together"
+            )
+        weights = _field_weights(run)
+        counts = {f: run.vocab[f].counts for f in rows}
+        ranking = rank_rows(weights, counts)
+        batches: list[Batch] | None = None
+        start = time.perf_counter()
+        for k, value in enumerate(values):
+            for recipe in candidates or recipes():
+                cand = compress(weights, counts, value, recipe, row_alignment, ranking)
+                if cand is None:
+                    continue
+                if batches is None:
+                    batches = _batches(run, verify_days, verify_split, verify_rows)
+                metrics = _score(run, batches, cand)
+                options[k].append(Option(i, recipe, cand.serving_bytes, cand.stored_share, metrics))
+                logger.info("%s %s at %s: %s", path.name, recipe.label, requests[k].text,
+                            {m: round(v, 4) for m, v in metrics.items()})  # fmt: skip
+        logger.info("%s: candidates scored in %.1f s", path.name, time.perf_counter() - start)
+        del run
+    verification = {"days": verify_days, "split": verify_split, "rows": verify_rows, "metric": metric}
+    return [
+        Scoring(r, v, o, paths, verification, row_alignment) for r, v, o in zip(requests, values, options, strict=True)
+    ]
+
+
+def deliver(
+    scoring: Scoring,
+    best: Scored[Option],
+    scored: Sequence[Scored[Option]],
+    out: str | Path,
+    *,
+    topology: str | Path = GPU16_TOPOLOGY,
+    overwrite: bool = False,
+) -> Candidate:
+    """Rebuild the candidate `best` of `scoring` and export it as a bundle to `out`, every candidate's score in its
+    plan's provenance (under `compress`).
+
+    Raises:
+        DatasetError, ExportError: as `jobs.export` raises them.
+    """
+    protected: dict[str, Path] = {}
+    for p in scoring.runs:
+        protected.update(run_inputs(p, f"--run {p}"))
+    check_output_dir(out, kind=BUNDLE_OUTPUT, protected=protected, overwrite=overwrite)
+    path = scoring.runs[best.candidate.run]
+    chosen = load_run(path)
+    weights = _field_weights(chosen)
+    cand = compress(weights, {f: chosen.vocab[f].counts for f in weights}, scoring.budget, best.candidate.recipe,
+                    scoring.row_alignment)  # fmt: skip
+    if cand is None:  # it fitted when it was scored, from the same inputs
+        raise CompressError(f"{path}: {best.candidate.recipe.label} no longer fits: was the run changed meanwhile?")
+    provenance: dict[str, Any] = {
+        **chosen.plan.provenance,
+        "compress": {
+            "budget": {
+                "text": scoring.request.text, "serving_bytes": scoring.budget, "row_alignment": scoring.row_alignment,
+            },
+            "verification": scoring.verification,
+            "delivered": {"run": str(path), "recipe": cand.recipe.label, **best.metrics},
+            "candidates": [
+                {
+                    "run": str(scoring.runs[s.candidate.run]),
+                    "recipe": s.candidate.recipe.label,
+                    "serving_bytes": s.serving_bytes,
+                    "stored_share": round(s.candidate.stored_share, 6),
+                    **{k: float(v) for k, v in s.metrics.items()},
+                }
+                for s in scored
+            ],
+        },
+    }  # fmt: skip
+    plan = DimensionPlan(
+        tuple(cand.features[f] for f in weights), Budget(scoring.budget, "serving_bytes"), chosen.plan.dtype, provenance
+    )
+    plan.check_budget()
+    export(path, topology, out, overwrite=overwrite, compressed=(plan, cand.tables))
+    return cand
+
+
 def compress_runs(
     run_dirs: Sequence[str | Path],
     budget: str | int,
@@ -155,84 +318,19 @@ def compress_runs(
         VerificationError: no candidate fits the budget.
         DatasetError, EvaluationError, ExportError: as `jobs.export` and `jobs.evaluate` raise them.
     """
-    paths = [Path(p) for p in dict.fromkeys(str(p) for p in run_dirs)]
-    if not paths:
-        raise CompressError("no run to compress. Fix: pass --run runs/<name> (several: --run a --run b)")
-    if verify_split == "test":
-        raise CompressError(
-            "--verify-split test: the test split is what the delivered plan is reported on, so choosing on it would "
-            "report a selected score. Fix: --verify-split valid"
-        )
-    if verify_rows < 1:
-        raise CompressError(f"--verify-rows is {verify_rows}; it must be >= 1")
-    if row_alignment not in ROW_ALIGNMENTS:
-        raise CompressError(f"--row-alignment is {row_alignment}, expected one of {list(ROW_ALIGNMENTS)}")
-    request = parse_budget(budget, "--budget")
+    _check_request(verify_split, verify_rows, row_alignment)
+    parse_budget(budget, "--budget")
     protected: dict[str, Path] = {}
-    for p in paths:
+    for p in run_dirs:
         protected.update(run_inputs(p, f"--run {p}"))
-    out = check_output_dir(out, kind=BUNDLE_OUTPUT, protected=protected, overwrite=overwrite)
-    rows: dict[str, int] = {}
-    options: list[Option] = []
-    value = 0
-    for i, path in enumerate(paths):  # one run in memory at a time
-        run = load_run(path)
-        here = {f.feature: f.num_embeddings for f in run.plan.features}
-        if not rows:
-            rows = here
-            value = request.resolve(rows, "serving_bytes", row_alignment)
-            logger.info("budget %s (row alignment %d)", request.describe(value, "serving bytes"), row_alignment)
-        elif here != rows:
-            raise CompressError(
-                f"{path}: its tables ({here}) are not {paths[0]}'s ({rows}). Compress runs of one dataset and "
-                "capacity together"
-            )
-        weights = _field_weights(run)
-        counts = {f: run.vocab[f].counts for f in rows}
-        batches: list[Batch] | None = None
-        start = time.perf_counter()
-        for recipe in candidates or recipes():
-            cand = compress(weights, counts, value, recipe, row_alignment)
-            if cand is None:
-                continue
-            if batches is None:
-                batches = _batches(run, verify_days, verify_split, verify_rows)
-            metrics = _score(run, batches, cand)
-            options.append(Option(i, recipe, cand.serving_bytes, cand.stored_share, metrics))
-            logger.info("%s %s: %s", path.name, recipe.label, {k: round(v, 4) for k, v in metrics.items()})
-        logger.info("%s: %d candidates scored in %.1f s", path.name, sum(o.run == i for o in options),
-                    time.perf_counter() - start)  # fmt: skip
-        del run
-    metric = "auc" if "auc" in (options[0].metrics if options else {"auc": 0}) else "mse"
-    best, scored = verify(options, lambda o: o.metrics, lambda o: o.serving_bytes, metric)
-    chosen = load_run(paths[best.candidate.run])
-    cand = compress(_field_weights(chosen), {f: chosen.vocab[f].counts for f in rows}, value, best.candidate.recipe,
-                    row_alignment)  # fmt: skip
-    assert cand is not None  # it fitted when it was scored: the same inputs
-    provenance: dict[str, Any] = {
-        **chosen.plan.provenance,
-        "compress": {
-            "budget": {"text": request.text, "serving_bytes": value, "row_alignment": row_alignment},
-            "verification": {"days": verify_days, "split": verify_split, "rows": verify_rows, "metric": metric},
-            "delivered": {"run": str(paths[best.candidate.run]), "recipe": cand.recipe.label, **best.metrics},
-            "candidates": [
-                {
-                    "run": str(paths[s.candidate.run]),
-                    "recipe": s.candidate.recipe.label,
-                    "serving_bytes": s.serving_bytes,
-                    "stored_share": round(s.candidate.stored_share, 6),
-                    **{k: float(v) for k, v in s.metrics.items()},
-                }
-                for s in scored
-            ],
-        },
-    }
-    plan = DimensionPlan(
-        tuple(cand.features[f] for f in rows), Budget(value, "serving_bytes"), chosen.plan.dtype, provenance
-    )
-    plan.check_budget()
-    export(paths[best.candidate.run], topology, out, overwrite=overwrite, compressed=(plan, cand.tables))
-    return CompressResult(Path(out), value, best, scored, cand, paths)
+    check_output_dir(out, kind=BUNDLE_OUTPUT, protected=protected, overwrite=overwrite)  # before any work
+    (scoring,) = score_candidates(
+        run_dirs, [budget], verify_days=verify_days, verify_split=verify_split, verify_rows=verify_rows,
+        row_alignment=row_alignment, candidates=candidates,
+    )  # fmt: skip
+    best, scored = scoring.best()
+    cand = deliver(scoring, best, scored, out, topology=topology, overwrite=overwrite)
+    return CompressResult(Path(out), scoring.budget, best, scored, cand, scoring.runs)
 
 
 def format_candidates(result: CompressResult) -> str:

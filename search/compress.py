@@ -143,12 +143,37 @@ def _shared_means(w: torch.Tensor, counts: np.ndarray, slots: np.ndarray, unstor
     return (sums / total.clamp_min(1e-12)[:, None]).float()
 
 
+@dataclass(frozen=True)
+class Ranking:
+    """Every row of every feature (features in `weights`' order, rows concatenated), ranked by training count.
+
+    Args:
+        feature: per concatenated row, its feature's index.
+        order: the concatenated rows, most looked-up first (row 0 of each feature last; ties to the earlier feature,
+            then the earlier row).
+    """
+
+    feature: np.ndarray
+    order: np.ndarray
+
+
+def rank_rows(weights: Mapping[str, torch.Tensor], counts: Mapping[str, np.ndarray]) -> Ranking:
+    """The rows of `weights`' features ranked by `counts` (see `Ranking`)."""
+    n = [int(w.shape[0]) for w in weights.values()]
+    feat = np.concatenate([np.full(k, i, dtype=np.int64) for i, k in enumerate(n)])
+    row = np.concatenate([np.arange(k, dtype=np.int64) for k in n])
+    cnt = np.concatenate([_counts(counts.get(f), k) for f, k in zip(weights, n, strict=True)])
+    cnt[row == 0] = -1.0
+    return Ranking(feat, np.lexsort((row, feat, -cnt)))
+
+
 def compress(
     weights: Mapping[str, torch.Tensor],
     counts: Mapping[str, np.ndarray],
     budget_bytes: int,
     recipe: Recipe,
     alignment: int,
+    ranking: Ranking | None = None,
 ) -> Candidate | None:
     """One candidate of `recipe` within `budget_bytes`, or None where the recipe cannot meet it.
 
@@ -160,6 +185,7 @@ def compress(
         budget_bytes: the serving bytes the features' tables may take.
         recipe: how to spend them.
         alignment: the bytes each served row is padded to.
+        ranking: `rank_rows(weights, counts)`, when the caller builds many candidates of the same rows.
 
     Returns:
         The candidate; None when it does not fit, or when the recipe would store every row (the uniform candidate
@@ -178,12 +204,8 @@ def compress(
     else:
         pool = recipe.shared_share * budget_bytes
         m = {f: max(1, min(n[f], int(pool * n[f] / total_rows) // shared_rb[f])) for f in names}
-    # Every row of every feature, ranked by its training count (row 0 last, ties to the earlier row).
-    feat = np.concatenate([np.full(n[f], i, dtype=np.int64) for i, f in enumerate(names)])
-    row = np.concatenate([np.arange(n[f], dtype=np.int64) for f in names])
-    cnt = np.concatenate([_counts(counts.get(f), n[f]) for f in names])
-    cnt[row == 0] = -1.0
-    order = np.lexsort((row, feat, -cnt))
+    ranked = ranking if ranking is not None else rank_rows(weights, counts)
+    feat, order = ranked.feature, ranked.order
     tiers = [(recipe.hot_dtype, recipe.hot_share)]
     if recipe.warm_dtype is not None:
         tiers.append((recipe.warm_dtype, 1.0))
