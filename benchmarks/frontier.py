@@ -138,6 +138,7 @@ class Bench:
     ) -> None:
         self.name, self.data, self.work, self.quick, self.joint_dim = name, data, work, quick, joint_dim
         self.methods = methods
+        self.verify_rows = VERIFY_ROWS
         self.later: list[tuple[Point, Path]] = []  # seeds 1 and 2 of a point: (point, bundle), scored at the end
         self.static = BASE[name]["data"]["protocol"] != "prequential"
         base = json.loads(json.dumps(BASE[name]))
@@ -539,6 +540,9 @@ def main(argv: list[str] | None = None) -> int:
         "--joint-dim", type=int, default=32, help="joint's search.dim: trained first, its widest candidate (16 or 32)"
     )
     parser.add_argument(
+        "--verify-rows", type=int, default=VERIFY_ROWS, help="rows each compressed candidate is scored on"
+    )
+    parser.add_argument(
         "--methods",
         default=",".join(METHODS),
         help=f"comma-separated subset of {','.join(METHODS)} (fixed always runs)",
@@ -560,6 +564,7 @@ def main(argv: list[str] | None = None) -> int:
             if data is None:
                 continue
             bench = Bench(name, data, Path(tmp) / name, args.quick, args.joint_dim, methods)
+            bench.verify_rows = args.verify_rows
             bench.run()
             reference = next(p for p in bench.points if p.method == "FIXED-16" and p.dtype == "fp32")
             all_points[name] = (bench.points, reference)

@@ -96,7 +96,10 @@ class Scoring:
     def best(self, among: Callable[[Recipe], bool] | None = None) -> tuple[Scored[Option], list[Scored[Option]]]:
         """The verified best (`search.verify`) of all candidates, or of those whose recipe `among` accepts."""
         options = [o for o in self.options if among is None or among(o.recipe)]
-        return verify(options, lambda o: o.metrics, lambda o: o.serving_bytes, self.metric)
+        return verify(
+            options, lambda o: o.metrics, lambda o: o.serving_bytes, self.metric,
+            f"the budget of {self.budget:,} serving bytes ({self.request.text!r})",
+        )  # fmt: skip
 
 
 @dataclass
@@ -156,12 +159,20 @@ def _field_weights(run: LoadedRun) -> dict[str, torch.Tensor]:
     if row_level := [f.feature for f in run.plan.features if f.row_level]:
         raise CompressError(
             f"{run.run_dir}: features {row_level} have row-level plans; compression starts from a field-level run "
-            "(search.method fixed, uniform-budget, autodim or joint)"
+            "(search.method fixed, uniform-budget, autodim or joint). Fix: compress a field-level run"
         )
     state = run.model.state_dict()
     return {
         f.feature: state[f"{EBC_PREFIX}t_{f.feature}.weight"][:, : f.dim].detach().clone() for f in run.plan.features
     }
+
+
+def _protected(run_dirs: Sequence[str | Path]) -> dict[str, Path]:
+    """The runs and their data, which `--out` may not touch."""
+    out: dict[str, Path] = {}
+    for i, p in enumerate(run_dirs):
+        out.update(run_inputs(p, "--run" if len(run_dirs) == 1 else f"--run #{i + 1}"))
+    return out
 
 
 def _check_request(verify_split: str | None, verify_rows: int, row_alignment: int) -> None:
@@ -215,7 +226,7 @@ def score_candidates(
             metric = "auc" if run.dataset.spec.task == "binary" else "mse"
         elif here != rows:
             raise CompressError(
-                f"{path}: its tables ({here}) are not {paths[0]}'s ({rows}). Compress runs of one dataset and "
+                f"{path}: its tables ({here}) are not {paths[0]}'s ({rows}). Fix: compress runs of one dataset and "
                 "capacity together"
             )
         weights = _field_weights(run)
@@ -257,10 +268,7 @@ def deliver(
     Raises:
         DatasetError, ExportError: as `jobs.export` raises them.
     """
-    protected: dict[str, Path] = {}
-    for p in scoring.runs:
-        protected.update(run_inputs(p, f"--run {p}"))
-    check_output_dir(out, kind=BUNDLE_OUTPUT, protected=protected, overwrite=overwrite)
+    check_output_dir(out, kind=BUNDLE_OUTPUT, protected=_protected(scoring.runs), overwrite=overwrite)
     path = scoring.runs[best.candidate.run]
     chosen = load_run(path)
     weights = _field_weights(chosen)
@@ -320,10 +328,7 @@ def compress_runs(
     """
     _check_request(verify_split, verify_rows, row_alignment)
     parse_budget(budget, "--budget")
-    protected: dict[str, Path] = {}
-    for p in run_dirs:
-        protected.update(run_inputs(p, f"--run {p}"))
-    check_output_dir(out, kind=BUNDLE_OUTPUT, protected=protected, overwrite=overwrite)  # before any work
+    check_output_dir(out, kind=BUNDLE_OUTPUT, protected=_protected(run_dirs), overwrite=overwrite)  # before any work
     (scoring,) = score_candidates(
         run_dirs, [budget], verify_days=verify_days, verify_split=verify_split, verify_rows=verify_rows,
         row_alignment=row_alignment, candidates=candidates,

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from sharding.embedding import quantize_dequantize
-from sharding.plan import PRECISIONS, FeaturePlan, physical_dim, row_bytes
+from sharding.plan import INT2_WIDTH, PRECISIONS, FeaturePlan, physical_dim, row_bytes
 
 
 @dataclass(frozen=True)
@@ -194,6 +194,9 @@ def compress(
     names = list(weights)
     n = {f: int(weights[f].shape[0]) for f in names}
     dim = {f: int(weights[f].shape[1]) for f in names}
+    used = {recipe.hot_dtype, recipe.warm_dtype, recipe.shared_dtype if recipe.name != "uniform" else None}
+    if "int2" in used and any(physical_dim(d) % INT2_WIDTH for d in dim.values()):
+        return None  # FBGEMM cannot pack int2 rows narrower than 8 columns
     if recipe.name == "uniform":
         cand = _uniform(weights, recipe.hot_dtype, alignment)
         return cand if cand.serving_bytes <= budget_bytes else None

@@ -44,17 +44,18 @@ def verify(
     score: Callable[[C], Mapping[str, float]],
     serving_bytes: Callable[[C], int],
     metric: str = "auc",
+    budget: str = "the budget",
 ) -> tuple[Scored[C], list[Scored[C]]]:
     """Score every candidate and return the best with every score (in the candidates' order).
 
     The best has the highest `metric` (the lowest, for a loss); ties go to the fewer serving bytes, then to the
-    earlier candidate. A candidate whose metric is NaN never wins.
+    earlier candidate. A candidate whose metric is NaN never wins. `budget` names the budget in the error.
 
     Raises:
         VerificationError: no candidates, or `metric` is not one the scores hold.
     """
     if not candidates:
-        raise VerificationError("no candidate fits the budget, so none can be verified. Raise the budget")
+        raise VerificationError(f"no candidate fits {budget}, so none can be verified. Fix: raise --budget")
     if metric not in HIGHER_IS_BETTER:
         raise VerificationError(f"metric {metric!r} is not one of {sorted(HIGHER_IS_BETTER)}")
     sign = 1.0 if HIGHER_IS_BETTER[metric] else -1.0

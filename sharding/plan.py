@@ -42,6 +42,7 @@ PLAN_FILE = "plan.json"
 BYTES_PER_PARAM = {"fp32": 4, "fp16": 2}
 # The storage dtypes a table can be served in (TorchRec's quantised inference tables).
 PRECISIONS = ("fp32", "fp16", "int8", "int4", "int2")
+INT2_WIDTH = 8  # int2 rows: FBGEMM's row-wise quantiser needs their codes in whole 2-byte words
 SHARED = "shared"  # the table name suffix of a feature's shared rows: `t_<feature>__shared`
 ROW_ALIGNMENT = 16  # bytes; torchrec.inference's DEFAULT_ROW_ALIGNMENT (what GPU serving needs)
 ROW_ALIGNMENTS = (1, 2, 4, 8, 16)  # FBGEMM's CPU inference kernels read rows at any of these
@@ -114,6 +115,7 @@ BUDGET_SYNTAX = (
     "a number (e.g. 2500000), or a fraction of a uniform reference plan: '<fraction> of fixed-<dim> [<dtype>]', "
     "the fraction as 1/16, 0.0625 or 6.25% (e.g. '1/16 of fixed-16 fp32')"
 )
+BUDGET_FIX = "write it as e.g. '1/16 of fixed-16 fp32', '6.25% of fixed-16' or a whole number"
 _BUDGET_RE = re.compile(
     r"^\s*(?P<num>\d+(?:\.\d+)?)\s*(?:/\s*(?P<den>\d+(?:\.\d+)?))?\s*(?P<pct>%)?\s+of\s+fixed-(?P<dim>\d+)"
     r"(?:\s+(?P<dtype>[a-z0-9]+))?\s*$",
@@ -164,24 +166,29 @@ def parse_budget(text: str | int, where: str = "budget") -> BudgetRequest:
         PlanError: naming `where`, the text, and the syntax.
     """
     if isinstance(text, bool):
-        raise PlanError(f"{where} is {text!r}; expected {BUDGET_SYNTAX}")
+        raise PlanError(f"{where} is {text!r}; expected {BUDGET_SYNTAX}. Fix: {BUDGET_FIX}")
     if isinstance(text, int) or (isinstance(text, str) and text.strip().isdigit()):
         value = int(text)
         if value <= 0:
-            raise PlanError(f"{where} is {value}; it must be > 0")
+            raise PlanError(f"{where} is {value}; it must be > 0. Fix: {BUDGET_FIX}")
         return BudgetRequest(str(text), absolute=value)
     m = _BUDGET_RE.match(str(text))
     if m is None:
-        raise PlanError(f"{where} is {text!r}; expected {BUDGET_SYNTAX}")
+        raise PlanError(f"{where} is {text!r}; expected {BUDGET_SYNTAX}. Fix: {BUDGET_FIX}")
     den = float(m["den"]) if m["den"] else 1.0
     fraction = float(m["num"]) / den / (100.0 if m["pct"] else 1.0) if den else 0.0
     if fraction <= 0:
-        raise PlanError(f"{where} is {text!r}: the fraction must be > 0 (a positive number over a positive one)")
+        raise PlanError(
+            f"{where} is {text!r}: the fraction must be > 0 (a positive number over a positive one). Fix: {BUDGET_FIX}"
+        )
     dim = int(m["dim"])
     if dim <= 0:
-        raise PlanError(f"{where} is {text!r}: the reference dim must be > 0")
+        raise PlanError(f"{where} is {text!r}: the reference dim must be > 0. Fix: {BUDGET_FIX}")
     dtype = (m["dtype"] or "fp32").lower()
-    check_precision(dtype, f"{where} {text!r}: the reference dtype")
+    try:
+        check_precision(dtype, f"{where} {text!r}: the reference dtype")
+    except PlanError as e:
+        raise PlanError(f"{e}. Fix: {BUDGET_FIX}") from None
     return BudgetRequest(str(text), fraction=fraction, reference_dim=dim, reference_dtype=dtype)
 
 
@@ -307,6 +314,11 @@ class FeaturePlan:
             )
         if self.raw_ids is not None and np.asarray(self.raw_ids).shape != (self.num_embeddings,):
             raise PlanError(f"{where}: raw_ids must have one entry per row ({self.num_embeddings})")
+        if narrow := sorted({d for d, q in self._buckets if q == "int2" and physical_dim(d) % INT2_WIDTH}):
+            raise PlanError(
+                f"{where}: int2 tables of dims {narrow}: FBGEMM packs int2 rows into 2-byte words, so their stored "
+                f"width must be a multiple of {INT2_WIDTH}. Serve them in int4, or give them dim >= {INT2_WIDTH}"
+            )
 
     @property
     def row_level(self) -> bool:

@@ -32,6 +32,7 @@ import polars as pl
 import pytest
 import yaml
 
+from jobs import compress as compress_job
 from jobs import evaluate as evaluate_job
 from jobs import export as export_job
 from jobs.config import ConfigError
@@ -45,7 +46,7 @@ from sharding.plan import PLAN_FILE, PLAN_VERSION, DimensionPlan, FeaturePlan, P
 from tests.helpers import REPO, write_tiny
 
 # The typed errors a library call may raise for bad input; anything else is a bug and fails the case.
-TYPED_ERRORS = (DatasetError, PlanError, BundleError, ExportError, EvaluationError, ConfigError)
+TYPED_ERRORS = (DatasetError, PlanError, BundleError, ExportError, EvaluationError, ConfigError)  # jobs.compress's too
 # The wordings of a fix used across the project.
 FIX = re.compile(
     r"Fix: |Possible solutions: |Re-export|re-export|[Ee]xport (it|the plan) again|Point at|point at|Restore it"
@@ -761,7 +762,41 @@ EVALUATE_CASES = [
     ),
 ]
 
-CASES: list[Case] = [*INGEST_CASES, *DATASET_CASES, *PLAN_CASES, *BUNDLE_CASES, *EVALUATE_CASES]
+
+def _compress(
+    *extra: str, out: Callable[[Artifacts], Path] = lambda a: a.run.parent / "c"
+) -> Callable[[Artifacts], Any]:
+    return lambda a: cli(compress_job.main, "--run", a.run, "--out", out(a), *extra)
+
+
+COMPRESS_CASES = [
+    Case(
+        "compress-bad-budget",
+        _copy_run,
+        _compress("--budget", "a sixteenth", "--verify-days", "1"),
+        ("--budget is 'a sixteenth'", "expected a number", "'1/16 of fixed-16 fp32'", "Fix: "),
+    ),
+    Case(
+        "compress-verify-on-test",
+        _copy_run,
+        _compress("--budget", "1/4 of fixed-8", "--verify-split", "test"),
+        ("--verify-split test: the test split is what the delivered plan is reported on", "Fix: --verify-split valid"),
+    ),
+    Case(
+        "compress-budget-too-small",
+        _copy_run,
+        _compress("--budget", "10", "--verify-days", "1"),
+        ("no candidate fits the budget of 10 serving bytes", "Fix: raise --budget"),
+    ),
+    Case(
+        "compress-out-is-run",
+        _copy_run,
+        _compress("--budget", "1/4 of fixed-8", "--verify-days", "1", "--overwrite", out=lambda a: a.run),
+        ("runs/r: is --run", "itself; writing the bundle here would replace that input", "Fix: choose an --out"),
+    ),
+]
+
+CASES: list[Case] = [*INGEST_CASES, *DATASET_CASES, *PLAN_CASES, *BUNDLE_CASES, *EVALUATE_CASES, *COMPRESS_CASES]
 
 
 # ---- the training job: configs, checkpoints, resumes ------------------------------------------------------------

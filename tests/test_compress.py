@@ -175,6 +175,9 @@ def test_remap_matches_a_slow_reference() -> None:
     rng = np.random.default_rng(4)
     dims = rng.choice([0, 4, 8], 200)
     codes = rng.choice([1, 2, 3, 4], 200)
+    codes[(dims == 4) & (codes == 4)] = 3  # int2 needs 8 stored columns
+    with pytest.raises(PlanError, match=r"int2 tables of dims \[4\]: FBGEMM packs int2 rows into 2-byte words"):
+        FeaturePlan("f", 200, 8, row_dims=dims, row_dtypes=np.where(dims == 4, 4, codes), shared_rows=7)
     f = FeaturePlan("f", 200, 8, row_dims=dims, row_dtypes=codes, shared_rows=7, shared_dtype="int4")
     bucket, local = f.remap
     tables = f.tables()
