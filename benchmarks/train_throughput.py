@@ -233,7 +233,7 @@ class PlainEmbedding(nn.Module):
 def _plan_and_vocab(cfg: JobConfig, dataset: Dataset) -> tuple[DimensionPlan, VocabularySet]:
     """The job's dimension plan (its table sizes) and a fresh vocabulary capped at those sizes."""
     capacities = table_capacities(dataset, cfg.data.capacity)
-    plan = initial_plan(cfg, build_searcher(cfg, dataset.spec), dataset.spec.feature_names, capacities)
+    plan = initial_plan(cfg, build_searcher(cfg, dataset.spec, capacities), dataset.spec.feature_names, capacities)
     capacity = {f.feature: f.num_embeddings for f in plan.features}
     return plan, VocabularySet(dataset.spec.feature_names, capacity=capacity)
 

@@ -10,6 +10,7 @@ import dataclasses
 import re
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -19,7 +20,7 @@ import yaml
 from search import registry
 from search.base import SearchConfigError, SearchContext
 from sharding.distributed import ShardingConfig
-from sharding.plan import PRECISIONS, ROW_ALIGNMENTS
+from sharding.plan import PRECISIONS, ROW_ALIGNMENTS, PlanError, parse_budget
 
 
 class ConfigError(ValueError):
@@ -118,7 +119,10 @@ class SearchConfig:
         method: a method of `search.registry` (the README's method table says when to use which): `fixed`,
             `uniform-budget`, `autodim`, `scall`, `esapn`, ...
         dim: every feature's dim for `fixed`; the largest row size (d_max) for the row-level methods.
-        budget: embedding parameter budget the plan must meet (None: no budget; some methods need one).
+        budget: embedding parameter budget the plan must meet (None: no budget; some methods need one): a number,
+            or a fraction of a uniform reference plan over the dataset's tables, e.g. `1/4 of fixed-16` (its
+            physical parameters; `sharding.plan.BUDGET_SYNTAX`), resolved once the tables' rows are known and
+            logged (`resolved_budget`).
         other_dim: for the row-level methods, the field-level dim of every feature other than users and items
             (None: `dim`); it comes off the budget first.
         plan: start from this saved `DimensionPlan` directory (e.g. one a search exported) instead of `dim`; its
@@ -135,7 +139,7 @@ class SearchConfig:
 
     method: str = "fixed"
     dim: int = 16
-    budget: int | None = None
+    budget: int | str | None = None
     other_dim: int | None = None
     plan: str | None = None
     dtype: str = "fp32"
@@ -156,8 +160,13 @@ class SearchConfig:
             raise ConfigError(f"search.dim must be > 0, got {self.dim}")
         if self.other_dim is not None and self.other_dim <= 0:
             raise ConfigError(f"search.other_dim must be > 0 or null, got {self.other_dim}")
-        if self.budget is not None and self.budget <= 0:
+        if isinstance(self.budget, int) and self.budget <= 0:
             raise ConfigError(f"search.budget must be > 0, got {self.budget}")
+        if isinstance(self.budget, str):
+            try:
+                parse_budget(self.budget, "search.budget")
+            except PlanError as e:
+                raise ConfigError(str(e)) from None
         try:
             cls = registry.settings_class(self.method)
         except SearchConfigError as e:
@@ -167,13 +176,23 @@ class SearchConfig:
         elif not isinstance(self.settings, cls):
             raise ConfigError(f"search.settings for method '{self.method}' must be a {cls.__name__}")
 
-    def context(self, **dataset: Any) -> SearchContext:
-        """What the searcher is told of the job (the dataset's part, once known, in `dataset`)."""
+    def resolved_budget(self, num_embeddings: Mapping[str, int] | None) -> int | None:
+        """`budget` in parameters: the number, or its fraction of the reference over `num_embeddings` (the tables'
+        rows; None before they are known: then a fraction stands in as 1, enough for checks that only ask whether
+        a budget is set)."""
+        if self.budget is None or isinstance(self.budget, int):
+            return self.budget
+        request = parse_budget(self.budget, "search.budget")
+        return 1 if num_embeddings is None else request.resolve(num_embeddings, "parameters")
+
+    def context(self, num_embeddings: Mapping[str, int] | None = None, **dataset: Any) -> SearchContext:
+        """What the searcher is told of the job (the dataset's part, once known, in `dataset`; the tables' rows in
+        `num_embeddings`, which a fractional budget is resolved against)."""
         return SearchContext(
             method=self.method,
             dim=self.dim,
             other_dim=self.other_dim,
-            budget=self.budget,
+            budget=self.resolved_budget(num_embeddings),
             row_alignment=self.row_alignment,
             **dataset,
         )

@@ -127,10 +127,16 @@ def _rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def build_searcher(cfg: JobConfig, spec: DatasetSpec) -> Searcher:
+def build_searcher(cfg: JobConfig, spec: DatasetSpec, capacities: Mapping[str, int] | None = None) -> Searcher:
     """The searcher `search.method` names (`search.registry`), built from its own config section and checked
-    against what the dataset and protocol can serve it."""
+    against what the dataset and protocol can serve it; a fractional `search.budget` is resolved against the
+    tables' rows (`capacities`) and logged."""
+    if isinstance(cfg.search.budget, str) and capacities is not None and _rank0():
+        logger.info(
+            "search.budget %r = %s parameters", cfg.search.budget, f"{cfg.search.resolved_budget(capacities):,}"
+        )
     context = cfg.search.context(
+        num_embeddings=capacities,
         dataset=spec.name,
         features=tuple(spec.feature_names),
         user_field=spec.user_field,
@@ -918,8 +924,8 @@ def preflight(
     if check_values:
         # Before anything collects a scan: sizing the tables reads every day's ids, so then every day is checked.
         dataset.check_values(days if cfg.data.capacity is not None else dataset.days)
-    searcher = build_searcher(cfg, dataset.spec)
     capacities = table_capacities(dataset, cfg.data.capacity, counted)
+    searcher = build_searcher(cfg, dataset.spec, capacities)
     plan = initial_plan(cfg, searcher, dataset.spec.feature_names, capacities)
     decision = decide(cfg, resume=resume or cfg.train.resume == "auto", replace=replace, run_id=run_id)
     if cfg.train.device == "cuda" and not torch.cuda.is_available():

@@ -311,3 +311,22 @@ def test_unknown_method_and_scall_on_a_static_split_are_rejected() -> None:
     with pytest.raises(ConfigError, match=r"search.method=esapn grows rows from 4 up to search\.dim: it must be >= 8"):
         load_config(None, ["search.method=esapn", "search.dim=4"])
     assert load_config(None, ["search.method=esapn"]).search.budget is None  # ESAPN runs without a budget too
+
+
+def test_budget_as_a_fraction_of_a_reference() -> None:
+    """`search.budget` may be a fraction of a uniform plan's parameters, resolved against the tables' rows; a bad
+    string names the key and the syntax."""
+    cfg = load_config(None, ["search.method=uniform-budget", "search.budget=1/4 of fixed-16"])
+    assert cfg.search.budget == "1/4 of fixed-16"
+    rows = {"user": 1000, "item": 600}
+    assert cfg.search.resolved_budget(rows) == 1600 * 16 // 4
+    assert cfg.search.context(num_embeddings=rows).budget == 6400
+    assert load_config(None, ["search.budget=123456"]).search.resolved_budget(rows) == 123456
+    with pytest.raises(ConfigError, match=r"search.budget is 'a quarter'; expected a number .* Fix: write it as"):
+        load_config(None, ["search.budget=a quarter"])
+    from search.registry import build_searcher
+
+    searcher = build_searcher("uniform-budget", cfg.search.settings, cfg.search.context(num_embeddings=rows))
+    plan = searcher.initial_plan(["user", "item"], rows)
+    assert plan.budget is not None and plan.budget.value == 6400  # the resolved figure is what the plan saves
+    assert plan.parameters <= 6400 and all(f.dim == 4 for f in plan.features)
