@@ -85,6 +85,7 @@ PRIMARY_METRIC: dict[str, tuple[str, bool]] = {
     "multiclass": ("accuracy", True),
 }
 PLOTS = ("quality_per_day.png", "bytes_per_table.png", "quality_vs_memory.png")
+NAMED_POINTS = 12  # quality_vs_memory.png names this many runs; more are keyed by number (the frontier table's key)
 DIMS_PLOT = "dims_vs_frequency.png"
 REPORT = "report.md"
 # What a report directory holds: it is replaced whole, so only a directory holding exactly this is replaced.
@@ -602,9 +603,11 @@ def plot_quality_vs_memory(runs: Sequence[RunEvaluation], path: Path) -> None:
             zorder=3,
             label="dominated",
         )
-    for r, (x, y) in zip(runs, points, strict=True):
+    for i, (r, (x, y)) in enumerate(zip(runs, points, strict=True)):
         if not math.isnan(y):
-            ax.annotate(r.name, (x / 2**20, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+            # Past a dozen runs names overlap: each point carries its key in the report's frontier table.
+            label = r.name if len(runs) <= NAMED_POINTS else str(i + 1)
+            ax.annotate(label, (x / 2**20, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("served embedding MiB (log scale)")
     ax.set_ylabel(f"{metric} (overall; {'higher' if higher else 'lower'} is better)")
@@ -813,9 +816,10 @@ def _frontier_table(runs: Sequence[RunEvaluation]) -> str:
     largest = max(b for b, _ in points)
     order = sorted(range(len(runs)), key=lambda i: (points[i][0], i))
     return _md_table(
-        ["run", "served as", "served MiB", "of largest", primary, "Pareto set"],
+        ["key", "run", "served as", "served MiB", "of largest", primary, "Pareto set"],
         [
             [
+                i + 1,
                 runs[i].name,
                 plan_dtypes(runs[i].plan),
                 _mib(points[i][0]),

@@ -387,6 +387,7 @@ def test_quantised_run_is_scored_as_served(runs: dict[str, Path], tmp_path: Path
     largest = max(b for b, _ in points)
     assert frontier == [
         [
+            str(i + 1),  # the key the plot labels points with past a dozen runs
             report.runs[i].name,
             plan_dtypes(report.runs[i].plan),
             f"{points[i][0] / 2**20:.3f}",
@@ -396,10 +397,10 @@ def test_quantised_run_is_scored_as_served(runs: dict[str, Path], tmp_path: Path
         ]
         for i in order
     ]
-    assert [row[1] for row in frontier if row[0] == "d16q"] == ["int8"]
-    assert [row[1] for row in frontier if row[0] == "d16"] == ["fp32"]
-    assert [row[3] for row in frontier if row[0] == "d16q"] == ["0.500"]  # d16 (fp32, dim 16) is the largest
-    assert frontier[0][5] == "yes"  # the cheapest run is always on the set
+    assert [row[2] for row in frontier if row[1] == "d16q"] == ["int8"]
+    assert [row[2] for row in frontier if row[1] == "d16"] == ["fp32"]
+    assert [row[4] for row in frontier if row[1] == "d16q"] == ["0.500"]  # d16 (fp32, dim 16) is the largest
+    assert frontier[0][6] == "yes"  # the cheapest run is always on the set
     # The runs table says how each run is served.
     served_as = {row[0]: row[-2:] for row in _section_rows(text, "Runs")}
     assert served_as == {r.name: [plan_dtypes(r.plan), f"{r.plan.serving_bytes / 2**20:.3f}"] for r in report.runs}
