@@ -212,25 +212,18 @@ def compress(
     tiers = [(recipe.hot_dtype, recipe.hot_share)]
     if recipe.warm_dtype is not None:
         tiers.append((recipe.warm_dtype, 1.0))
+    # Row 0 of every feature ranks last, so each feature keeps at least one dim-0 row and its shared table.
+    left = float(budget_bytes - sum(m[f] * shared_rb[f] for f in names))
+    if left < 0:
+        return None
     assigned = np.full(order.size, -1, dtype=np.int64)  # per ranked row: its dtype's index, -1 unstored
-    for _ in range(2):  # a feature all of whose rows are stored needs no shared table: its bytes go back
-        stored_budget = budget_bytes - sum(m[f] * shared_rb[f] for f in names)
-        if stored_budget < 0:
-            return None
-        assigned[:] = -1
-        start, left = 0, float(stored_budget)
-        for t, (dtype, share) in enumerate(tiers):
-            cost = np.asarray([row_bytes(physical_dim(dim[f]), dtype, alignment) for f in names])[feat[order[start:]]]
-            spend = left * share if t < len(tiers) - 1 else left
-            take = int(np.searchsorted(np.cumsum(cost), spend, side="right"))
-            assigned[start : start + take] = PRECISIONS.index(dtype)
-            left -= float(cost[:take].sum())
-            start += take
-        full = [f for i, f in enumerate(names) if m[f] and (assigned[feat[order] == i] >= 0).all()]
-        if not full:
-            break
-        for f in full:
-            m[f] = 0
+    start = 0
+    for t, (dtype, share) in enumerate(tiers):
+        cost = np.asarray([row_bytes(physical_dim(dim[f]), dtype, alignment) for f in names])[feat[order[start:]]]
+        take = int(np.searchsorted(np.cumsum(cost), left * share if t < len(tiers) - 1 else left, side="right"))
+        assigned[start : start + take] = PRECISIONS.index(dtype)
+        left -= float(cost[:take].sum())
+        start += take
     if (assigned >= 0).all():
         return None  # every row stored: that is a uniform (or two-dtype) plan without the row-level machinery
     features, tables, served = {}, {}, {}
@@ -250,9 +243,9 @@ def compress(
             row_dtypes=np.where(stored, codes, PRECISIONS.index(recipe.shared_dtype)).astype(np.int64),
             dtype=recipe.shared_dtype,
             row_alignment=alignment,
-            shared_rows=m[f] if not stored.all() else 0,
-            shared_dim=dim[f] if not stored.all() else 0,
-            shared_dtype=recipe.shared_dtype if not stored.all() else None,
+            shared_rows=m[f],
+            shared_dim=dim[f],
+            shared_dtype=recipe.shared_dtype,
         )
         features[f] = plan
         bucket, local = plan.remap
