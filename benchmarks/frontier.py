@@ -229,22 +229,21 @@ class Bench:
         fixed_dims = (8, 16) if self.quick else (4, 8, 16, 32)
         budgets = (1 / 4, 1 / 8, 1 / 16) if self.quick else BUDGETS
         seeds = not self.quick
-        reference: Point | None = None
         fixed: dict[int, list[Path]] = {}  # seed -> its FIXED-d runs (what the compressed plans start from)
+        uniform: dict[tuple[int, str], Point] = {}
         for seed in SEEDS if seeds and "compress" in self.methods else (0,):
             for d in fixed_dims:
                 tag = f"fixed{d}" + (f"-s{seed}" if seed else "")
                 path, note = self.train(tag, ["search.method=fixed", f"search.dim={d}"], seed)
                 if path is not None:
                     fixed.setdefault(seed, []).append(path)
-                if seed == 0:
-                    for q in DTYPES:
-                        p = self.add(f"FIXED-{d}", q, None, path, note)
-                        if d == 16 and q == "fp32":
-                            reference = p
-                elif d == 16 and path is not None and reference is not None:
-                    self.later.append((reference, self.export(path, f"{tag}-fp32", "fp32")))
-        assert reference is not None
+                for q in DTYPES:
+                    if seed == 0:
+                        uniform[d, q] = self.add(f"FIXED-{d}", q, None, path, note)
+                    elif path is not None and uniform[d, q].bundle is not None:
+                        # Every baseline at the delivered plan's seeds: means are compared with means.
+                        self.later.append((uniform[d, q], self.export(path, f"{tag}-{q}", q)))
+        reference = uniform[16, "fp32"]
         if seeds and "compress" not in self.methods:
             self.seeded(reference, "fixed16", ["search.method=fixed", "search.dim=16"], "fp32")
         if "compress" in self.methods:
@@ -290,13 +289,13 @@ class Bench:
 
     def compressed(self, fixed: dict[int, list[Path]], budgets: tuple[float, ...]) -> None:
         """The delivered plan at every budget and seed (`jobs.compress` over that seed's FIXED-d runs, verified on
-        held-out rows), and, at seed 0, each compressed baseline family tuned on the same rows."""
+        held-out rows), and each compressed baseline family tuned on the same rows, at the same seeds."""
         from jobs.compress import deliver, score_candidates
         from search.compress import fraction_label
 
         texts = [f"{fraction_label(b)} of fixed-16 fp32" for b in budgets]
         selection = {"verify_split": "valid"} if self.static else {"verify_days": self.verify_days}
-        points: dict[float, Point] = {}
+        points: dict[tuple[str, float], Point] = {}
         for seed, runs in sorted(fixed.items()):
             start = time.perf_counter()
             scorings = score_candidates(
@@ -308,8 +307,7 @@ class Bench:
             )
             self.seconds += time.perf_counter() - start
             for b, scoring in zip(budgets, scorings, strict=True):
-                families = {"delivered": None, **FAMILIES} if seed == 0 else {"delivered": None}
-                for family, names in families.items():
+                for family, names in {"delivered": None, **FAMILIES}.items():
                     among = None if names is None else (lambda r, names=names: r.name in names)
                     if not [o for o in scoring.options if among is None or among(o.recipe)]:
                         if seed == 0:
@@ -322,8 +320,8 @@ class Bench:
                     deliver(scoring, best, scored, bundle, overwrite=True)
                     self.seconds += time.perf_counter() - start
                     if seed:
-                        if b in points:
-                            self.later.append((points[b], bundle))
+                        if (family, b) in points:
+                            self.later.append((points[family, b], bundle))
                         continue
                     label = best.candidate.recipe.label
                     p = Point(self.name, family, "mixed", b, bundle=bundle)
@@ -334,7 +332,7 @@ class Bench:
                             "delivered": best.metrics[scoring.metric],
                             "best_uniform": max(uniform) if uniform else float("nan"),
                         }
-                        points[b] = p
+                    points[family, b] = p
                     self.points.append(p)
 
     def fixed16_serving_bytes(self) -> int:
