@@ -12,7 +12,7 @@ that `jobs.evaluate` scores as served. The candidate set holds every uniform FIX
 fits, so on the verification rows the delivered plan is never worse than the best of them.
 
 The budget (`--budget`) is serving bytes: a number, or a fraction of a uniform reference plan over the runs'
-tables (`1/16 of fixed-16 fp32`; `sharding.plan.BUDGET_SYNTAX`); the resolved figure is logged and saved in the
+tables (`1/16 of fixed-16 fp32`; `sharding.budget.BUDGET_SYNTAX`); the resolved figure is logged and saved in the
 bundle's plan provenance under `compress`, with every candidate's score.
 
 Verification rows must be held out from what the plan is finally reported on: `--verify-split valid` for a run
@@ -46,7 +46,8 @@ from pipeline.errors import DatasetError
 from pipeline.stream import DayStream, StreamConfig
 from search.compress import Candidate, Recipe, compress, rank_rows, recipes
 from search.verify import Scored, VerificationError, verify
-from sharding.plan import ROW_ALIGNMENTS, Budget, BudgetRequest, DimensionPlan, PlanError, parse_budget
+from sharding.budget import BudgetRequest, parse_budget
+from sharding.plan import ROW_ALIGNMENTS, Budget, DimensionPlan, PlanError
 
 logger = logging.getLogger(__name__)
 

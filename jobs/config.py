@@ -19,8 +19,9 @@ import yaml
 
 from search import registry
 from search.base import SearchConfigError, SearchContext
+from sharding.budget import parse_budget
 from sharding.distributed import ShardingConfig
-from sharding.plan import PRECISIONS, ROW_ALIGNMENTS, PlanError, parse_budget
+from sharding.plan import PRECISIONS, ROW_ALIGNMENTS, PlanError
 
 
 class ConfigError(ValueError):
@@ -121,7 +122,7 @@ class SearchConfig:
         dim: every feature's dim for `fixed`; the largest row size (d_max) for the row-level methods.
         budget: embedding parameter budget the plan must meet (None: no budget; some methods need one): a number,
             or a fraction of a uniform reference plan over the dataset's tables, e.g. `1/4 of fixed-16` (its
-            physical parameters; `sharding.plan.BUDGET_SYNTAX`), resolved once the tables' rows are known and
+            physical parameters; `sharding.budget.BUDGET_SYNTAX`), resolved once the tables' rows are known and
             logged (`resolved_budget`).
         other_dim: for the row-level methods, the field-level dim of every feature other than users and items
             (None: `dim`); it comes off the budget first.

@@ -25,13 +25,13 @@ from torchrec import KeyedJaggedTensor
 from jobs.export import served_model, serving_tensors
 from search.compress import Candidate, Recipe, compress, recipes
 from search.verify import VerificationError, verify
+from sharding.budget import parse_budget
 from sharding.embedding import PlannedEmbedding, RowRemap, quantize_dequantize
 from sharding.plan import (
     PRECISIONS,
     DimensionPlan,
     FeaturePlan,
     PlanError,
-    parse_budget,
     physical_dim,
     row_bytes,
 )
